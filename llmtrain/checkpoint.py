@@ -1,0 +1,157 @@
+"""Checkpoints: safetensors weights + JSON metadata + training state, written atomically.
+
+A run directory holds `checkpoints/step_NNNNNNN/` folders, each complete or absent:
+    model.safetensors   the weights (HF Llama names; a tied lm_head is not stored twice)
+    config.json         {"model": ModelConfig, "stage": ..., "config": the stage's whole config}
+    meta.json           progress: step, tokens seen, last losses, data-loader state
+    tokenizer.json      a copy, so a checkpoint is usable on its own
+    train_state.pt      optimizer state and RNG state of rank 0 (rng_rank{r}.pt for other ranks)
+
+Everything is written into `step_NNNNNNN.tmp*` and renamed into place, so a kill at any moment
+leaves the previous checkpoint whole. Training state is read with `weights_only=True`, so
+loading a checkpoint never runs code from a pickle.
+
+"The checkpoint" handed from stage to stage may be a step folder or a run directory; a run
+directory means its latest complete step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmtrain.config import ModelConfig, from_dict
+from llmtrain.errors import CheckpointError
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A step folder as is; a run directory -> its latest complete step folder."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p
+    steps = step_dirs(p)
+    if steps:
+        return steps[-1]
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    raise CheckpointError(f"{p}: not a checkpoint (no model.safetensors, no checkpoints/step_* inside)")
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict, meta: dict,
+         tokenizer_path: str | None = None, optimizer: torch.optim.Optimizer | None = None,
+         rng: dict | None = None, keep_last: int = 0, rank: int = 0, barrier=lambda: None) -> Path:
+    """Write checkpoint `step` atomically; on rank 0 all but rng of other ranks. Returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f"step_{step:07d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if rank != 0 and rng is not None:
+        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+    barrier()
+    if rank == 0:
+        if final.exists():
+            old = root / f"step_{step:07d}.old"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for p in step_dirs(run_dir)[:-keep_last]:
+                shutil.rmtree(p, ignore_errors=True)
+    barrier()
+    return final
+
+
+def read_config(ckpt: str | Path) -> dict:
+    p = resolve(ckpt) / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: unreadable ({e})") from None
+
+
+def model_config(ckpt: str | Path) -> ModelConfig:
+    return from_dict(ModelConfig, read_config(ckpt)["model"], source=str(resolve(ckpt) / "config.json"), prefix="model.")
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    return json.loads((resolve(ckpt) / "meta.json").read_text())
+
+
+def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
+    """Load model.safetensors into `model`, naming any missing, unexpected or misshapen key."""
+    path = resolve(ckpt) / "model.safetensors"
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors' error class moved between versions
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+
+
+def load_train_state(ckpt: str | Path, rank: int = 0) -> dict:
+    """Optimizer and RNG state, read without unpickling code (weights_only=True)."""
+    d = resolve(ckpt)
+    path = d / "train_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{d}: no train_state.pt (a weights-only checkpoint cannot be resumed)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if rank != 0:
+            rp = d / f"rng_rank{rank}.pt"
+            state["rng"] = torch.load(rp, map_location="cpu", weights_only=True) if rp.is_file() else None
+    except Exception as e:  # an unpickling error is refused, not executed
+        raise CheckpointError(f"{path}: refused or unreadable ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def tokenizer_of(ckpt: str | Path) -> Path:
+    p = resolve(ckpt) / "tokenizer.json"
+    if not p.is_file():
+        raise CheckpointError(f"{resolve(ckpt)}: no tokenizer.json in the checkpoint")
+    return p

@@ -1,0 +1,261 @@
+"""Typed configuration: one dataclass per stage, nesting Model/Optim/Data/Run configs.
+
+A YAML file fills a stage config and ``key=value`` overrides (dotted for nested fields,
+e.g. ``optim.lr=3e-4``) are applied on top. Every key is checked against the dataclass
+fields and every value against the field's type, so a typo is a one-line error naming the
+key instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmtrain.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. Field names are short; `hf_config()` maps them to HF names."""
+
+    vocab_size: int = 0  # 0: taken from the tokenizer / data at build time
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (plain multi-head attention)
+    ffn_dim: int = 0  # 0: about 8/3 * dim rounded up to a multiple of 64 (SwiGLU)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with the derived fields (kv heads, ffn width) filled in and checked."""
+        c = dataclasses.replace(self)
+        if c.n_kv_heads == 0:
+            c.n_kv_heads = c.n_heads
+        if c.ffn_dim == 0:
+            c.ffn_dim = 64 * ((int(8 * c.dim / 3) + 63) // 64)
+        if c.dim % c.n_heads:
+            raise ConfigError(f"model.dim={c.dim} is not divisible by model.n_heads={c.n_heads}")
+        if c.n_heads % c.n_kv_heads:
+            raise ConfigError(f"model.n_heads={c.n_heads} is not divisible by model.n_kv_heads={c.n_kv_heads}")
+        if (c.dim // c.n_heads) % 2:
+            raise ConfigError("model.dim / model.n_heads (the head size) must be even for rotary embeddings")
+        if c.vocab_size <= 0:
+            raise ConfigError("model.vocab_size is not set (and no tokenizer gave one)")
+        return c
+
+    def hf_config(self) -> dict:
+        """The equivalent Hugging Face `LlamaConfig` keyword arguments."""
+        c = self.resolved()
+        return dict(
+            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+            rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
+            hidden_act="silu", attention_bias=False, mlp_bias=False,
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.1  # matrices only; norms and biases get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    """What every training stage shares: where, how long, how big, how precise."""
+
+    out_dir: str = "runs/pretrain"
+    max_steps: int = 1000
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2  # step checkpoints kept on disk
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    tensorboard: bool = False
+    threads: int = 0  # CPU intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class PretrainDataConfig:
+    shards: str = "runs/data"  # directory written by `llmtrain prepare`
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    init_from: str = ""  # a checkpoint to start from instead of random weights
+
+
+@dataclass
+class TokenizerConfig:
+    inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
+    out: str = "runs/tokenizer/tokenizer.json"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    jsonl_field: str = "text"
+    max_chars: int = 0  # train on at most this many characters (0: all)
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
+    tokenizer: str = "runs/tokenizer/tokenizer.json"
+    out_dir: str = "runs/data"
+    jsonl_field: str = "text"
+    val_every: int = 20  # every Nth document goes to validation (deterministic split)
+    shard_tokens: int = 50_000_000  # tokens per shard file
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Any:
+    """Build `cls` from an optional YAML file and `key=value` overrides, checking every key."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        data = loaded
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(cls, data, source=str(path) if path else "overrides")
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

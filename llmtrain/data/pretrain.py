@@ -1,0 +1,184 @@
+"""Token shards for pretraining: `prepare` writes them, `TokenWindows` draws training windows.
+
+On disk (`out_dir/`):
+    meta.json         dtype, vocabulary size, tokenizer hash, and the shard list per split
+    train_000.bin ... raw token ids (uint16 when the vocabulary fits, else uint32), documents
+    val_000.bin  ...  packed back to back as <|bos|> text <|eos|>
+
+Windows are drawn at random offsets. A step's whole global batch (batch x grad_accum x world
+processes) is drawn from one generator seeded by (seed, step), and each (micro-step, rank)
+takes its own rows of it. So: a run resumed at step s draws what an uninterrupted run draws;
+batch 4 equals 4 micro-steps of 1; and 2 processes see distinct rows of the same global batch
+that one process would see.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from llmtrain.data.corpus import iter_documents
+from llmtrain.errors import DataError
+from llmtrain.tokenizer import Tokenizer
+
+ENCODE_BATCH = 512  # documents per call into the (multi-threaded) Rust encoder
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, split: str, dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.fh = None
+        self.in_shard = 0
+        self.docs = 0
+
+    def write(self, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        while arr.size:
+            if self.fh is None or self.in_shard >= self.shard_tokens:
+                self._next_shard()
+            take = min(arr.size, self.shard_tokens - self.in_shard)
+            self.fh.write(arr[:take].tobytes())
+            self.in_shard += take
+            self.shards[-1]["tokens"] += take
+            arr = arr[take:]
+        self.docs += 1
+
+    def _next_shard(self) -> None:
+        if self.fh:
+            self.fh.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self.fh = open(self.out / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+        self.in_shard = 0
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: str = "text",
+            val_every: int = 50, shard_tokens: int = 50_000_000) -> dict:
+    """Tokenize a corpus into train/val shards, streaming; returns the meta dict.
+
+    Document i (counting from 1) goes to validation when i % val_every == 0: deterministic,
+    and independent of how the corpus is split into files. Everything is written under a
+    temporary directory renamed into place at the end, so a killed run leaves nothing.
+    """
+    if val_every < 2:
+        raise DataError(f"val_every must be at least 2, got {val_every}")
+    tok = Tokenizer.load(tokenizer_path)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    n_doc = 0
+    try:
+        bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0)
+        buf: list[str] = []
+
+        def flush():
+            nonlocal n_doc
+            for ids in tok.encode_batch(buf):
+                n_doc += 1
+                split = "val" if n_doc % val_every == 0 else "train"
+                doc = [tok.bos_id, *ids, tok.eos_id]
+                writers[split].write(doc)
+                bar.update(len(doc))
+            buf.clear()
+
+        for text in iter_documents(inputs, jsonl_field):
+            buf.append(text)
+            if len(buf) >= ENCODE_BATCH:
+                flush()
+        flush()
+        bar.close()
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for w in writers.values():
+        w.close()
+    if writers["val"].docs == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"only {n_doc} documents: none went to validation (lower prepare val_every={val_every})")
+    meta = {
+        "format": "llmtrain-shards-v1",
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": str(Path(tokenizer_path).resolve()),
+        "tokenizer_sha256": file_sha256(tok.path),
+        "inputs": [str(i) for i in inputs],
+        "val_every": val_every,
+        "splits": {s: {"documents": w.docs, "tokens": sum(x["tokens"] for x in w.shards), "shards": w.shards}
+                   for s, w in writers.items()},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return meta
+
+
+def load_meta(shard_dir: str | Path) -> dict:
+    p = Path(shard_dir) / "meta.json"
+    if not p.is_file():
+        raise DataError(f"no token shards in {shard_dir} (missing meta.json; run `llmtrain prepare`)")
+    meta = json.loads(p.read_text())
+    if meta.get("format") != "llmtrain-shards-v1":
+        raise DataError(f"{p}: unknown shard format {meta.get('format')!r}")
+    return meta
+
+
+class TokenWindows:
+    """Random windows of `seq_len + 1` tokens from one split's memmapped shards."""
+
+    def __init__(self, shard_dir: str | Path, split: str, seq_len: int, seed: int):
+        self.meta = load_meta(shard_dir)
+        self.seq_len, self.seed, self.split = seq_len, seed, split
+        dtype = np.dtype(self.meta["dtype"])
+        self.arrays = []
+        for s in self.meta["splits"][split]["shards"]:
+            path = Path(shard_dir) / s["file"]
+            if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
+                raise DataError(f"{path}: missing or of the wrong size for meta.json (re-run `llmtrain prepare`)")
+            if s["tokens"] > seq_len + 1:
+                self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        if not self.arrays:
+            raise DataError(f"{shard_dir}: the {split} split has no shard longer than seq_len+1={seq_len + 1} tokens")
+        # Valid start offsets per shard, cumulated, so one uniform draw picks shard and offset.
+        starts = np.array([len(a) - seq_len for a in self.arrays], dtype=np.int64)
+        self.cum = np.cumsum(starts)
+        self.tokens = int(sum(len(a) for a in self.arrays))
+
+    def batch(self, step: int, batch_size: int, micro: int = 0, grad_accum: int = 1, rank: int = 0,
+              world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets (B, T) for this rank's rows of micro-step `micro` of `step`."""
+        stream = 0 if self.split == "train" else 1
+        rng = np.random.default_rng([self.seed, stream, step])
+        offsets = rng.integers(0, self.cum[-1], size=batch_size * grad_accum * world)
+        first = (micro * world + rank) * batch_size
+        rows = []
+        for g in offsets[first:first + batch_size]:
+            shard = int(np.searchsorted(self.cum, g, side="right"))
+            off = int(g - (self.cum[shard - 1] if shard else 0))
+            rows.append(np.asarray(self.arrays[shard][off:off + self.seq_len + 1], dtype=np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        return buf[:, :-1], buf[:, 1:]

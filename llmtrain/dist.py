@@ -1,0 +1,129 @@
+"""The one place that knows about devices, precision and torchrun.
+
+A stage calls `setup()` once; it returns who this process is (rank, world size) and which
+device it runs on. Under `torchrun` the process group is initialised (gloo on CPU, nccl on
+CUDA); as a single process nothing distributed is touched. No other module writes `cuda`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def setup(device: str = "auto", threads: int = 0) -> DistEnv:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not tdist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        tdist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        tdist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        x /= env.world
+    return x
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA for 'bf16'; a no-op context for 'fp32'."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def no_sync(model: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on micro-steps that are not the last of a step."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def cuda_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,118 @@
+"""Batched sampling with a KV cache: greedy, temperature, top-k, top-p, stop tokens.
+
+Prompts of different lengths are left-padded into one batch, so every row's next token sits
+in the last column; the attention mask hides the padding and position ids count from each
+row's first real token, so a padded row computes exactly what it would alone.
+This is the rollout engine of the RLHF stages too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from llmtrain.model.transformer import KVCache, Transformer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    stop_ids: tuple[int, ...] = ()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest set of tokens whose
+    probability reaches top_p (the most likely token is always kept). logits (B, V)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / s.temperature, s.top_k, s.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids (B, L) and attention mask (B, L), padding on the left."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, L - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+             pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
+             on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+    """Sample continuations of each prompt; returns the new tokens of each, ending with the
+    stop token when one was produced. `on_token` receives each step's new ids (streaming)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, L = ids.shape
+    ctx = model.config.max_seq_len
+    if L >= ctx:
+        raise ValueError(f"prompt of {L} tokens does not fit the context window of {ctx}")
+    max_new = min(sampling.max_new_tokens, ctx - L)
+    stop = torch.tensor(sorted(set(sampling.stop_ids)) or [-1], device=device)
+    cache = KVCache(model.config, B, L + max_new, device, next(model.parameters()).dtype) if use_cache else None
+
+    out = torch.empty((B, 0), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    step_ids, step_pos = ids, positions
+    for _ in range(max_new):
+        if use_cache:
+            logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache)
+        else:
+            full = torch.cat([ids, out], dim=1)
+            logits = model(full, attention_mask=mask, position_ids=torch.cat([positions, _tail_pos(positions, out)], 1))
+        tok = next_token(logits[:, -1], sampling, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        out = torch.cat([out, tok[:, None]], dim=1)
+        if on_token is not None:
+            on_token(tok.tolist())
+        finished |= torch.isin(tok, stop)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids, step_pos = tok[:, None], positions[:, -1:] + out.shape[1]
+    model.train(was_training)
+
+    results = []
+    for row in out.tolist():
+        for j, t in enumerate(row):
+            if t in sampling.stop_ids:
+                row = row[: j + 1]
+                break
+        results.append(row)
+    return results
+
+
+def _tail_pos(positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    n = out.shape[1]
+    return positions[:, -1:] + torch.arange(1, n + 1, device=positions.device)[None, :]

@@ -1,0 +1,271 @@
+"""A Llama-style decoder-only transformer in one file.
+
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention through
+`torch.nn.functional.scaled_dot_product_attention`, optional tied embeddings, and a KV cache
+for generation. Parameter names are exactly those of Hugging Face's `LlamaForCausalLM`
+(`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between the two as is.
+
+Shapes: B batch, T new tokens, S all keys (cache + new), D model width, H heads, K kv heads,
+Dh head size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as Llama does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary embeddings, the 'rotate half' convention of HF Llama."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_len = max_len
+        self._build(max_len)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, Dh)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, Dh)."""
+        need = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]))
+        cos, sin = self.cos[position_ids], self.sin[position_ids]
+        if position_ids.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled left to right.
+
+    `length` is the number of positions already written; a forward pass with T new tokens
+    writes positions [length, length + T) in every layer, then `advance(T)` moves on.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        c = cfg.resolved()
+        hd = c.dim // c.n_heads
+        shape = (batch, c.n_kv_heads, max_len, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (e.g. drop finished sequences)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
+        self.hd = c.dim // c.n_heads
+        self.q_proj = nn.Linear(c.dim, c.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * self.hd, c.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, Dh)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            # Training and full forward: plain causal attention, the fastest SDPA path.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and final norm: HF's `LlamaModel`. Heads sit on top of it."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.rotary = Rotary(c.dim // c.n_heads, c.max_seq_len, c.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> hidden states (B, T, D).
+
+        attention_mask (B, S) marks the real (1) and padding (0) keys of the whole sequence so
+        far, cache included; position_ids (B, T) default to 0..T-1 after the cached positions.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = self.rotary(position_ids)
+        mask = None
+        if attention_mask is not None or (cache is not None and T > 1 and past > 0):
+            mask = build_mask(attention_mask, B, T, past, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+
+def build_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: query i sees key j if j <= past + i and key j is not padding.
+
+    A padding query that would see no key at all is let see itself, so SDPA never returns NaN;
+    its output is ignored anyway.
+    """
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    causal = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is None:
+        return causal.expand(B, 1, T, S)
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    mask = causal & keys
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class Transformer(nn.Module):
+    """The causal language model: HF's `LlamaForCausalLM`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.resolved()
+        c = self.config
+        self.model = Backbone(c)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) for every matrix; the two projections that write into the
+        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers) as in GPT-2, so
+        the residual's variance does not grow with depth. Norm weights are one."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V)."""
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N for the matmuls plus attention's 12 L D T (PaLM)."""
+        c = self.config
+        n = self.num_params() - self.model.embed_tokens.weight.numel() * (0 if c.tie_embeddings else 1)
+        return 6 * n + 12 * c.n_layers * c.dim * seq_len

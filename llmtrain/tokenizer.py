@@ -1,0 +1,113 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): training, loading, special tokens.
+
+Byte-level means every UTF-8 string maps to tokens and back exactly: the base alphabet is
+the 256 bytes, so there is no unknown token and `decode(encode(s)) == s` for any `s`.
+The special tokens are fixed here once for every stage: documents are `<|bos|> text <|eos|>`,
+and the chat template (fine-tuning and later) marks roles with `<|system|>`, `<|user|>`,
+`<|assistant|>` and ends each turn with `<|end|>`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from llmtrain.errors import DataError
+
+SPECIAL_TOKENS = {
+    "pad": "<|pad|>",
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",
+}
+
+
+class Tokenizer:
+    """A thin wrapper that knows our special tokens; use `Tokenizer.load(path)`."""
+
+    def __init__(self, tk, path: str | Path = ""):
+        self.tk = tk
+        self.path = str(path)
+        ids = {}
+        for name, tok in SPECIAL_TOKENS.items():
+            i = tk.token_to_id(tok)
+            if i is None:
+                raise DataError(f"{path}: tokenizer lacks the special token {tok} (train it with `llmtrain tokenizer`)")
+            ids[name] = i
+        self.special = ids
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.end_id = ids["end"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise DataError(f"tokenizer not found: {p}")
+        try:
+            tk = HFTokenizer.from_file(str(p))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"{p}: not a valid tokenizer.json ({e})") from None
+        return cls(tk, p)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def encode_document(self, text: str) -> list[int]:
+        """A pretraining document: `<|bos|> text <|eos|>`."""
+        return [self.bos_id, *self.encode(text), self.eos_id]
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, out: str | Path, min_frequency: int = 2,
+                    max_chars: int = 0) -> Tokenizer:
+    """Train a byte-level BPE on a stream of texts and save it atomically to `out`."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    n_special = len(SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special:
+        raise DataError(f"vocab_size {vocab_size} is below the 256 byte tokens + {n_special} special tokens")
+    tk = HFTokenizer(models.BPE())
+    # No prefix space: a leading space would be added on encode and kept on decode,
+    # breaking the exact round trip.
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+
+    def limited() -> Iterator[str]:
+        seen = 0
+        for t in texts:
+            yield t
+            seen += len(t)
+            if max_chars and seen >= max_chars:
+                return
+
+    tk.train_from_iterator(limited(), trainer=trainer)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tk.save(str(tmp))
+    os.replace(tmp, out)
+    return Tokenizer(tk, out)

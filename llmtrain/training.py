@@ -1,0 +1,85 @@
+"""Pieces every training stage shares: optimizer, learning-rate schedule, one optimizer step.
+
+Deliberately functions, not a trainer class: a stage's main() reads top to bottom and calls
+these where it needs them.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from llmtrain.config import OptimConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or 1-d parameters).
+
+    `impl=auto` takes the fused kernel where this torch has one for the device, else foreach.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    impl = cfg.impl
+    if impl == "auto":
+        fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda",)
+        impl = "fused" if fused_ok else "foreach"
+    if impl == "fused":
+        kw["fused"] = True
+    elif impl == "foreach":
+        kw["foreach"] = True
+    else:
+        kw["foreach"] = False
+    return torch.optim.AdamW(groups, **kw)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warmup over `warmup_steps` to `lr`, then cosine decay to `lr * min_lr_ratio`.
+
+    lr(s) = lr * (s + 1) / W                                   for s < W
+    lr(s) = lr * (m + (1 - m) * (1 + cos(pi * p)) / 2),  p = (s - W) / (S - W)   otherwise
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or max_steps <= cfg.warmup_steps:
+        return cfg.lr
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    m = cfg.min_lr_ratio
+    return cfg.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip (if asked), step, zero the grads; returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        norm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in params]))) if params else 0.0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared tensors counted once."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
