@@ -8,6 +8,7 @@ key instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,7 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
     kwargs = {}

@@ -1,0 +1,66 @@
+import pickle
+
+import pytest
+import torch
+
+from llmtrain import checkpoint
+from llmtrain.config import ModelConfig
+from llmtrain.errors import CheckpointError
+from llmtrain.model import Transformer
+
+CFG = ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, max_seq_len=16, tie_embeddings=True)
+
+
+def save(tmp_path, model, step=1, **kw):
+    return checkpoint.save(tmp_path, step, model, config={"model": vars(CFG)}, meta={"tokens": 0}, **kw)
+
+
+def test_round_trip_and_latest(tmp_path):
+    m = Transformer(CFG)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randint(0, 40, (1, 8))).sum().backward()
+    opt.step()
+    save(tmp_path, m, 1, optimizer=opt)
+    save(tmp_path, m, 2, optimizer=opt)
+    (tmp_path / "checkpoints" / "step_0000009.tmp").mkdir()  # a killed save: ignored
+    assert checkpoint.resolve(tmp_path).name == "step_0000002"
+    m2 = Transformer(checkpoint.model_config(tmp_path))
+    checkpoint.load_weights(tmp_path, m2)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    state = checkpoint.load_train_state(tmp_path)
+    opt2 = torch.optim.AdamW(m2.parameters())
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_keep_last(tmp_path):
+    m = Transformer(CFG)
+    for s in range(1, 5):
+        save(tmp_path, m, s, keep_last=2)
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_0000003", "step_0000004"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    d = save(tmp_path, Transformer(CFG))
+    with open(d / "train_state.pt", "wb") as fh:
+        pickle.dump({"optimizer": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="train_state.pt: refused or unreadable"):
+        checkpoint.load_train_state(d)
+
+
+def test_mismatched_weights_name_the_key(tmp_path):
+    save(tmp_path, Transformer(CFG))
+    other = Transformer(ModelConfig(vocab_size=40, dim=64, n_layers=1, n_heads=2, max_seq_len=16, tie_embeddings=True))
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' has shape"):
+        checkpoint.load_weights(tmp_path, other)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        checkpoint.resolve(tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoint.load_weights(tmp_path / "junk", Transformer(CFG))

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from llmtrain.config import ModelConfig
+from llmtrain.generate import SamplingConfig, filter_logits, generate
+from llmtrain.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # A large init so greedy decoding is far from ties and sequences differ.
+    return Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, init_std=0.3)).eval()
+
+
+PROMPTS = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_greedy_with_cache_equals_without(model):
+    s = SamplingConfig(max_new_tokens=20, temperature=0)
+    assert generate(model, PROMPTS, s, use_cache=True) == generate(model, PROMPTS, s, use_cache=False)
+
+
+def test_batched_equals_one_at_a_time(model):
+    s = SamplingConfig(max_new_tokens=15, temperature=0)
+    batched = generate(model, PROMPTS, s)
+    assert batched == [generate(model, [p], s)[0] for p in PROMPTS]
+    assert len(set(map(tuple, batched))) > 1
+
+
+def test_stop_token_ends_a_row(model):
+    s = SamplingConfig(max_new_tokens=20, temperature=0)
+    free = generate(model, PROMPTS[:1], s)[0]
+    stop = free[4]
+    cut = generate(model, PROMPTS[:1], SamplingConfig(max_new_tokens=20, temperature=0, stop_ids=(stop,)))[0]
+    assert cut == free[: free.index(stop) + 1]
+
+
+def test_sampling_is_seeded(model):
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=10, top_p=0.9)
+    a = generate(model, PROMPTS, s, generator=torch.Generator().manual_seed(1))
+    b = generate(model, PROMPTS, s, generator=torch.Generator().manual_seed(1))
+    assert a == b
+
+
+def test_top_k_top_p_hand_worked():
+    # probabilities 0.5, 0.25, 0.125, 0.125
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p=0.7: 0.5 < 0.7 so the second token is needed; 0.75 >= 0.7 so the rest go.
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+    kept = filter_logits(logits, top_p=0.8)
+    assert math.isclose(torch.softmax(kept, -1)[0, 2].item(), 0.125 / 0.875, rel_tol=1e-6)
