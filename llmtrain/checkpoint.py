@@ -111,8 +111,13 @@ def read_meta(ckpt: str | Path) -> dict:
     return json.loads((resolve(ckpt) / "meta.json").read_text())
 
 
-def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
-    """Load model.safetensors into `model`, naming any missing, unexpected or misshapen key."""
+def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True,
+                 new_head: tuple[str, ...] = ()) -> None:
+    """Load model.safetensors into `model`, naming any missing, unexpected or misshapen key.
+
+    `new_head` names prefixes of a head that is new in `model` (e.g. "score."): those keys may
+    be missing, and the checkpoint's own word head (lm_head) is then not expected to fit.
+    """
     path = resolve(ckpt) / "model.safetensors"
     try:
         sd = load_file(str(path))
@@ -120,11 +125,13 @@ def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True) 
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     own = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    if new_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    missing = [k for k in missing if not (tied and k == "lm_head.weight") and not k.startswith(new_head or ("\0",))]
     if strict and (missing or unexpected):
         parts = []
         if missing:

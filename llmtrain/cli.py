@@ -74,11 +74,95 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from llmtrain.config import SFTConfig, load_config
+    from llmtrain.stages import sft
+
+    sft.main(load_config(SFTConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from llmtrain.config import ClassifyConfig, load_config
+    from llmtrain.stages import classify
+
+    classify.main(load_config(ClassifyConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_classify_predict(argv: list[str]) -> int:
+    import json
+
+    from llmtrain.data.sft import read_jsonl
+    from llmtrain.stages import classify
+
+    p = argparse.ArgumentParser(prog="llmtrain classify predict", description="label new text with a classifier")
+    p.add_argument("checkpoint")
+    p.add_argument("--text", action="append", default=[], help="a text to label (repeatable)")
+    p.add_argument("--input", help="JSONL file with a 'text' field per line")
+    p.add_argument("-o", "--output", help="write JSONL predictions here instead of printing")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    texts = list(a.text)
+    if a.input:
+        def text_of(obj):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError("'text' is missing or not a string")
+            return obj["text"]
+        texts += [t for _, t in read_jsonl(a.input, text_of)[0]]
+    if not texts:
+        p.error("give --text or --input")
+    model, tok, labels = classify.load_classifier(a.checkpoint, a.device)
+    preds = classify.predict(model, tok, labels, texts)
+    lines = [json.dumps({"text": t, **r}) for t, r in zip(texts, preds)]
+    if a.output:
+        Path(a.output).write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} predictions -> {a.output}")
+    else:
+        for t, r in zip(texts, preds):
+            print(f"{r['label']}\t{r['probs'][r['label']]:.3f}\t{t}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from llmtrain.chat import ChatSession, repl
+    from llmtrain.generate import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                       top_k=args.top_k, top_p=args.top_p)
+    session = ChatSession(args.checkpoint, s, system=args.system, device=args.device, seed=args.seed)
+    if args.prompt:
+        for p in args.prompt:
+            print(session.reply(p))
+        return 0
+    repl(session)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from llmtrain import pipeline
+
+    pipeline.run(pipeline.load(args.config, args.overrides))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from llmtrain import pipeline
+
+    pipeline.run(pipeline.load(pipeline.DEMO_CONFIG, args.overrides))
+    return 0
+
+
 COMMANDS = {
     "tokenizer": (cmd_tokenizer, "train a byte-level BPE tokenizer on text/JSONL files", True),
     "prepare": (cmd_prepare, "tokenize a corpus into train/val token shards", True),
     "pretrain": (cmd_pretrain, "stage 1: pretrain the model by next-token prediction", True),
     "generate": (cmd_generate, "sample text from a checkpoint", False),
+    "sft": (cmd_sft, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
+    "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
+    "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
+    "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
+    "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
 }
 
 
@@ -89,22 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if takes_config:
             _config_args(p)
-    g = sub.choices["generate"]
-    g.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--stop", action="append", default=[], help="extra stop token (a special token string)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    sub.choices["demo"].add_argument("overrides", nargs="*", metavar="key=value",
+                                     help="override fields of configs/demo.yaml, e.g. pretrain.run.max_steps=50")
+    for name in ("generate", "chat"):
+        g = sub.choices[name]
+        g.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+        g.add_argument("--prompt", action="append", default=[],
+                       help="prompt text (repeat for a batch)" if name == "generate" else "answer this and exit (repeatable)")
+        g.add_argument("--max-new-tokens", type=int, default=64)
+        g.add_argument("--temperature", type=float, default=0.8)
+        g.add_argument("--top-k", type=int, default=0)
+        g.add_argument("--top-p", type=float, default=0.95)
+        g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--device", default="auto")
+    sub.choices["generate"].add_argument("--stop", action="append", default=[], help="extra stop token (a special token string)")
+    sub.choices["chat"].add_argument("--system", default="", help="a system message that opens the conversation")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if argv[:2] == ["classify", "predict"]:  # a sub-command with its own flags
+        try:
+            return cmd_classify_predict(argv[2:])
+        except LlmtrainError as e:
+            print(f"llmtrain classify predict: error: {e}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

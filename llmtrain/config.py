@@ -89,7 +89,7 @@ class RunConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     log_every: int = 10
     eval_every: int = 200  # 0: only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20  # batches per evaluation (SFT: 0 = the whole held-out set)
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2  # step checkpoints kept on disk
     resume: bool = False
@@ -113,6 +113,55 @@ class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     init_from: str = ""  # a checkpoint to start from instead of random weights
+
+
+@dataclass
+class FreezeConfig:
+    patterns: list[str] = field(default_factory=list)  # globs over parameter names
+    first_layers: int = 0  # freeze blocks 0 .. N-1
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = "data/sft/aristocrat.jsonl"
+    val: str = ""  # empty: hold out every val_every-th example of `train`
+    val_every: int = 10
+    max_len: int = 0  # 0: the model's context window
+    skip_bad_lines: bool = False
+
+
+def _sft_run() -> RunConfig:
+    return RunConfig(out_dir="runs/sft", max_steps=300, batch_size=8, eval_every=50, eval_batches=0)
+
+
+@dataclass
+class SFTConfig:
+    init_from: str = ""  # the pretrained checkpoint (a run directory or a step folder)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0))
+    run: RunConfig = field(default_factory=_sft_run)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    sample_prompts: int = 4  # held-out prompts whose answers are logged at each evaluation
+    sample_tokens: int = 48
+
+
+@dataclass
+class ClassifyDataConfig:
+    train: str = "data/classify/topics.jsonl"
+    val: str = ""  # empty: hold out every val_every-th example of `train`
+    val_every: int = 5
+    max_len: int = 0  # 0: the model's context window
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class ClassifyConfig:
+    init_from: str = ""  # a pretrained or fine-tuned checkpoint
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classify", max_steps=200, batch_size=16,
+                                                             eval_every=50, eval_batches=0))
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
 @dataclass

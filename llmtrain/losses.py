@@ -7,13 +7,14 @@ import torch.nn.functional as F
 IGNORE = -100  # target id that contributes no loss (padding, prompt tokens)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over the counted positions.
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the counted positions (mean, or sum with reduction="sum").
 
-    L = -(1/N) * sum_{t: y_t != ignore} log softmax(z_t)[y_t]
+    L = -(1/N) * sum_{t: y_t != ignore} log softmax(z_t)[y_t],   N = #{t: y_t != ignore}
 
     logits (B, T, V) are scores z_t for the token after position t; targets (B, T) hold y_t.
     Computed in fp32 whatever the logits' dtype.
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)
+                           ignore_index=ignore_index, reduction=reduction)

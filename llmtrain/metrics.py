@@ -61,6 +61,26 @@ class Metrics:
             self.tb.close()
 
 
+class Progress:
+    """The console line of a training loop: loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self, start_step: int, max_steps: int, tokens: int = 0):
+        self.start_step, self.max_steps = start_step, max_steps
+        self.t0 = self.t_last = time.time()
+        self.tokens_last = tokens
+
+    def line(self, step: int, tokens: int, **values) -> tuple[str, float]:
+        now = time.time()
+        tps = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        eta = (self.max_steps - step) * (now - self.t0) / max(step - self.start_step, 1)
+        self.t_last, self.tokens_last = now, tokens
+        parts = [f"step {step:>6}/{self.max_steps}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+        return " | ".join(parts + [f"{tps:,.0f} tok/s", f"ETA {fmt_duration(eta)}"]), tps
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
     p = Path(path)
     if p.is_dir():

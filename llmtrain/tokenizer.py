@@ -111,3 +111,46 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, out: str | Path, min_
     tk.save(str(tmp))
     os.replace(tmp, out)
     return Tokenizer(tk, out)
+
+
+# ----------------------------------------------------------------------------- chat template
+
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """The one chat template, used for training, generation, ranking candidates and RLHF.
+
+        <|bos|> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> ...
+
+    Returns token ids and a loss mask of the same length: 1 on the tokens the model must learn
+    to write (each assistant message's text and its closing <|end|>), 0 elsewhere. With
+    `add_generation_prompt`, an opening <|assistant|> is appended for the model to continue.
+    """
+    ids, mask = [tok.bos_id], [0]
+    for m in messages:
+        role = m["role"]
+        body = tok.encode(m["content"]) + [tok.end_id]
+        ids += [tok.special[role]] + body
+        mask += [0] + [1 if role == "assistant" else 0] * len(body)
+    if add_generation_prompt:
+        ids.append(tok.special["assistant"])
+        mask.append(0)
+    return ids, mask
+
+
+def parse_chat(tok: Tokenizer, ids: list[int]) -> list[dict]:
+    """Inverse of `render_chat` (without a trailing generation prompt): ids -> messages."""
+    role_of = {tok.special[r]: r for r in ROLES}
+    messages, role, body = [], None, []
+    for i in ids:
+        if i == tok.bos_id:
+            continue
+        if i in role_of and role is None:
+            role, body = role_of[i], []
+        elif i == tok.end_id and role is not None:
+            messages.append({"role": role, "content": tok.decode(body)})
+            role = None
+        else:
+            body.append(i)
+    return messages

@@ -83,3 +83,40 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env, enabled: bool):
+    """With `enabled`, load the latest step checkpoint of `run_dir` (weights, optimizer, RNG).
+
+    Returns (folder or None, its meta.json dict or {}); training continues at meta['step'].
+    """
+    from llmtrain import checkpoint, dist
+
+    steps = checkpoint.step_dirs(run_dir)
+    if not enabled or not steps:
+        return None, {}
+    last = steps[-1]
+    checkpoint.load_weights(last, model)
+    state = checkpoint.load_train_state(last, env.rank)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("rng"):
+        dist.set_rng_state(state["rng"])
+    return last, checkpoint.read_meta(last)
+
+
+def accumulate(train_model: torch.nn.Module, n_micro: int, loss_of, env, precision: str) -> torch.Tensor:
+    """Forward and backward `n_micro` micro-steps; gradients are all-reduced on the last only.
+
+    `loss_of(micro, model)` returns that micro-step's loss, already scaled so that the sum
+    over micro-steps is the step's loss (e.g. mean loss / n_micro). Returns that sum, detached.
+    """
+    from llmtrain import dist
+
+    total = torch.zeros((), device=env.device)
+    for m in range(n_micro):
+        with dist.no_sync(train_model, sync=m == n_micro - 1):
+            with dist.autocast(env.device, precision):
+                loss = loss_of(m, train_model)
+            loss.backward()
+        total += loss.detach()
+    return total

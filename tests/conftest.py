@@ -60,3 +60,27 @@ def tiny_pretrain_config(shards: Path, out_dir: Path, **run):
         data=PretrainDataConfig(shards=str(shards)),
         run=RunConfig(**r),
     )
+
+
+@pytest.fixture(scope="session")
+def pretrained(shards, tmp_path_factory) -> Path:
+    """A tiny pretrained checkpoint (a run directory) for the later stages to start from."""
+    from llmtrain.stages import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    cfg = tiny_pretrain_config(shards, out, max_steps=30, batch_size=8)
+    cfg.model.max_seq_len = 64
+    cfg.optim.lr = 1e-2
+    pretrain.main(cfg)
+    return out
+
+
+WORDS = ["apple", "river", "candle", "garden", "window", "pencil", "cloud", "violin", "bridge", "lantern",
+         "meadow", "teapot", "harbour", "mirror", "saddle", "orchard", "ribbon", "castle", "feather", "compass"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

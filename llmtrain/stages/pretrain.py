@@ -8,17 +8,16 @@ Reads top to bottom: set up, build the model, (resume), loop over steps, evaluat
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from llmtrain import checkpoint, dist
+from llmtrain import checkpoint, dist, training
 from llmtrain.config import PretrainConfig, to_dict
 from llmtrain.data.pretrain import TokenWindows, load_meta
 from llmtrain.errors import ConfigError
 from llmtrain.losses import lm_loss
-from llmtrain.metrics import Metrics, fmt_duration
+from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
 
@@ -47,26 +46,18 @@ def main(cfg: PretrainConfig) -> Path:
     model.to(env.device)
     optimizer = build_optimizer(model, cfg.optim, env.device)
 
-    start_step, tokens_seen = 0, 0
-    resume_from = checkpoint.step_dirs(run_dir)[-1] if run.resume and checkpoint.step_dirs(run_dir) else None
-    if resume_from is not None:
-        checkpoint.load_weights(resume_from, model)
-        state = checkpoint.load_train_state(resume_from, env.rank)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("rng"):
-            dist.set_rng_state(state["rng"])
-        done = checkpoint.read_meta(resume_from)
-        start_step, tokens_seen = done["step"], done["tokens"]
+    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    start_step, tokens_seen = done.get("step", 0), done.get("tokens", 0)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard,
-                  resume_step=start_step if resume_from is not None else None)
+                  resume_step=start_step if resumed else None)
     trainable, total = count_params(model)
     tokens_per_step = run.batch_size * run.grad_accum * env.world * seq_len
     log.print(f"pretrain: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
               f"{env.world} process(es) on {env.device}, {run.precision}; "
               f"{tokens_per_step:,} tokens per step; train {train_data.tokens:,} tokens, val {val_data.tokens:,}")
-    if resume_from is not None:
-        log.print(f"resumed from {resume_from} at step {start_step}")
+    if resumed:
+        log.print(f"resumed from {resumed} at step {start_step}")
 
     train_model = dist.wrap_ddp(model, env)
     if run.compile:
@@ -91,33 +82,26 @@ def main(cfg: PretrainConfig) -> Path:
 
     # ---- the loop
     model.train()
-    t_start, t_last, tok_last = time.time(), time.time(), tokens_seen
+    progress = Progress(start_step, run.max_steps, tokens_seen)
     val_loss = float("nan")
     for step in range(start_step, run.max_steps):
         lr = lr_at(step, cfg.optim, run.max_steps)
         set_lr(optimizer, lr)
-        step_loss = torch.zeros((), device=env.device)
-        for micro in range(run.grad_accum):
+
+        def loss_of(micro, m):
             x, y = train_data.batch(step, run.batch_size, micro, run.grad_accum, env.rank, env.world)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            with dist.no_sync(train_model, sync=micro == run.grad_accum - 1):
-                with dist.autocast(env.device, run.precision):
-                    loss = lm_loss(train_model(x), y)
-                (loss / run.grad_accum).backward()
-            step_loss += loss.detach() / run.grad_accum
+            return lm_loss(m(x.to(env.device)), y.to(env.device)) / run.grad_accum
+
+        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
         grad_norm = optimizer_step(model, optimizer, cfg.optim.grad_clip)
         tokens_seen += tokens_per_step
         done = step + 1
 
         if done % run.log_every == 0 or done == run.max_steps or done == start_step + 1:
             loss_v = float(dist.all_reduce_mean(step_loss, env))
-            now = time.time()
-            tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-            eta = (run.max_steps - done) * (now - t_start) / max(done - start_step, 1)
+            line, tps = progress.line(done, tokens_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
             log.log(done, "train", loss=loss_v, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=tps)
-            log.print(f"step {done:>6}/{run.max_steps} | loss {loss_v:.4f} | lr {lr:.2e} | "
-                      f"gnorm {grad_norm:.2f} | {tps:,.0f} tok/s | ETA {fmt_duration(eta)}")
-            t_last, tok_last = now, tokens_seen
+            log.print(line)
         if (run.eval_every and done % run.eval_every == 0) or done == run.max_steps:
             val_loss = evaluate()
             log.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50)))
@@ -127,7 +111,7 @@ def main(cfg: PretrainConfig) -> Path:
 
     if start_step >= run.max_steps:
         log.print(f"nothing to do: the checkpoint is at step {start_step} >= run.max_steps={run.max_steps}")
-    log.print(f"pretrain done in {fmt_duration(time.time() - t_start)}; "
+    log.print(f"pretrain done in {fmt_duration(progress.elapsed())}; "
               f"peak memory {dist.peak_memory_mb(env.device):,.0f} MB; checkpoint in {run_dir / 'checkpoints'}")
     log.close()
     dist.teardown()

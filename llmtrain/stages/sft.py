@@ -1,0 +1,172 @@
+"""Stage 2, supervised fine-tuning: instruction -> response pairs, loss on the response only.
+
+    llmtrain sft -c configs/sft.yaml init_from=runs/pretrain [key=value ...]
+
+Set up (pretrained weights, freezing), log sample answers to held-out prompts, loop
+(length-bucketed batches, loss over assistant tokens), evaluate the held-out response loss
+and log samples again, save. Optimizer, precision, checkpoints, resume and torchrun are the
+same pieces pretraining uses.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from llmtrain import checkpoint, dist, training
+from llmtrain.config import SFTConfig, to_dict
+from llmtrain.data import sft as sft_data
+from llmtrain.errors import ConfigError
+from llmtrain.generate import SamplingConfig, generate
+from llmtrain.losses import lm_loss
+from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.model import Transformer
+from llmtrain.model.adapters import freeze
+from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+
+
+def main(cfg: SFTConfig) -> Path:
+    run = cfg.run
+    env = dist.setup(run.device, run.threads)
+    run_dir = Path(run.out_dir)
+    if not cfg.init_from:
+        raise ConfigError("init_from is not set: give the pretrained checkpoint (e.g. init_from=runs/pretrain)")
+
+    # ---- model, tokenizer, data
+    base = checkpoint.resolve(cfg.init_from)
+    tok_path = checkpoint.tokenizer_of(base)
+    tok = Tokenizer.load(tok_path)
+    mcfg = checkpoint.model_config(base)
+    torch.manual_seed(run.seed)
+    model = Transformer(mcfg)
+    checkpoint.load_weights(base, model)
+    frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
+    model.to(env.device)
+
+    max_len = cfg.data.max_len or mcfg.max_seq_len
+    convs, skipped = sft_data.read_conversations(cfg.data.train, cfg.data.skip_bad_lines)
+    if cfg.data.val:
+        val_convs, skipped_val = sft_data.read_conversations(cfg.data.val, cfg.data.skip_bad_lines)
+        skipped += skipped_val
+        train_convs = convs
+    else:
+        train_convs, val_convs = sft_data.split(convs, cfg.data.val_every)
+    train_ex, dropped = sft_data.encode(tok, train_convs, max_len)
+    val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
+    batches = sft_data.LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
+
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    start_step, tokens_seen = done.get("step", 0), done.get("tokens", 0)
+
+    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
+    trainable, total = count_params(model)
+    log.print(f"sft: from {base}; {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+              f"({len(frozen)} tensors frozen); {env.world} process(es) on {env.device}, {run.precision}")
+    log.print(f"sft data: {len(train_ex)} train / {len(val_ex)} held-out examples; "
+              f"{skipped} bad lines skipped, {dropped + dropped_val} dropped (no response token within {max_len})")
+    log.log(start_step, "setup", trainable_params=trainable, total_params=total, frozen_tensors=len(frozen),
+            train_examples=len(train_ex), val_examples=len(val_ex), skipped_lines=skipped)
+    if resumed:
+        log.print(f"resumed from {resumed} at step {start_step}")
+
+    train_model = dist.wrap_ddp(model, env)
+    if run.compile:
+        train_model = torch.compile(train_model)
+    sample_convs = [msgs for _, msgs in val_convs[: cfg.sample_prompts]]
+
+    def evaluate() -> float:
+        """Held-out response loss: summed over every response token, divided by their count."""
+        model.eval()
+        mine = val_ex[env.rank::env.world]
+        limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size
+        total_loss = torch.zeros((), device=env.device)
+        n_tok = torch.zeros((), device=env.device)
+        with torch.no_grad(), dist.autocast(env.device, run.precision):
+            for i in range(0, min(limit, len(mine)), run.batch_size):
+                x, y = sft_data.collate(mine[i:i + run.batch_size], tok.pad_id)
+                y = y.to(env.device)
+                total_loss += lm_loss(model(x.to(env.device)), y, reduction="sum")
+                n_tok += (y != -100).sum()
+        model.train()
+        total_loss = dist.all_reduce_mean(total_loss, env)
+        n_tok = dist.all_reduce_mean(n_tok.float(), env)
+        return float(total_loss / n_tok.clamp(min=1))
+
+    def log_samples(step: int) -> None:
+        if not env.is_main or not sample_convs:
+            return
+        answers = sample_answers(model, tok, sample_convs, cfg.sample_tokens)
+        log.log(step, "samples", samples=[{"prompt": _last_user(c), "answer": a} for c, a in zip(sample_convs, answers)])
+        for c, a in zip(sample_convs, answers):
+            log.print(f"  Q: {_last_user(c)}\n  A: {a}")
+
+    def save(step: int, extra: dict) -> None:
+        checkpoint.save(run_dir, step, model, config={"model": to_dict(mcfg), "stage": "sft", "config": to_dict(cfg)},
+                        meta={"tokens": tokens_seen, "data": {"seed": run.seed, "next_step": step}, **extra},
+                        tokenizer_path=str(tok_path), optimizer=optimizer, rng=dist.rng_state(),
+                        keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
+
+    if start_step == 0:
+        val_loss = evaluate()
+        log.log(0, "val", loss=val_loss)
+        log.print(f"before fine-tuning: held-out response loss {val_loss:.4f}; samples:")
+        log_samples(0)
+
+    # ---- the loop
+    model.train()
+    progress = Progress(start_step, run.max_steps, tokens_seen)
+    val_loss = float("nan")
+    for step in range(start_step, run.max_steps):
+        lr = lr_at(step, cfg.optim, run.max_steps)
+        set_lr(optimizer, lr)
+        # The step's loss is the sum over all its response tokens / their number, whatever
+        # the split into micro-steps and processes (DDP averages over ranks: hence * world).
+        n_targets = batches.target_tokens(step)
+
+        def loss_of(micro, m):
+            x, y = sft_data.collate(batches.rows(step, run.batch_size, micro, env.rank, env.world), tok.pad_id)
+            return lm_loss(m(x.to(env.device)), y.to(env.device), reduction="sum") * env.world / n_targets
+
+        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        grad_norm = optimizer_step(model, optimizer, cfg.optim.grad_clip)
+        tokens_seen += n_targets
+        done = step + 1
+
+        if done % run.log_every == 0 or done == run.max_steps or done == start_step + 1:
+            loss_v = float(dist.all_reduce_mean(step_loss, env))
+            line, tps = progress.line(done, tokens_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
+            log.log(done, "train", loss=loss_v, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=tps)
+            log.print(line)
+        if (run.eval_every and done % run.eval_every == 0) or done == run.max_steps:
+            val_loss = evaluate()
+            log.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50)))
+            log.print(f"step {done:>6} | held-out response loss {val_loss:.4f}")
+            log_samples(done)
+        if (run.save_every and done % run.save_every == 0) or done == run.max_steps:
+            save(done, {"val_loss": val_loss})
+
+    log.print(f"sft done in {fmt_duration(progress.elapsed())}; peak memory "
+              f"{dist.peak_memory_mb(env.device):,.0f} MB; checkpoint in {run_dir / 'checkpoints'}")
+    log.close()
+    dist.teardown()
+    return run_dir
+
+
+def _last_user(msgs: list[dict]) -> str:
+    return next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+
+
+def prompt_ids(tok: Tokenizer, msgs: list[dict]) -> list[int]:
+    """The conversation up to (not including) its last assistant message, ready for the model."""
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return render_chat(tok, msgs[:last], add_generation_prompt=True)[0]
+
+
+def sample_answers(model: Transformer, tok: Tokenizer, convs: list[list[dict]], max_new: int) -> list[str]:
+    """Greedy answers, so the change between evaluations is readable, not sampling noise."""
+    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
+    outs = generate(model, [prompt_ids(tok, c) for c in convs], s, pad_id=tok.pad_id)
+    return [tok.decode(o, skip_special=True).strip() for o in outs]
