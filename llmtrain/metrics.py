@@ -64,8 +64,8 @@ class Metrics:
 class Progress:
     """The console line of a training loop: loss, learning rate, tokens/s and ETA."""
 
-    def __init__(self, start_step: int, max_steps: int, tokens: int = 0):
-        self.start_step, self.max_steps = start_step, max_steps
+    def __init__(self, start_step: int, max_steps: int, tokens: int = 0, unit: str = "tok"):
+        self.start_step, self.max_steps, self.unit = start_step, max_steps, unit
         self.t0 = self.t_last = time.time()
         self.tokens_last = tokens
 
@@ -75,7 +75,7 @@ class Progress:
         eta = (self.max_steps - step) * (now - self.t0) / max(step - self.start_step, 1)
         self.t_last, self.tokens_last = now, tokens
         parts = [f"step {step:>6}/{self.max_steps}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
-        return " | ".join(parts + [f"{tps:,.0f} tok/s", f"ETA {fmt_duration(eta)}"]), tps
+        return " | ".join(parts + [f"{tps:,.0f} {self.unit}/s", f"ETA {fmt_duration(eta)}"]), tps
 
     def elapsed(self) -> float:
         return time.time() - self.t0

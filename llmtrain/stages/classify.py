@@ -87,7 +87,7 @@ def main(cfg: ClassifyConfig) -> Path:
 
     # ---- the loop
     model.train()
-    progress = Progress(start_step, run.max_steps, start_step * global_batch)
+    progress = Progress(start_step, run.max_steps, start_step * global_batch, unit="texts")
     result = {}
     for step in range(start_step, run.max_steps):
         lr = lr_at(step, cfg.optim, run.max_steps)

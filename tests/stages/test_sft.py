@@ -126,3 +126,26 @@ def test_classification_head_learns_separable_task(pretrained, tmp_path, capsys)
 def test_classify_rejects_a_language_model_checkpoint_for_predict(pretrained, capsys):
     assert cli_main(["classify", "predict", str(pretrained), "--text", "x"]) == 2
     assert "not a classifier checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sft_torchrun_two_processes_equals_one(pretrained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = write_jsonl(tmp_path / "d.jsonl", style_pairs())
+    sft.main(sft_config(pretrained, data, tmp_path / "one", max_steps=4, batch_size=4, eval_every=0))
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmtrain",
+            "sft", f"init_from={pretrained}", f"data.train={data}", "data.val_every=5", f"run.out_dir={tmp_path / 'two'}",
+            "run.max_steps=4", "run.batch_size=2", "run.eval_every=0", "run.seed=3", "run.threads=1", "run.log_every=1",
+            "optim.lr=3e-3", "optim.warmup_steps=2", "optim.weight_decay=0.0", "sample_prompts=2", "sample_tokens=8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]
+    two = [r["loss"] for r in read_metrics(tmp_path / "two", "train")]
+    assert len(one) == 4 and two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert val_losses(tmp_path / "two") == pytest.approx(val_losses(tmp_path / "one"), rel=1e-5)
