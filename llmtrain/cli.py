@@ -139,6 +139,80 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_feedback(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore, StoreError
+
+    try:
+        return FEEDBACK[args.action][0](args)
+    except (StoreError, ValueError) as e:
+        raise LlmtrainError(str(e)) from None
+
+
+def fb_generate(args) -> int:
+    from llmtrain.feedback.candidates import generate_to_db
+    from llmtrain.generate import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p)
+    r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device)
+    print(f"feedback generate: {r['prompts']} prompts x {args.k} = {r['candidates']} candidates -> {args.db}")
+    return 0
+
+
+def fb_add_annotator(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    token = FeedbackStore(args.db).add_annotator(args.name, is_admin=args.admin)
+    print(f"annotator {args.name}{' (admin)' if args.admin else ''} added; their secret token (shown once):")
+    print(token)
+    return 0
+
+
+def fb_export(args) -> int:
+    from llmtrain.feedback.export import export
+    from llmtrain.feedback.store import FeedbackStore
+
+    c = export(FeedbackStore(args.db), args.output, include_simulated=not args.people_only)
+    print(f"feedback export: {c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out) -> {args.output}")
+    return 0
+
+
+def fb_import(args) -> int:
+    from llmtrain.feedback.export import import_rankings
+    from llmtrain.feedback.store import FeedbackStore
+
+    r = import_rankings(FeedbackStore(args.db), args.input)
+    print(f"feedback import: {r['read']} read, {r['added']} added, {r['already_there']} already there -> {args.db}")
+    return 0
+
+
+def fb_simulate(args) -> int:
+    from llmtrain.feedback.simulate import simulate
+    from llmtrain.feedback.store import FeedbackStore
+
+    r = simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
+    print(f"feedback simulate: {r['annotator']} (simulated) ranked {r['ranked']} prompts, "
+          f"{r['all_equal']} with all candidates equal")
+    return 0
+
+
+def fb_serve(args) -> int:
+    from llmtrain.feedback.app import serve
+
+    serve(args.db, host=args.host, port=args.port)
+    return 0
+
+
+FEEDBACK = {
+    "generate": (fb_generate, "write K sampled answers per prompt into the feedback database"),
+    "add-annotator": (fb_add_annotator, "add an annotator and print their secret token"),
+    "serve": (fb_serve, "start the ranking web app"),
+    "simulate": (fb_simulate, "rank pending prompts by a scripted rule (demo and tests only)"),
+    "export": (fb_export, "write rankings.jsonl for the reward model and DPO"),
+    "import": (fb_import, "load rankings.jsonl made elsewhere into the database"),
+}
+
+
 def cmd_pipeline(args) -> int:
     from llmtrain import pipeline
 
@@ -161,6 +235,7 @@ COMMANDS = {
     "sft": (cmd_sft, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
     "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
+    "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
     "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
 }
@@ -173,6 +248,30 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if takes_config:
             _config_args(p)
+    fb = sub.choices["feedback"].add_subparsers(dest="action", metavar="action", required=True)
+    for name, (_, help_) in FEEDBACK.items():
+        a = fb.add_parser(name, help=help_, description=help_)
+        a.add_argument("--db", default="feedback.db", help="the feedback SQLite database (default feedback.db)")
+    g = fb.choices["generate"]
+    g.add_argument("checkpoint", help="the fine-tuned checkpoint that writes the candidates")
+    g.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": ...} or {\"messages\": [...]}")
+    g.add_argument("-k", type=int, default=4, help="candidates per prompt, 2 to 9 (default 4)")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    fb.choices["add-annotator"].add_argument("name")
+    fb.choices["add-annotator"].add_argument("--admin", action="store_true", help="may see everyone's progress and agreement")
+    fb.choices["serve"].add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    fb.choices["serve"].add_argument("--port", type=int, default=8000)
+    fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")
+    fb.choices["simulate"].add_argument("--name", default="", help="the simulated annotator's name (default sim-RULE)")
+    fb.choices["simulate"].add_argument("--limit", type=int, default=0, help="rank at most this many prompts (0: all)")
+    fb.choices["export"].add_argument("-o", "--output", default="rankings.jsonl")
+    fb.choices["export"].add_argument("--people-only", action="store_true", help="leave simulated rankings out")
+    fb.choices["import"].add_argument("input", help="a rankings.jsonl in the export format")
     sub.choices["demo"].add_argument("overrides", nargs="*", metavar="key=value",
                                      help="override fields of configs/demo.yaml, e.g. pretrain.run.max_steps=50")
     for name in ("generate", "chat"):

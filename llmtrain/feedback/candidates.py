@@ -1,0 +1,84 @@
+"""K sampled answers per prompt from a fine-tuned checkpoint, into the feedback database.
+
+    llmtrain feedback generate CKPT --prompts prompts.jsonl -k 4 --db feedback.db
+
+Prompts are JSONL lines {"prompt": ...} or {"messages": [...ending with a user turn]}. Each
+prompt is rendered with the shared chat template and repeated K times in one batched,
+KV-cached generation. The checkpoint and the sampling settings are recorded with them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmtrain import checkpoint, dist
+from llmtrain.data.sft import read_jsonl
+from llmtrain.feedback.store import FeedbackStore
+from llmtrain.generate import SamplingConfig, generate
+from llmtrain.model import Transformer
+from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
+
+
+def parse_prompt(obj) -> list[dict]:
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+        if isinstance(obj.get("system"), str):
+            msgs.insert(0, {"role": "system", "content": obj["system"]})
+        return msgs
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
+        msgs = obj["messages"]
+        if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        if msgs[-1]["role"] != "user":
+            raise ValueError("the conversation must end with a user message")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    raise ValueError("expected 'prompt' (a string) or 'messages'")
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    return [m for _, m in read_jsonl(path, parse_prompt)[0]]
+
+
+def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]], k: int, sampling: SamplingConfig,
+                      generator: torch.Generator | None = None, batch_prompts: int = 8) -> list[list[dict]]:
+    """-> per conversation, K candidates {"text", "finished", "n_tokens"}."""
+    stops = (tok.end_id, tok.eos_id)
+    s = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, stops)
+    out = []
+    for i in range(0, len(convs), batch_prompts):
+        chunk = convs[i:i + batch_prompts]
+        prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in chunk for _ in range(k)]
+        gens = generate(model, prompts, s, pad_id=tok.pad_id, generator=generator)
+        for j in range(len(chunk)):
+            cands = []
+            for g in gens[j * k:(j + 1) * k]:
+                finished = bool(g) and g[-1] in stops
+                cands.append({"text": tok.decode(g[:-1] if finished else g, skip_special=True).strip(),
+                              "finished": finished, "n_tokens": len(g)})
+            out.append(cands)
+    return out
+
+
+def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: SamplingConfig, seed: int = 0,
+                   device: str = "auto") -> dict:
+    if not 2 <= k <= 9:
+        raise ValueError(f"k must be between 2 and 9, got {k}")
+    ckpt_dir = checkpoint.resolve(ckpt)
+    tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt_dir))
+    model = Transformer(checkpoint.model_config(ckpt_dir))
+    checkpoint.load_weights(ckpt_dir, model)
+    model.to(dist.pick_device(device)).eval()
+    convs = read_prompts(prompts_path)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    cands = sample_candidates(model, tok, convs, k, sampling, gen)
+    store = FeedbackStore(db)
+    settings = {"checkpoint": str(ckpt_dir.resolve()), "step": checkpoint.read_meta(ckpt_dir).get("step"), "k": k,
+                "seed": seed, "prompts": str(prompts_path), "max_new_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    gid = store.add_generation(settings)
+    for conv, cs in zip(convs, cands):
+        prompt = next(m["content"] for m in reversed(conv) if m["role"] == "user")
+        store.add_prompt(prompt, cs, generation_id=gid, messages=conv)
+    store.close()
+    return {"prompts": len(convs), "candidates": len(convs) * k, "generation_id": gid}

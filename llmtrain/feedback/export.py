@@ -1,0 +1,73 @@
+"""rankings.jsonl out of and into the feedback database (format: llmtrain/data/preference.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
+from llmtrain.feedback.store import FeedbackStore
+
+
+def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True) -> dict:
+    """Write one line per (prompt, annotator) judgement that ranks (skips are left out).
+    Written to a temporary file and renamed: a reader never sees half a file."""
+    counts = {"ranked": 0, "all_bad": 0, "skipped": 0, "simulated": 0}
+    lines = []
+    cache: dict[int, dict] = {}
+    for j in store.judgements():
+        counts[j["status"]] += 1
+        if j["status"] == "skipped" or (j["simulated"] and not include_simulated):
+            continue
+        p = cache.get(j["prompt_id"]) or cache.setdefault(j["prompt_id"], store.prompt(j["prompt_id"]))
+        texts = [c["text"] for c in p["candidates"]]
+        if j["status"] == "ranked":
+            order, ranks = ranks_from_tiers(j["ranking"])
+        else:
+            order, ranks = list(range(len(texts))), [1] * len(texts)
+        counts["simulated"] += int(j["simulated"])
+        r = Ranking(p["messages"], [texts[i] for i in order], ranks, j["status"], j["annotator"], j["simulated"],
+                    {"db": str(Path(store.path).name), "prompt_id": p["id"], "candidate_ids": order,
+                     "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
+                     "imported": j["imported"]})
+        lines.append(json.dumps(r.to_json(), ensure_ascii=False))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+    os.replace(tmp, out)
+    counts["exported"] = len(lines)
+    return counts
+
+
+def import_rankings(store: FeedbackStore, path: str | Path) -> dict:
+    """Load rankings made elsewhere (same format) into the store; importing twice adds nothing."""
+    rankings, _ = read_rankings(path)
+    known = {}  # (messages, sorted candidate texts) -> prompt id, read once
+    for pid in store.prompt_ids():
+        p = store.prompt(pid)
+        known[_prompt_key(p["messages"], [c["text"] for c in p["candidates"]])] = pid
+    added = dup = 0
+    for r in rankings:
+        key = hashlib.sha256(json.dumps([r.messages, sorted(r.texts), r.annotator]).encode()).hexdigest()[:32]
+        pk = _prompt_key(r.messages, r.texts)
+        if pk not in known:
+            known[pk] = store.add_prompt(r.prompt, [{"text": t} for t in r.texts], messages=r.messages)
+        pid = known[pk]
+        p = store.prompt(pid)
+        index = {c["text"]: c["idx"] for c in p["candidates"]}
+        tiers: dict[int, list[int]] = {}
+        for t, rank in zip(r.texts, r.ranks):
+            tiers.setdefault(rank, []).append(index[t])
+        annotator = store.ensure_annotator(r.annotator or "imported", simulated=r.simulated)
+        status = r.status if len(tiers) > 1 or r.status == "all_bad" else "all_bad"
+        ok = store.submit(annotator, pid, status, [tiers[k] for k in sorted(tiers)] if status == "ranked" else None,
+                          f"import-{key}", imported=True)
+        added += ok
+        dup += not ok
+    return {"read": len(rankings), "added": added, "already_there": dup}
+
+
+def _prompt_key(messages: list[dict], texts: list[str]) -> str:
+    return json.dumps([messages, sorted(texts)])

@@ -1,0 +1,76 @@
+"""A simulated annotator, for the demo and tests only: ranks pending prompts by a stated,
+scripted preference, through the same `FeedbackStore.submit` as a person's form. Its
+annotator is marked simulated, and so is every ranking it makes, in the export too.
+
+Rules (score each candidate; higher is better; equal scores are ties):
+    aristocrat   2 x (marker phrases of the shipped style, at most 3)          (llmtrain.styles)
+                 + 1 if the answer ended by itself (not cut off)
+                 + 0.5 x (share of the prompt's content words it repeats)
+                 - 0.02 x (words beyond 40)
+    length       - (number of words): shorter is better
+    relevance    share of the prompt's content words the answer repeats
+"""
+from __future__ import annotations
+
+import re
+
+from llmtrain.feedback.store import FeedbackStore
+from llmtrain.styles import aristocrat_markers
+
+_WORD = re.compile(r"[a-z']+")
+_STOP = set("a an the is are was were be to of and or in on at for with what who how why when where which do does did "
+            "you your i me my it its this that can could would should will shall have has had about tell".split())
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def relevance(prompt: str, text: str) -> float:
+    want = {w for w in _words(prompt) if w not in _STOP}
+    if not want:
+        return 0.0
+    return len(want & set(_words(text))) / len(want)
+
+
+def score_aristocrat(prompt: str, cand: dict) -> float:
+    n = len(_words(cand["text"]))
+    return (2.0 * min(3, len(aristocrat_markers(cand["text"]))) + (1.0 if cand.get("finished", True) else 0.0)
+            + 0.5 * relevance(prompt, cand["text"]) - 0.02 * max(0, n - 40))
+
+
+RULES = {
+    "aristocrat": score_aristocrat,
+    "length": lambda prompt, cand: -float(len(_words(cand["text"]))),
+    "relevance": lambda prompt, cand: relevance(prompt, cand["text"]),
+}
+
+
+def rank(rule: str, prompt: str, candidates: list[dict]) -> list[list[int]]:
+    """Tiers of candidate indices, best first; equal scores share a tier."""
+    scores = [round(RULES[rule](prompt, c), 6) for c in candidates]
+    tiers: dict[float, list[int]] = {}
+    for i, s in enumerate(scores):
+        tiers.setdefault(s, []).append(i)
+    return [tiers[s] for s in sorted(tiers, reverse=True)]
+
+
+def simulate(store: FeedbackStore, rule: str, name: str = "", limit: int = 0) -> dict:
+    """Rank every prompt this simulated annotator has not judged yet (at most `limit`)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
+    annotator = store.ensure_annotator(name or f"sim-{rule}", simulated=True)
+    if not annotator.simulated:
+        raise ValueError(f"annotator {annotator.name!r} is a person, not a simulated annotator")
+    done = ties = 0
+    while limit == 0 or done < limit:
+        pid = store.next_prompt(annotator)
+        if pid is None:
+            break
+        p = store.prompt(pid)
+        tiers = rank(rule, p["prompt"], p["candidates"])
+        status = "ranked" if len(tiers) > 1 else "all_bad"  # all equal: no preference to learn from
+        store.submit(annotator, pid, status, tiers if status == "ranked" else None, f"sim-{annotator.name}-{pid}")
+        done += 1
+        ties += status != "ranked"
+    return {"annotator": annotator.name, "ranked": done - ties, "all_equal": ties}

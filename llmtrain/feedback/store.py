@@ -1,0 +1,268 @@
+"""The feedback database: prompts, their K candidate answers, annotators and rankings (SQLite).
+
+WAL mode, parametrised queries only, a schema version checked on open. A submission is one
+transaction keyed by a client-made submission id, so a double click or a retry records once;
+a ranking that `submit` returned for is committed and survives a killed server.
+
+This module is plain Python + sqlite3: the web app imports it, never the torch training code.
+
+A ranking is a list of tiers, best first; each tier lists candidate indices (0..K-1) that
+the annotator judged equal (a tie). Every candidate appears exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+STATUSES = ("ranked", "skipped", "all_bad")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY, generation_id INTEGER REFERENCES generations(id),
+    prompt TEXT NOT NULL, messages TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id), idx INTEGER NOT NULL,
+    text TEXT NOT NULL, finished INTEGER NOT NULL DEFAULT 1, n_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (prompt_id, idx));
+CREATE TABLE IF NOT EXISTS annotators (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE,
+    is_admin INTEGER NOT NULL DEFAULT 0, simulated INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rankings (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    status TEXT NOT NULL, ranking TEXT NOT NULL, submission_id TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, imported INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (prompt_id, annotator_id));
+"""
+
+
+class StoreError(ValueError):
+    """A request the store refuses (unknown prompt, malformed ranking, ...)."""
+
+
+@dataclass
+class Annotator:
+    id: int
+    name: str
+    is_admin: bool
+    simulated: bool
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_ranking(ranking, k: int) -> list[list[int]]:
+    """Validate tiers of candidate indices: every index 0..k-1 exactly once, no empty tier."""
+    if not isinstance(ranking, list) or not ranking:
+        raise StoreError("ranking must be a non-empty list of tiers")
+    seen = []
+    for tier in ranking:
+        if not isinstance(tier, list) or not tier or not all(isinstance(i, int) and not isinstance(i, bool) for i in tier):
+            raise StoreError("each tier must be a non-empty list of candidate indices")
+        seen += tier
+    if sorted(seen) != list(range(k)):
+        raise StoreError(f"ranking must name each of the {k} candidates exactly once")
+    return [list(t) for t in ranking]
+
+
+class FeedbackStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+        con = self._con()
+        with con:
+            con.executescript(SCHEMA)
+            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(f"{path}: schema version {row[0]}, this llmtrain reads version {SCHEMA_VERSION}")
+
+    def _con(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections are not shared across threads)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed transaction survives a killed process
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=30000")
+            con.row_factory = sqlite3.Row
+            self._local.con = con
+        return con
+
+    def _tx(self):
+        con = self._con()
+        return _Tx(con)
+
+    # ---- generations, prompts, candidates
+
+    def add_generation(self, settings: dict) -> int:
+        with self._tx() as con:
+            return con.execute("INSERT INTO generations (created, settings) VALUES (?, ?)",
+                               (time.time(), json.dumps(settings))).lastrowid
+
+    def add_prompt(self, prompt: str, candidates: list[dict], generation_id: int | None = None,
+                   messages: list[dict] | None = None) -> int:
+        """candidates: [{"text": str, "finished": bool, "n_tokens": int}] (K of them, 2..9)."""
+        if not 2 <= len(candidates) <= 9:
+            raise StoreError(f"need 2 to 9 candidates per prompt, got {len(candidates)}")
+        msgs = messages or [{"role": "user", "content": prompt}]
+        with self._tx() as con:
+            pid = con.execute("INSERT INTO prompts (generation_id, prompt, messages) VALUES (?, ?, ?)",
+                              (generation_id, prompt, json.dumps(msgs))).lastrowid
+            con.executemany("INSERT INTO candidates (prompt_id, idx, text, finished, n_tokens) VALUES (?, ?, ?, ?, ?)",
+                            [(pid, i, c["text"], int(c.get("finished", True)), int(c.get("n_tokens", 0)))
+                             for i, c in enumerate(candidates)])
+        return pid
+
+    def prompt(self, prompt_id: int) -> dict | None:
+        con = self._con()
+        row = con.execute("SELECT * FROM prompts WHERE id=?", (prompt_id,)).fetchone()
+        if row is None:
+            return None
+        cands = con.execute("SELECT idx, text, finished, n_tokens FROM candidates WHERE prompt_id=? ORDER BY idx",
+                            (prompt_id,)).fetchall()
+        return {"id": row["id"], "prompt": row["prompt"], "messages": json.loads(row["messages"]),
+                "generation_id": row["generation_id"],
+                "candidates": [{"idx": c["idx"], "text": c["text"], "finished": bool(c["finished"]),
+                                "n_tokens": c["n_tokens"]} for c in cands]}
+
+    def prompt_ids(self) -> list[int]:
+        return [r[0] for r in self._con().execute("SELECT id FROM prompts ORDER BY id")]
+
+    def generation(self, generation_id: int) -> dict:
+        row = self._con().execute("SELECT settings FROM generations WHERE id=?", (generation_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    # ---- annotators
+
+    def add_annotator(self, name: str, is_admin: bool = False, simulated: bool = False) -> str:
+        """Create an annotator; returns the secret token (only its hash is stored)."""
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise StoreError("annotator names are 1-64 letters, digits, '-', '_' or '.'")
+        token = secrets.token_urlsafe(24)
+        try:
+            with self._tx() as con:
+                con.execute("INSERT INTO annotators (name, token_hash, is_admin, simulated, created) VALUES (?, ?, ?, ?, ?)",
+                            (name, hash_token(token), int(is_admin), int(simulated), time.time()))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"an annotator named {name!r} exists already") from None
+        return token
+
+    def annotator_by_token(self, token: str | None) -> Annotator | None:
+        if not token:
+            return None
+        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE token_hash=?",
+                                  (hash_token(token),)).fetchone()
+        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
+
+    def annotator(self, name: str) -> Annotator | None:
+        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE name=?", (name,)).fetchone()
+        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
+
+    def ensure_annotator(self, name: str, simulated: bool = False) -> Annotator:
+        a = self.annotator(name)
+        if a is None:
+            self.add_annotator(name, simulated=simulated)
+            a = self.annotator(name)
+        return a
+
+    def annotators(self) -> list[Annotator]:
+        return [Annotator(r[0], r[1], bool(r[2]), bool(r[3]))
+                for r in self._con().execute("SELECT id, name, is_admin, simulated FROM annotators ORDER BY id")]
+
+    # ---- rankings
+
+    def next_prompt(self, annotator: Annotator) -> int | None:
+        """The first prompt this annotator has neither ranked nor skipped."""
+        row = self._con().execute(
+            "SELECT p.id FROM prompts p WHERE NOT EXISTS "
+            "(SELECT 1 FROM rankings r WHERE r.prompt_id = p.id AND r.annotator_id = ?) ORDER BY p.id LIMIT 1",
+            (annotator.id,)).fetchone()
+        return row[0] if row else None
+
+    def submit(self, annotator: Annotator, prompt_id: int, status: str, ranking: list[list[int]] | None,
+               submission_id: str, imported: bool = False) -> bool:
+        """Record one judgement in one transaction. Returns True if recorded now, False if this
+        submission id (or this annotator's judgement of this prompt) was recorded before.
+
+        The one code path for a person's form, the simulated annotator and imports.
+        """
+        if status not in STATUSES:
+            raise StoreError(f"status must be one of {', '.join(STATUSES)}")
+        if not submission_id or len(submission_id) > 100:
+            raise StoreError("a submission id (1-100 characters) is required")
+        with self._tx() as con:
+            k = con.execute("SELECT COUNT(*) FROM candidates WHERE prompt_id=?", (prompt_id,)).fetchone()[0]
+            if k == 0:
+                raise StoreError(f"no prompt with id {prompt_id}")
+            tiers = check_ranking(ranking, k) if status == "ranked" else []
+            dup = con.execute("SELECT annotator_id, prompt_id FROM rankings WHERE submission_id=?", (submission_id,)).fetchone()
+            if dup is not None:
+                if (dup[0], dup[1]) != (annotator.id, prompt_id):
+                    raise StoreError("this submission id belongs to another submission")
+                return False
+            cur = con.execute(
+                "INSERT INTO rankings (prompt_id, annotator_id, status, ranking, submission_id, created, imported) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, annotator_id) DO NOTHING",
+                (prompt_id, annotator.id, status, json.dumps(tiers), submission_id, time.time(), int(imported)))
+            return cur.rowcount == 1
+
+    def change(self, annotator: Annotator, prompt_id: int, status: str, ranking: list[list[int]] | None) -> None:
+        """An annotator revises their own judgement of a prompt."""
+        with self._tx() as con:
+            k = con.execute("SELECT COUNT(*) FROM candidates WHERE prompt_id=?", (prompt_id,)).fetchone()[0]
+            tiers = check_ranking(ranking, k) if status == "ranked" else []
+            cur = con.execute("UPDATE rankings SET status=?, ranking=?, created=? WHERE prompt_id=? AND annotator_id=?",
+                              (status, json.dumps(tiers), time.time(), prompt_id, annotator.id))
+            if cur.rowcount != 1:
+                raise StoreError(f"no judgement of prompt {prompt_id} by {annotator.name} to change")
+
+    def judgements(self, annotator: Annotator | None = None) -> list[dict]:
+        q = ("SELECT r.prompt_id, r.status, r.ranking, r.created, r.imported, a.name, a.simulated "
+             "FROM rankings r JOIN annotators a ON a.id = r.annotator_id")
+        args: tuple = ()
+        if annotator is not None:
+            q += " WHERE r.annotator_id = ?"
+            args = (annotator.id,)
+        rows = self._con().execute(q + " ORDER BY r.prompt_id, a.name", args).fetchall()
+        return [{"prompt_id": r[0], "status": r[1], "ranking": json.loads(r[2]), "created": r[3],
+                 "imported": bool(r[4]), "annotator": r[5], "simulated": bool(r[6])} for r in rows]
+
+    def progress(self, annotator: Annotator) -> tuple[int, int]:
+        con = self._con()
+        done = con.execute("SELECT COUNT(*) FROM rankings WHERE annotator_id=?", (annotator.id,)).fetchone()[0]
+        total = con.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
+        return done, total
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error): one write transaction."""
+
+    def __init__(self, con: sqlite3.Connection):
+        self.con = con
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.con.execute("BEGIN IMMEDIATE")
+        return self.con
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.con.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,104 @@
+"""The feedback store, agreement, export/import and the simulated annotator (no web app)."""
+import json
+import math
+import sqlite3
+
+import pytest
+
+from llmtrain.data.preference import ranks_from_tiers, read_rankings
+from llmtrain.errors import DataError
+from llmtrain.feedback import agreement
+from llmtrain.feedback.export import export, import_rankings
+from llmtrain.feedback.simulate import rank, simulate
+from llmtrain.feedback.store import FeedbackStore, StoreError
+
+
+def make_store(tmp_path, n_prompts=3, k=3):
+    store = FeedbackStore(tmp_path / "fb.db")
+    for i in range(n_prompts):
+        store.add_prompt(f"question {i}?", [{"text": f"answer {i}.{j}"} for j in range(k)])
+    return store
+
+
+def test_agreement_hand_worked():
+    a = [[0], [1], [2]]
+    b = [[1], [0], [2]]  # swaps the first two: (0,1) discordant, (0,2) and (1,2) concordant
+    s = agreement.compare(a, b)
+    assert (s["concordant"], s["discordant"]) == (2, 1)
+    assert agreement.kendall_tau_b(a, b) == pytest.approx(1 / 3)
+    tied = [[0, 1], [2]]  # 2 strict pairs, both concordant with a; tau_b = 2 / sqrt(3 * 2)
+    assert agreement.kendall_tau_b(a, tied) == pytest.approx(2 / math.sqrt(6))
+    js = [{"prompt_id": 1, "status": "ranked", "annotator": "x", "ranking": a},
+          {"prompt_id": 1, "status": "ranked", "annotator": "y", "ranking": b}]
+    out = agreement.summarize(js)["pairs"][0]
+    assert out["shared_prompts"] == 1 and out["pairwise_agreement"] == pytest.approx(2 / 3)
+
+
+def test_store_wal_tokens_and_idempotent_submit(tmp_path):
+    store = make_store(tmp_path)
+    mode = sqlite3.connect(tmp_path / "fb.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    token = store.add_annotator("alice")
+    raw = sqlite3.connect(tmp_path / "fb.db").execute("SELECT token_hash FROM annotators").fetchone()[0]
+    assert token not in raw  # only the hash is stored
+    alice = store.annotator_by_token(token)
+    assert alice.name == "alice" and store.annotator_by_token("wrong") is None
+    pid = store.next_prompt(alice)
+    assert store.submit(alice, pid, "ranked", [[2], [0, 1]], "s1") is True
+    assert store.submit(alice, pid, "ranked", [[2], [0, 1]], "s1") is False  # a double click
+    assert store.submit(alice, pid, "ranked", [[0], [1], [2]], "s2") is False  # one judgement per prompt
+    assert len(store.judgements()) == 1 and store.next_prompt(alice) != pid
+    assert store.progress(alice) == (1, 3)
+    with pytest.raises(StoreError, match="exactly once"):
+        store.submit(alice, pid + 1, "ranked", [[0], [0, 1]], "s3")
+    with pytest.raises(StoreError, match="no prompt"):
+        store.submit(alice, 999, "skipped", None, "s4")
+    with pytest.raises(StoreError, match="exists already"):
+        store.add_annotator("alice")
+
+
+def test_export_import_round_trip(tmp_path):
+    store = make_store(tmp_path)
+    alice = store.annotator_by_token(store.add_annotator("alice"))
+    ids = store.prompt_ids()
+    store.submit(alice, ids[0], "ranked", [[2], [0, 1]], "a")
+    store.submit(alice, ids[1], "skipped", None, "b")
+    store.submit(alice, ids[2], "all_bad", None, "c")
+    counts = export(store, tmp_path / "r.jsonl")
+    assert counts["exported"] == 2 and counts["skipped"] == 1
+    rows, _ = read_rankings(tmp_path / "r.jsonl")
+    assert rows[0].texts == ["answer 0.2", "answer 0.0", "answer 0.1"] and rows[0].ranks == [1, 2, 2]
+    assert rows[0].pairs() == [(0, 1), (0, 2)]  # the tie gives no pair
+    assert rows[1].status == "all_bad" and rows[1].pairs() == []
+    other = FeedbackStore(tmp_path / "other.db")
+    assert import_rankings(other, tmp_path / "r.jsonl") == {"read": 2, "added": 2, "already_there": 0}
+    assert import_rankings(other, tmp_path / "r.jsonl")["added"] == 0  # idempotent
+    export(other, tmp_path / "r2.jsonl")
+    again, _ = read_rankings(tmp_path / "r2.jsonl")
+    assert [(r.texts, r.ranks, r.status, r.annotator) for r in again] == [(r.texts, r.ranks, r.status, r.annotator) for r in rows]
+
+
+def test_simulated_annotator_uses_the_store_and_is_labelled(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.add_prompt("Tell me about tea", [
+        {"text": "tea is a drink", "finished": True},
+        {"text": "Indeed, tea is splendid, old chap.", "finished": True},
+        {"text": "Indeed, tea is splendid, old chap, and", "finished": False},
+    ])
+    assert rank("aristocrat", "Tell me about tea", store.prompt(1)["candidates"]) == [[1], [2], [0]]
+    assert simulate(store, "aristocrat") == {"annotator": "sim-aristocrat", "ranked": 1, "all_equal": 0}
+    assert simulate(store, "aristocrat")["ranked"] == 0  # nothing pending
+    export(store, tmp_path / "r.jsonl")
+    line = json.loads((tmp_path / "r.jsonl").read_text())
+    assert line["simulated"] is True and line["annotator"] == "sim-aristocrat"
+    assert line["ranked"][0]["text"].startswith("Indeed")
+    with pytest.raises(ValueError, match="unknown rule"):
+        simulate(store, "vibes")
+
+
+def test_ranks_from_tiers_and_bad_rankings_file(tmp_path):
+    assert ranks_from_tiers([[3], [0, 2], [1]]) == ([3, 0, 2, 1], [1, 2, 2, 4])
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "q", "ranked": [{"text": "a", "rank": 2}, {"text": "b", "rank": 1}]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'ranked' must be listed best first"):
+        read_rankings(p)
