@@ -124,6 +124,72 @@ def cmd_classify_predict(argv: list[str]) -> int:
     return 0
 
 
+def cmd_reward(args) -> int:
+    from llmtrain.config import RewardConfig, load_config
+    from llmtrain.stages import reward
+
+    reward.main(load_config(RewardConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_reward_score(argv: list[str]) -> int:
+    import json
+
+    from llmtrain.data.sft import read_jsonl
+    from llmtrain.stages import reward
+
+    p = argparse.ArgumentParser(prog="llmtrain reward score", description="score answers with a reward model")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", help="the prompt (with --response)")
+    p.add_argument("--response", action="append", default=[], help="an answer to score (repeatable)")
+    p.add_argument("--input", help='JSONL of {"prompt": ..., "response": ...} (or "messages" + "response")')
+    p.add_argument("-o", "--output", help="write JSONL scores here instead of printing")
+    p.add_argument("--raw", action="store_true", help="do not subtract the normalisation offset")
+    a = p.parse_args(argv)
+    items = []
+    if a.prompt is not None:
+        if not a.response:
+            p.error("--prompt needs at least one --response")
+        items += [([{"role": "user", "content": a.prompt}], r) for r in a.response]
+    if a.input:
+        def parse(obj):
+            if not isinstance(obj, dict) or not isinstance(obj.get("response"), str):
+                raise ValueError("'response' is missing or not a string")
+            if isinstance(obj.get("messages"), list):
+                return obj["messages"], obj["response"]
+            if isinstance(obj.get("prompt"), str):
+                return [{"role": "user", "content": obj["prompt"]}], obj["response"]
+            raise ValueError("'prompt' (or 'messages') is missing")
+        items += [x for _, x in read_jsonl(a.input, parse)[0]]
+    if not items:
+        p.error("give --prompt and --response, or --input")
+    model, tok, norm = reward.load_reward_model(a.checkpoint)
+    scores = reward.score_texts(model, tok, items, offset=0.0 if a.raw else norm.get("offset", 0.0))
+    if a.output:
+        Path(a.output).write_text("".join(json.dumps({"messages": m, "response": r, "reward": s}) + "\n"
+                                          for (m, r), s in zip(items, scores)))
+        print(f"{len(scores)} scores -> {a.output}")
+    else:
+        for (m, r), s in zip(items, scores):
+            print(f"{s:+.4f}\t{r}")
+    return 0
+
+
+def cmd_reward_chitchat(argv: list[str]) -> int:
+    from llmtrain.data.chitchat import convert
+
+    p = argparse.ArgumentParser(prog="llmtrain reward chitchat",
+                                description="convert chitchat-dataset's human ratings to rankings.jsonl")
+    p.add_argument("-o", "--output", default="chitchat_rankings.jsonl")
+    p.add_argument("--k-max", type=int, default=4, help="chats per ranking at most (default 4)")
+    p.add_argument("--max-chars", type=int, default=400, help="characters of each chat kept (default 400)")
+    a = p.parse_args(argv)
+    r = convert(a.output, a.k_max, a.max_chars)
+    print(f"chitchat: {r['rankings']} rankings of {r['chats']} rated chats over {r['prompts']} starter prompts -> "
+          f"{a.output} (train with data.min_score_gap=3)")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from llmtrain.chat import ChatSession, repl
     from llmtrain.generate import SamplingConfig
@@ -234,10 +300,18 @@ COMMANDS = {
     "generate": (cmd_generate, "sample text from a checkpoint", False),
     "sft": (cmd_sft, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
     "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
+    "reward": (cmd_reward, "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
     "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
+}
+
+
+SUB_ACTIONS = {
+    ("classify", "predict"): cmd_classify_predict,
+    ("reward", "score"): cmd_reward_score,
+    ("reward", "chitchat"): cmd_reward_chitchat,
 }
 
 
@@ -294,11 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:2] == ["classify", "predict"]:  # a sub-command with its own flags
+    sub_action = SUB_ACTIONS.get(tuple(argv[:2]))
+    if sub_action is not None:  # e.g. `classify predict`: a sub-command with its own flags
         try:
-            return cmd_classify_predict(argv[2:])
+            return sub_action(argv[2:])
         except LlmtrainError as e:
-            print(f"llmtrain classify predict: error: {e}", file=sys.stderr)
+            print(f"llmtrain {' '.join(argv[:2])}: error: {e}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
     if not args.command:

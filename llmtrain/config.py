@@ -165,6 +165,31 @@ class ClassifyConfig:
 
 
 @dataclass
+class RewardDataConfig:
+    train: str = "rankings.jsonl"  # the feedback export (or the chitchat conversion)
+    val: str = ""  # empty: hold out the prompts whose hash is 0 mod val_every
+    val_every: int = 5
+    max_len: int = 0  # 0: the model's context window; longer texts keep their end
+    min_score_gap: float = 0.0  # with rated candidates: drop pairs whose ratings differ less
+    include_simulated: bool = True
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class RewardConfig:
+    init_from: str = ""  # the fine-tuned (SFT) checkpoint: backbone of the reward model
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/reward", max_steps=200, batch_size=4,
+                                                             eval_every=50, eval_batches=0))
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    margin_scale: float = 0.0  # margin = scale x rating gap, for rated candidates
+    norm_prompts: int = 32  # held-out prompts whose SFT answers set the reward's zero
+    norm_samples: int = 2  # SFT answers sampled per prompt for that
+    norm_max_new_tokens: int = 48
+
+
+@dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
     out: str = "runs/tokenizer/tokenizer.json"

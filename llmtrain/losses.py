@@ -18,3 +18,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index, reduction=reduction)
+
+
+def pairwise_ranking_loss(r_better: torch.Tensor, r_worse: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Reward-model loss on preference pairs (InstructGPT; Bradley-Terry):
+
+    L = mean_pairs  -log sigmoid(r_better - r_worse - margin)
+
+    computed as softplus(-(r_better - r_worse - margin)), which is the same and never overflows.
+    """
+    loss = F.softplus(-(r_better.float() - r_worse.float() - margin))
+    return loss.sum() if reduction == "sum" else loss.mean()

@@ -22,6 +22,7 @@ class Ranking:
     messages: list[dict]  # the conversation the candidates answer (ends with a user turn)
     texts: list[str]  # candidates, best first
     ranks: list[int]  # rank of each, 1 = best; equal = tie
+    scores: list[float] | None = None  # optional ratings (e.g. 1-10): margins and gap filters
     status: str = "ranked"
     annotator: str = ""
     simulated: bool = False
@@ -32,13 +33,24 @@ class Ranking:
     def prompt(self) -> str:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """All (better, worse) index pairs with a strict preference: C(K,2) minus ties."""
-        return [(i, j) for i in range(len(self.texts)) for j in range(len(self.texts)) if self.ranks[i] < self.ranks[j]]
+    def pairs(self, min_score_gap: float = 0.0) -> list[tuple[int, int]]:
+        """All (better, worse) index pairs with a strict preference: C(K,2) minus ties, and
+        minus pairs whose scores differ by less than `min_score_gap` (when scores are given)."""
+        out = []
+        for i in range(len(self.texts)):
+            for j in range(len(self.texts)):
+                if self.ranks[i] < self.ranks[j]:
+                    if min_score_gap and self.scores is not None and self.scores[i] - self.scores[j] < min_score_gap:
+                        continue
+                    out.append((i, j))
+        return out
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "messages": self.messages,
-                "ranked": [{"text": t, "rank": r} for t, r in zip(self.texts, self.ranks)],
+        ranked = [{"text": t, "rank": r} for t, r in zip(self.texts, self.ranks)]
+        if self.scores is not None:
+            for c, sc in zip(ranked, self.scores):
+                c["score"] = sc
+        return {"prompt": self.prompt, "messages": self.messages, "ranked": ranked,
                 "status": self.status, "annotator": self.annotator, "simulated": self.simulated, "source": self.source}
 
 
@@ -56,21 +68,27 @@ def parse_line(obj) -> Ranking:
     ranked = obj.get("ranked")
     if not isinstance(ranked, list) or len(ranked) < 2:
         raise ValueError("'ranked' must list at least 2 candidates")
-    texts, ranks = [], []
+    texts, ranks, scores = [], [], []
     for i, c in enumerate(ranked):
         if not isinstance(c, dict) or not isinstance(c.get("text"), str):
             raise ValueError(f"ranked[{i}].text is missing or not a string")
         r = c.get("rank")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"ranked[{i}].rank must be an integer >= 1")
+        sc = c.get("score")
+        if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))):
+            raise ValueError(f"ranked[{i}].score must be a number")
         texts.append(c["text"])
         ranks.append(r)
+        scores.append(sc)
     if ranks != sorted(ranks):
         raise ValueError("'ranked' must be listed best first (ranks ascending)")
     status = obj.get("status", "ranked")
     if status not in ("ranked", "all_bad"):
         raise ValueError(f"status {status!r} is not 'ranked' or 'all_bad'")
-    return Ranking(msgs, texts, ranks, status, str(obj.get("annotator", "")), bool(obj.get("simulated", False)),
+    if any(x is None for x in scores):
+        scores = None
+    return Ranking(msgs, texts, ranks, scores, status, str(obj.get("annotator", "")), bool(obj.get("simulated", False)),
                    obj.get("source") if isinstance(obj.get("source"), dict) else {})
 
 
@@ -91,3 +109,20 @@ def ranks_from_tiers(tiers: list[list[int]]) -> tuple[list[int], list[int]]:
         ranks += [r] * len(tier)
         r += len(tier)
     return order, ranks
+
+
+def prompt_key(messages: list[dict]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def split_by_prompt(rankings: list[Ranking], val_every: int) -> tuple[list[Ranking], list[Ranking]]:
+    """Hold out whole prompts: a prompt is held out when the hash of its conversation is 0
+    mod val_every. Every ranking of a prompt (all annotators) falls on the same side, and the
+    split does not depend on the order of the file."""
+    train, val = [], []
+    for r in rankings:
+        (val if int(prompt_key(r.messages), 16) % val_every == 0 else train).append(r)
+    return train, val

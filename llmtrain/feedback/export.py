@@ -27,7 +27,7 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
         else:
             order, ranks = list(range(len(texts))), [1] * len(texts)
         counts["simulated"] += int(j["simulated"])
-        r = Ranking(p["messages"], [texts[i] for i in order], ranks, j["status"], j["annotator"], j["simulated"],
+        r = Ranking(p["messages"], [texts[i] for i in order], ranks, None, j["status"], j["annotator"], j["simulated"],
                     {"db": str(Path(store.path).name), "prompt_id": p["id"], "candidate_ids": order,
                      "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
                      "imported": j["imported"]})

@@ -25,3 +25,23 @@ def test_lr_schedule_hand_worked():
     assert lr_at(4, c, 14) == pytest.approx(1.0)
     assert lr_at(9, c, 14) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
     assert lr_at(14, c, 14) == pytest.approx(0.1)
+
+
+def test_pairwise_ranking_loss_hand_worked_k3():
+    from llmtrain.data.preference import Ranking
+    from llmtrain.losses import pairwise_ranking_loss
+
+    # K = 3 answers ranked 1, 2, 3 with rewards 2, 1, 0: C(3,2) = 3 pairs, reward gaps 1, 2, 1.
+    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617, -log sigmoid(2) = log(1 + e^-2) = 0.1269280
+    r = Ranking([{"role": "user", "content": "q"}], ["a", "b", "c"], [1, 2, 3])
+    pairs = r.pairs()
+    assert pairs == [(0, 1), (0, 2), (1, 2)]
+    rewards = torch.tensor([2.0, 1.0, 0.0])
+    b, w = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    expect = (2 * 0.3132617 + 0.1269280) / 3
+    assert pairwise_ranking_loss(rewards[b], rewards[w]).item() == pytest.approx(expect, abs=1e-6)
+    # A tie between b and c removes the pair (1, 2); a margin of 1 on every pair shifts each gap.
+    tied = Ranking(r.messages, r.texts, [1, 2, 2])
+    assert tied.pairs() == [(0, 1), (0, 2)]
+    assert pairwise_ranking_loss(rewards[b], rewards[w], margin=1.0).item() == pytest.approx(
+        (2 * math.log(2) + 0.3132617) / 3, abs=1e-6)

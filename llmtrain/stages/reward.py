@@ -1,0 +1,266 @@
+"""Stage 3a, the reward model: the fine-tuned LLM with a scalar head, trained on K-way rankings.
+
+    llmtrain reward -c configs/reward.yaml init_from=runs/sft data.train=rankings.jsonl
+    llmtrain reward score runs/reward --prompt "..." --response "..."   (or --input pairs.jsonl)
+
+As in InstructGPT, a prompt's K ranked answers give all C(K,2) ordered pairs (ties give none),
+all pairs of one prompt go into the same batch, and each answer goes through the model once:
+    loss = mean over pairs of -log sigmoid(r_better - r_worse - margin)
+After training, an offset is set so that the SFT model's own answers to held-out prompts
+score mean 0 (their std is recorded): PPO then sees rewards on a known scale.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmtrain import checkpoint, dist, training
+from llmtrain.config import RewardConfig, to_dict
+from llmtrain.data import classify as seq_data
+from llmtrain.data.preference import Ranking, read_rankings, split_by_prompt
+from llmtrain.errors import CheckpointError, ConfigError, DataError
+from llmtrain.generate import SamplingConfig, generate
+from llmtrain.losses import pairwise_ranking_loss
+from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.model import Transformer
+from llmtrain.model.adapters import freeze
+from llmtrain.model.heads import ScoreModel
+from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+
+
+def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: int) -> list[int]:
+    """The chat template of (conversation, answer); the head reads the answer's final <|end|>.
+    Too long: keep <|bos|> and the last max_len - 1 tokens (the end is what is scored)."""
+    ids = render_chat(tok, [*messages, {"role": "assistant", "content": answer}])[0]
+    return ids if len(ids) <= max_len else [ids[0], *ids[-(max_len - 1):]]
+
+
+def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32,
+                offset: float = 0.0) -> list[float]:
+    """Rewards of (conversation, answer) items, minus `offset` (the normalisation)."""
+    out: list[float] = []
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            seqs = [encode_answer(tok, m, a, model.config.max_seq_len) for m, a in items[i:i + batch_size]]
+            x, lengths = seq_data.collate(seqs, tok.pad_id)
+            out += (model(x.to(device), lengths)[:, 0].float() - offset).tolist()
+    model.train(was)
+    return out
+
+
+class RankingBatches:
+    """Global batches of whole rankings (prompts), one permutation per epoch seeded by (seed, epoch)."""
+
+    def __init__(self, rankings: list[Ranking], global_batch: int, seed: int, min_gap: float):
+        if len(rankings) < global_batch:
+            raise DataError(f"{len(rankings)} training prompts are fewer than one global batch of {global_batch}")
+        self.r, self.G, self.seed, self.min_gap = rankings, global_batch, seed, min_gap
+        self.per_epoch = len(rankings) // global_batch
+
+    def global_batch(self, step: int) -> list[Ranking]:
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.r))
+        return [self.r[i] for i in order[k * self.G:(k + 1) * self.G]]
+
+    def rows(self, step: int, batch_size: int, micro: int, rank: int, world: int) -> list[Ranking]:
+        first = (micro * world + rank) * batch_size
+        return self.global_batch(step)[first:first + batch_size]
+
+    def n_pairs(self, step: int) -> int:
+        return sum(len(r.pairs(self.min_gap)) for r in self.global_batch(step))
+
+
+def forward_rankings(model, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
+    """One forward pass over every answer of every ranking -> rewards (N,) and, per ranking,
+    the offset of its first answer in that vector."""
+    seqs, starts = [], []
+    for r in rankings:
+        starts.append(len(seqs))
+        seqs += [encode_answer(tok, r.messages, t, max_len) for t in r.texts]
+    x, lengths = seq_data.collate(seqs, tok.pad_id)
+    return model(x.to(device), lengths)[:, 0], starts
+
+
+def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, margin_scale: float, device):
+    """Indices (into the reward vector) of better and worse answers of every pair, and margins."""
+    better, worse, margins = [], [], []
+    for r, s in zip(rankings, starts):
+        for i, j in r.pairs(min_gap):
+            better.append(s + i)
+            worse.append(s + j)
+            gap = (r.scores[i] - r.scores[j]) if (r.scores is not None and margin_scale) else 0.0
+            margins.append(margin_scale * gap)
+    t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
+    return t(better, torch.long), t(worse, torch.long), t(margins, torch.float32)
+
+
+def main(cfg: RewardConfig) -> Path:
+    run = cfg.run
+    env = dist.setup(run.device, run.threads)
+    run_dir = Path(run.out_dir)
+    if not cfg.init_from:
+        raise ConfigError("init_from is not set: give the fine-tuned (SFT) checkpoint")
+
+    # ---- data
+    base = checkpoint.resolve(cfg.init_from)
+    tok_path = checkpoint.tokenizer_of(base)
+    tok = Tokenizer.load(tok_path)
+    mcfg = checkpoint.model_config(base)
+    max_len = cfg.data.max_len or mcfg.max_seq_len
+    rankings, skipped = read_rankings(cfg.data.train, cfg.data.skip_bad_lines)
+    if cfg.data.val:
+        train_r = rankings
+        val_r, more = read_rankings(cfg.data.val, cfg.data.skip_bad_lines)
+        skipped += more
+    else:
+        train_r, val_r = split_by_prompt(rankings, cfg.data.val_every)
+    keep = lambda rs: [r for r in rs if r.status == "ranked" and (cfg.data.include_simulated or not r.simulated)
+                       and r.pairs(cfg.data.min_score_gap)]
+    n_read = len(train_r) + len(val_r)
+    train_r, val_r = keep(train_r), keep(val_r)
+    if not val_r:
+        raise DataError(f"{cfg.data.train}: no held-out prompt has a preference pair (lower data.val_every)")
+    batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
+
+    # ---- model: the SFT backbone, a new scalar head
+    torch.manual_seed(run.seed)
+    model = ScoreModel(mcfg, 1)
+    checkpoint.load_weights(base, model, new_head=("score.",))
+    frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
+    model.to(env.device)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    start_step = done.get("step", 0)
+
+    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
+    trainable, total = count_params(model)
+    n_pairs = lambda rs: sum(len(r.pairs(cfg.data.min_score_gap)) for r in rs)
+    log.print(f"reward: from {base}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs "
+              f"({n_pairs(train_r)} / {n_pairs(val_r)} pairs; {n_read - len(train_r) - len(val_r)} rankings without "
+              f"a pair left out, {skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M trainable")
+    log.log(start_step, "setup", train_prompts=len(train_r), val_prompts=len(val_r), train_pairs=n_pairs(train_r),
+            val_pairs=n_pairs(val_r), trainable_params=trainable, total_params=total, frozen_tensors=len(frozen))
+    train_model = dist.wrap_ddp(model, env)
+
+    def evaluate() -> dict:
+        return evaluate_pairs(model, tok, val_r, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
+
+    # ---- the loop
+    model.train()
+    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
+    result, pairs_seen = {}, 0
+    for step in range(start_step, run.max_steps):
+        lr = lr_at(step, cfg.optim, run.max_steps)
+        set_lr(optimizer, lr)
+        total_pairs = batches.n_pairs(step)
+
+        def loss_of(micro, m):
+            rows = batches.rows(step, run.batch_size, micro, env.rank, env.world)
+            rewards, starts = forward_rankings(m, tok, rows, max_len, env.device)
+            b, w, margin = pair_tensors(rows, starts, cfg.data.min_score_gap, cfg.margin_scale, env.device)
+            # The sum over this micro-batch's pairs / all pairs of the global batch.
+            return pairwise_ranking_loss(rewards[b], rewards[w], margin, reduction="sum") * env.world / total_pairs
+
+        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        grad_norm = optimizer_step(model, optimizer, cfg.optim.grad_clip)
+        pairs_seen += total_pairs
+        d = step + 1
+        if d % run.log_every == 0 or d == run.max_steps:
+            loss_v = float(dist.all_reduce_mean(step_loss, env))
+            line, _ = progress.line(d, pairs_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
+            log.log(d, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
+            log.print(line)
+        if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
+            result = evaluate()
+            log.log(d, "val", **{k: v for k, v in result.items() if k != "calibration"})
+            log.print(f"step {d:>6} | held-out pairwise accuracy {result['accuracy']:.3f} | "
+                      f"mean margin {result['mean_margin']:.3f} | loss {result['loss']:.4f}")
+        last = d == run.max_steps
+        if (run.save_every and d % run.save_every == 0) or last:
+            norm = normalise(cfg, model, tok, base, val_r or train_r, env) if last else {}
+            if last:
+                log.log(d, "normalisation", **norm)
+                log.log(d, "calibration", bins=result["calibration"])
+                log.print(f"normalisation: offset {norm['offset']:.4f} makes the SFT model's answers to "
+                          f"{norm['n']} held-out prompts score mean 0 (std {norm['std']:.4f})")
+            checkpoint.save(run_dir, d, model, config={"model": to_dict(mcfg), "stage": "reward", "reward": norm,
+                                                       "config": to_dict(cfg)},
+                            meta={"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}},
+                            tokenizer_path=str(tok_path), optimizer=optimizer, rng=dist.rng_state(),
+                            keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
+    log.print(f"reward done in {fmt_duration(progress.elapsed())}; checkpoint in {run_dir / 'checkpoints'}")
+    log.close()
+    dist.teardown()
+    return run_dir
+
+
+def evaluate_pairs(model, tok, rankings: list[Ranking], max_len: int, batch_size: int, min_gap: float, device,
+                   precision: str = "fp32") -> dict:
+    """Pairwise accuracy, mean margin and loss over held-out pairs; calibration bins of the
+    predicted P(a beats b) against how often a did (pairs oriented alternately)."""
+    was = model.training
+    model.eval()
+    diffs = []
+    with torch.no_grad(), dist.autocast(device, precision):
+        for i in range(0, len(rankings), batch_size):
+            rows = rankings[i:i + batch_size]
+            rewards, starts = forward_rankings(model, tok, rows, max_len, device)
+            b, w, _ = pair_tensors(rows, starts, min_gap, 0.0, device)
+            diffs += (rewards[b] - rewards[w]).float().tolist()
+    model.train(was)
+    d = np.array(diffs)
+    bins = np.linspace(0, 1, 11)
+    sign = np.where(np.arange(len(d)) % 2 == 0, 1.0, -1.0)  # orient half the pairs worse-first
+    p = 1 / (1 + np.exp(-d * sign))
+    y = (sign > 0).astype(float)
+    calib = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (p >= lo) & (p < hi if hi < 1 else p <= hi)
+        if sel.any():
+            calib.append({"lo": float(lo), "hi": float(hi), "n": int(sel.sum()), "predicted": float(p[sel].mean()),
+                          "observed": float(y[sel].mean())})
+    return {"accuracy": float((d > 0).mean()), "mean_margin": float(d.mean()), "pairs": int(len(d)),
+            "loss": float(np.logaddexp(0, -d).mean()), "calibration": calib}
+
+
+def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, rankings: list[Ranking], env) -> dict:
+    """Sample the SFT model's answers to held-out prompts; their mean reward becomes the offset."""
+    seen, convs = set(), []
+    for r in rankings:
+        key = str(r.messages)
+        if key not in seen:
+            seen.add(key)
+            convs.append(r.messages)
+    convs = convs[: cfg.norm_prompts]
+    sft = Transformer(checkpoint.model_config(base))
+    checkpoint.load_weights(base, sft)
+    sft.to(env.device).eval()
+    s = SamplingConfig(max_new_tokens=cfg.norm_max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(tok.end_id, tok.eos_id))
+    gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed)
+    prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs for _ in range(cfg.norm_samples)]
+    items = []
+    for i in range(0, len(prompts), 32):
+        outs = generate(sft, prompts[i:i + 32], s, pad_id=tok.pad_id, generator=gen)
+        for k, o in enumerate(outs, start=i):  # prompt k answers conversation k // norm_samples
+            items.append((convs[k // cfg.norm_samples], tok.decode(o, skip_special=True).strip()))
+    scores = np.array(score_texts(model, tok, items))
+    return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items)}
+
+
+def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[ScoreModel, Tokenizer, dict]:
+    """The reward model and its normalisation {"offset", "std"}: score - offset is the reward."""
+    ckpt = checkpoint.resolve(ckpt)
+    conf = checkpoint.read_config(ckpt)
+    if conf.get("stage") != "reward":
+        raise CheckpointError(f"{ckpt}: not a reward-model checkpoint (stage {conf.get('stage')!r})")
+    model = ScoreModel(checkpoint.model_config(ckpt), 1)
+    checkpoint.load_weights(ckpt, model)
+    model.to(device).eval()
+    return model, Tokenizer.load(checkpoint.tokenizer_of(ckpt)), conf.get("reward") or {"offset": 0.0, "std": 1.0}

@@ -1,0 +1,104 @@
+"""Reward model: pairs per prompt, one forward per answer, split by prompt, normalisation."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import WORDS, write_jsonl
+from llmtrain import checkpoint
+from llmtrain.cli import main as cli_main
+from llmtrain.config import OptimConfig, RewardConfig, RewardDataConfig, RunConfig
+from llmtrain.data.preference import Ranking, read_rankings, split_by_prompt
+from llmtrain.metrics import read_metrics
+from llmtrain.model.heads import ScoreModel
+from llmtrain.stages import reward
+from llmtrain.tokenizer import Tokenizer
+
+
+def toy_rankings(n=60, k=4):
+    """Answers with more 'splendid' rank higher: a learnable preference."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        texts = [" ".join(["splendid"] * (k - j) + [w]) for j in range(k)]
+        rows.append({"prompt": f"Describe the {w} number {i}", "ranked": [{"text": t, "rank": j + 1} for j, t in enumerate(texts)],
+                     "annotator": "sim", "simulated": True})
+    return rows
+
+
+def reward_config(pretrained, data, out, **run):
+    r = dict(out_dir=str(out), max_steps=30, batch_size=4, log_every=5, eval_every=15, seed=1, threads=1)
+    r.update(run)
+    return RewardConfig(init_from=str(pretrained), data=RewardDataConfig(train=str(data), val_every=4),
+                        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0), run=RunConfig(**r),
+                        norm_prompts=6, norm_samples=2, norm_max_new_tokens=8)
+
+
+def test_split_by_prompt_keeps_prompts_on_one_side():
+    rs = [Ranking([{"role": "user", "content": f"p{i % 30}"}], ["a", "b"], [1, 2], annotator=f"a{i}") for i in range(90)]
+    train, val = split_by_prompt(rs, 5)
+    assert train and val
+    assert not {r.prompt for r in train} & {r.prompt for r in val}
+    assert len(train) + len(val) == 90
+
+
+def test_all_pairs_of_a_prompt_in_one_batch_each_answer_forwarded_once(pretrained, tokenizer_path):
+    tok = Tokenizer.load(tokenizer_path)
+    model = ScoreModel(checkpoint.model_config(pretrained), 1)
+    rows = [Ranking([{"role": "user", "content": "q1"}], ["a", "b", "c"], [1, 2, 3]),
+            Ranking([{"role": "user", "content": "q2"}], ["d", "e", "f", "g"], [1, 2, 2, 4])]
+    calls = []
+    model.model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    rewards, starts = reward.forward_rankings(model, tok, rows, 64, torch.device("cpu"))
+    assert calls == [7]  # one pass, 3 + 4 answers, each once
+    b, w, _ = reward.pair_tensors(rows, starts, 0.0, 0.0, torch.device("cpu"))
+    assert len(b) == 3 + (6 - 1)  # C(3,2) + C(4,2) minus the one tie
+    assert set(zip(b.tolist(), w.tolist())) == {(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (3, 6), (4, 6), (5, 6)}
+
+
+def test_reward_learns_rankings_and_normalises(pretrained, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "r.jsonl", toy_rankings())
+    reward.main(reward_config(pretrained, data, tmp_path / "rm"))
+    val = read_metrics(tmp_path / "rm", "val")
+    assert val[-1]["accuracy"] >= 0.9 and val[-1]["mean_margin"] > 0
+    norm = read_metrics(tmp_path / "rm", "normalisation")[0]
+    assert norm["n"] > 0 and norm["std"] >= 0
+    # The offset makes the SFT model's own answers score mean 0: recompute them independently.
+    model, tok, saved = reward.load_reward_model(tmp_path / "rm")
+    assert saved["offset"] == pytest.approx(norm["offset"])
+    # Scoring through the CLI applies the offset.
+    capsys.readouterr()
+    assert cli_main(["reward", "score", str(tmp_path / "rm"), "--prompt", "Describe the apple",
+                     "--response", "splendid splendid splendid apple", "--response", "apple"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    good, bad = (float(l.split("\t")[0]) for l in lines)
+    assert good > bad
+
+
+def test_normalisation_gives_mean_zero_on_reference_answers(pretrained, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "r.jsonl", toy_rankings())
+    captured = {}
+    real = reward.score_texts
+
+    def spy(model, tok, items, batch_size=32, offset=0.0):
+        out = real(model, tok, items, batch_size, offset)
+        captured["items"] = items
+        return out
+
+    monkeypatch.setattr(reward, "score_texts", spy)
+    reward.main(reward_config(pretrained, data, tmp_path / "rm", max_steps=4, eval_every=0))
+    model, tok, norm = reward.load_reward_model(tmp_path / "rm")
+    normalised = real(model, tok, captured["items"], offset=norm["offset"])
+    assert len(normalised) == norm["samples"]
+    assert sum(normalised) / len(normalised) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_rankings_without_pairs_and_bad_files(pretrained, tmp_path, capsys):
+    rows = toy_rankings(8)
+    rows[0]["ranked"] = [{"text": "x", "rank": 1}, {"text": "y", "rank": 1}]  # a tie: no pair
+    data = write_jsonl(tmp_path / "r.jsonl", rows + [{"prompt": "q", "ranked": [{"text": "a"}]}])
+    assert cli_main(["reward", f"init_from={pretrained}", f"data.train={data}", f"run.out_dir={tmp_path}/x"]) == 2
+    assert "r.jsonl:9: 'ranked' must list at least 2 candidates" in capsys.readouterr().err
+    assert cli_main(["reward", "score", str(pretrained), "--prompt", "q", "--response", "a"]) == 2
+    assert "not a reward-model checkpoint" in capsys.readouterr().err
