@@ -53,7 +53,9 @@ def resolve(path: str | Path) -> Path:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+    from llmtrain.model.adapters import merged_state_dict
+
+    sd = merged_state_dict(model)  # LoRA updates merged: saved weights never need adapters
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight

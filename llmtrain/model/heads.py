@@ -31,3 +31,8 @@ class ScoreModel(nn.Module):
         h = self.model(input_ids)  # (B, T, D)
         last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, D)
         return self.score(last)
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The head at every position: (B, T, n_out). PPO's value head reads it per token."""
+        return self.score(self.model(input_ids, attention_mask, position_ids))

@@ -1,0 +1,109 @@
+"""RLHF pieces against hand-worked values: GAE, clipped losses, KL, controllers, DPO, LoRA."""
+import math
+
+import pytest
+import torch
+
+from llmtrain.config import ModelConfig
+from llmtrain.losses import dpo_loss, ppo_policy_loss, ppo_value_loss
+from llmtrain.model import Transformer
+from llmtrain.model.adapters import LoRALinear, apply_lora, merged_state_dict
+from llmtrain.rl import AdaptiveKL, gae, kl_rewards, masked_mean, token_logprobs, whiten
+
+
+def test_gae_three_steps_by_hand():
+    # rewards 0, 0, 1; values 0.5, 0.6, 0.7; gamma 0.9, lambda 0.8
+    # delta_2 = 1 - 0.7 = 0.3                         A_2 = 0.3
+    # delta_1 = 0 + 0.9*0.7 - 0.6 = 0.03               A_1 = 0.03 + 0.72*0.3 = 0.246
+    # delta_0 = 0 + 0.9*0.6 - 0.5 = 0.04               A_0 = 0.04 + 0.72*0.246 = 0.21712
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7, 9.9]])  # the 4th position is padding: ignored
+    m = torch.tensor([[1, 1, 1, 0]])
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    # advantages +1 and -1; ratios e^0.5 = 1.6487 and e^-0.5 = 0.6065; clip 0.2
+    # token 0: max(-1.6487, -1.2) = -1.2 (clipped);  token 1: max(0.6065, 0.8) = 0.8 (clipped)
+    logp, old = torch.tensor([[0.5, -0.5]]), torch.zeros(1, 2)
+    adv, m = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    loss, clipfrac = ppo_policy_loss(logp, old, adv, m, clip=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert clipfrac.item() == 1.0
+    # Inside the clip range the loss is the plain surrogate -A * ratio.
+    loss, clipfrac = ppo_policy_loss(torch.tensor([[0.1]]), torch.zeros(1, 1), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(-2 * math.exp(0.1)) and clipfrac.item() == 0.0
+
+
+def test_clipped_value_loss_by_hand():
+    # old 0, new 1, return 2, clip 0.5: unclipped (1-2)^2 = 1, clipped (0.5-2)^2 = 2.25 -> 0.5*2.25
+    # old 0, new 0.2, return 0: 0.04 vs 0.04 -> 0.5*0.04
+    v, old, ret = torch.tensor([[1.0, 0.2]]), torch.zeros(1, 2), torch.tensor([[2.0, 0.0]])
+    assert ppo_value_loss(v, old, ret, torch.ones(1, 2), clip=0.5).item() == pytest.approx((1.125 + 0.02) / 2)
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, max_seq_len=16))
+    x = torch.randint(0, 30, (2, 10))
+    lp = token_logprobs(m(x), x)
+    mask = torch.zeros(2, 9)
+    mask[:, 4:] = 1
+    rewards, kl = kl_rewards(lp, lp.clone(), mask, torch.tensor([1.5, -0.5]), beta=0.1)
+    assert torch.all(kl == 0)
+    assert rewards[:, 8].tolist() == [1.5, -0.5] and rewards[:, :8].abs().sum() == 0  # the score sits on the last token
+    # With a different reference, the per-token penalty is -beta * (log pi - log pi_ref).
+    rewards, kl = kl_rewards(lp, lp - 0.5, mask, torch.zeros(2), beta=0.1)
+    assert masked_mean(kl, mask).item() == pytest.approx(0.5)
+    assert rewards[0, 5].item() == pytest.approx(-0.05)
+
+
+def test_adaptive_kl_moves_beta_the_right_way():
+    c = AdaptiveKL(beta=0.1, target=6.0, horizon=100)
+    c.update(kl=12.0, n_steps=10)  # too far from the reference: push harder
+    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    c2 = AdaptiveKL(beta=0.1, target=6.0, horizon=100)
+    c2.update(kl=3.0, n_steps=10)  # e = -0.5 clipped to -0.2: relax
+    assert c2.value == pytest.approx(0.1 * (1 - 0.2 * 10 / 100))
+
+
+def test_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1, 1, 1, 0]])
+    w = whiten(x, m)
+    assert masked_mean(w, m).abs().item() < 1e-6 and w[0, 3] == 0
+
+
+def test_dpo_loss_by_hand():
+    # beta 0.5; chosen: policy -1 vs ref -2 -> r_c = 0.5; rejected: policy -3 vs ref -2 -> r_r = -0.5
+    # loss = -log sigmoid(1) = log(1 + e^-1) = 0.3132617
+    loss, rc, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert loss.item() == pytest.approx(0.3132617, abs=1e-6)
+    assert rc.item() == 0.5 and rr.item() == -0.5
+
+
+def test_lora_changes_only_adapters_and_merges():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=2, max_seq_len=16))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randint(0, 30, (2, 8))
+    ref = m(x).detach()
+    assert apply_lora(m, ["q_proj", "v_proj"], r=4, alpha=8) == 4
+    torch.testing.assert_close(m(x), ref)  # B = 0: starts as the original model
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        m(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], before[k]) for k in before)  # base weights untouched
+    merged = merged_state_dict(m)
+    assert set(merged) == set(before)
+    plain = Transformer(ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=2, max_seq_len=16))
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(plain(x), m(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(m.model.layers[0].self_attn.q_proj, LoRALinear)
