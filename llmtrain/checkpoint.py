@@ -5,7 +5,8 @@ A run directory holds `checkpoints/step_NNNNNNN/` folders, each complete or abse
     config.json         {"model": ModelConfig, "stage": ..., "config": the stage's whole config}
     meta.json           progress: step, tokens seen, last losses, data-loader state
     tokenizer.json      a copy, so a checkpoint is usable on its own
-    train_state.pt      optimizer state and RNG state of rank 0 (rng_rank{r}.pt for other ranks)
+    train_state.pt      optimizer state, RNG state of rank 0 (rng_rank{r}.pt for other ranks), and
+                        what else a stage needs to resume (e.g. PPO's value model and LoRA adapters)
 
 Everything is written into `step_NNNNNNN.tmp*` and renamed into place, so a kill at any moment
 leaves the previous checkpoint whole. Training state is read with `weights_only=True`, so
@@ -64,7 +65,8 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict, meta: dict,
          tokenizer_path: str | None = None, optimizer: torch.optim.Optimizer | None = None,
-         rng: dict | None = None, keep_last: int = 0, rank: int = 0, barrier=lambda: None) -> Path:
+         rng: dict | None = None, keep_last: int = 0, rank: int = 0, barrier=lambda: None,
+         extra_state: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; on rank 0 all but rng of other ranks. Returns its folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -82,7 +84,7 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+            torch.save({"optimizer": optimizer.state_dict(), "rng": rng, "extra": extra_state or {}}, tmp / "train_state.pt")
     barrier()
     if rank == 0:
         if final.exists():

@@ -190,6 +190,14 @@ def cmd_reward_chitchat(argv: list[str]) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from llmtrain.config import PPOConfig, load_config
+    from llmtrain.stages import ppo
+
+    ppo.main(load_config(PPOConfig, args.config, args.overrides))
+    return 0
+
+
 def cmd_chat(args) -> int:
     from llmtrain.chat import ChatSession, repl
     from llmtrain.generate import SamplingConfig
@@ -301,6 +309,7 @@ COMMANDS = {
     "sft": (cmd_sft, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
     "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
     "reward": (cmd_reward, "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`", True),
+    "ppo": (cmd_ppo, "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),

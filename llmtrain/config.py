@@ -190,6 +190,58 @@ class RewardConfig:
 
 
 @dataclass
+class KLConfig:
+    beta: float = 0.05  # initial (or fixed) KL coefficient
+    adaptive: bool = False
+    target: float = 6.0  # adaptive: the KL (nats per response) to hold
+    horizon: int = 10000  # adaptive: how fast beta moves (in rollouts)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
+    reward_model: str = ""  # the reward-model checkpoint: scores, and the value head's start
+    prompts: str = "data/sft/aristocrat.jsonl"  # JSONL prompts ({"prompt"} / {"messages"}; responses ignored)
+    val_every: int = 10  # every Nth prompt is held out for evaluation (the SFT split, so they are unseen)
+    eval_prompts: int = 32  # held-out prompts per evaluation (0: all)
+    true_rule: str = ""  # a simulated annotator's rule, the "true" preference to watch for reward hacking
+    rollout_batch: int = 16  # prompts per iteration per process
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ppo_epochs: int = 2
+    minibatch: int = 8
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut off without an end token
+    kl: KLConfig = field(default_factory=KLConfig)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of a pretraining loss on `ptx_shards`
+    ptx_shards: str = ""
+    ptx_batch: int = 4
+    frozen_precision: Literal["fp32", "bf16"] = "fp32"  # reference and reward model
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0,
+                                                                   schedule="constant"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/ppo", max_steps=50, eval_every=10,
+                                                             log_every=1))
+
+
+@dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
     out: str = "runs/tokenizer/tokenizer.json"

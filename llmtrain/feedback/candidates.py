@@ -13,31 +13,11 @@ from pathlib import Path
 import torch
 
 from llmtrain import checkpoint, dist
-from llmtrain.data.sft import read_jsonl
+from llmtrain.data.prompts import read_prompts
 from llmtrain.feedback.store import FeedbackStore
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.model import Transformer
-from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
-
-
-def parse_prompt(obj) -> list[dict]:
-    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        msgs = [{"role": "user", "content": obj["prompt"]}]
-        if isinstance(obj.get("system"), str):
-            msgs.insert(0, {"role": "system", "content": obj["system"]})
-        return msgs
-    if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-        msgs = obj["messages"]
-        if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
-            raise ValueError("'messages' must be a list of {role, content} objects")
-        if msgs[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    raise ValueError("expected 'prompt' (a string) or 'messages'")
-
-
-def read_prompts(path: str | Path) -> list[list[dict]]:
-    return [m for _, m in read_jsonl(path, parse_prompt)[0]]
+from llmtrain.tokenizer import Tokenizer, render_chat
 
 
 def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]], k: int, sampling: SamplingConfig,

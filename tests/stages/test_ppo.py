@@ -1,0 +1,106 @@
+"""PPO end to end on a tiny model: a reward that prefers one token raises its frequency;
+LoRA and freezing change only what they should; resume continues."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import WORDS, write_jsonl
+from llmtrain import checkpoint
+from llmtrain.config import LoRAConfig, OptimConfig, PPOConfig, RunConfig, FreezeConfig
+from llmtrain.generate import SamplingConfig, generate
+from llmtrain.metrics import read_metrics
+from llmtrain.model import Transformer
+from llmtrain.model.heads import ScoreModel
+from llmtrain.stages import ppo
+from llmtrain.tokenizer import Tokenizer, render_chat
+
+
+@pytest.fixture(scope="module")
+def rm_ckpt(pretrained, tmp_path_factory):
+    """A reward-model checkpoint (random head on the pretrained backbone); the tests replace
+    its scores with a scripted reward, but PPO loads it and starts its value head from it."""
+    out = tmp_path_factory.mktemp("rm") / "run"
+    model = ScoreModel(checkpoint.model_config(pretrained), 1)
+    checkpoint.load_weights(pretrained, model, new_head=("score.",))
+    checkpoint.save(out, 1, model, config={"model": vars(model.config), "stage": "reward", "reward": {"offset": 0.0, "std": 1.0}},
+                    meta={"tokens": 0}, tokenizer_path=str(checkpoint.tokenizer_of(pretrained)))
+    return out
+
+
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something about the {w}"} for w in WORDS * 2])
+
+
+def target_token(pretrained):
+    tok = Tokenizer.load(checkpoint.tokenizer_of(pretrained))
+    return tok, tok.encode("!")[0]
+
+
+def frequency(policy_dir_or_model, tok, target, convs, n=4):
+    model = policy_dir_or_model
+    if not isinstance(model, Transformer):
+        model = Transformer(checkpoint.model_config(policy_dir_or_model))
+        checkpoint.load_weights(policy_dir_or_model, model)
+    s = SamplingConfig(16, 1.0, stop_ids=(tok.end_id, tok.eos_id))
+    hits = total = 0
+    for seed in range(n):
+        outs = generate(model, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs], s,
+                        pad_id=tok.pad_id, generator=torch.Generator().manual_seed(seed))
+        for o in outs:
+            hits += sum(t == target for t in o)
+            total += len(o)
+    return hits / max(total, 1)
+
+
+def scripted_reward(tok, target):
+    def score(model, tok_, items, batch_size=32, offset=0.0):
+        return [sum(t == target for t in tok.encode(a)) / max(1, len(tok.encode(a))) * 4.0 for _, a in items]
+    return score
+
+
+def ppo_config(pretrained, rm, prompts, out, **kw):
+    c = PPOConfig(policy=str(pretrained), reward_model=str(rm), prompts=str(prompts), val_every=10, eval_prompts=4,
+                  rollout_batch=16, max_new_tokens=16, minibatch=8, ppo_epochs=2, missing_eos_penalty=0.0,
+                  optim=OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="constant"),
+                  run=RunConfig(out_dir=str(out), max_steps=12, eval_every=0, log_every=4, seed=0, threads=1))
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def test_ppo_raises_the_rewarded_tokens_frequency(pretrained, rm_ckpt, tmp_path, monkeypatch):
+    tok, target = target_token(pretrained)
+    monkeypatch.setattr(ppo, "score_texts", scripted_reward(tok, target))
+    prompts = prompts_file(tmp_path)
+    convs = [[{"role": "user", "content": f"Say something about the {w}"}] for w in WORDS[:8]]
+    before = frequency(pretrained, tok, target, convs)
+    ppo.main(ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "ppo"))
+    after = frequency(tmp_path / "ppo", tok, target, convs)
+    train = read_metrics(tmp_path / "ppo", "train")
+    print(f"frequency of the rewarded token: {before:.3f} -> {after:.3f}")
+    assert after > before + 0.1, (before, after)
+    assert train[-1]["reward"] > train[0]["reward"]
+    assert all(r["kl"] == r["kl"] for r in train)  # finite numbers are logged every iteration
+    assert {"entropy", "clipfrac", "vf_loss", "explained_variance", "response_length"} <= set(train[0])
+
+
+def test_lora_and_freezing_change_only_chosen_parameters(pretrained, rm_ckpt, tmp_path, monkeypatch):
+    tok, target = target_token(pretrained)
+    monkeypatch.setattr(ppo, "score_texts", scripted_reward(tok, target))
+    prompts = prompts_file(tmp_path)
+    before = load_file(str(checkpoint.resolve(pretrained) / "model.safetensors"))
+
+    ppo.main(ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "frozen", freeze=FreezeConfig(first_layers=1),
+                        run=RunConfig(out_dir=str(tmp_path / "frozen"), max_steps=2, eval_every=0, threads=1)))
+    after = load_file(str(checkpoint.resolve(tmp_path / "frozen") / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers.0."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers.1."))
+
+    ppo.main(ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "lora", lora=LoRAConfig(enabled=True, r=4, targets=["q_proj", "v_proj"]),
+                        run=RunConfig(out_dir=str(tmp_path / "lora"), max_steps=2, eval_every=0, threads=1)))
+    after = load_file(str(checkpoint.resolve(tmp_path / "lora") / "model.safetensors"))
+    assert set(after) == set(before)  # merged: plain Llama names, no adapter tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    setup = read_metrics(tmp_path / "lora", "setup")[0]
+    assert setup["trainable_params"] < 0.2 * setup["total_params"]
