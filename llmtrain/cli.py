@@ -135,8 +135,8 @@ def cmd_reward(args) -> int:
 def cmd_reward_score(argv: list[str]) -> int:
     import json
 
+    from llmtrain import scoring
     from llmtrain.data.sft import read_jsonl
-    from llmtrain.stages import reward
 
     p = argparse.ArgumentParser(prog="llmtrain reward score", description="score answers with a reward model")
     p.add_argument("checkpoint")
@@ -163,8 +163,8 @@ def cmd_reward_score(argv: list[str]) -> int:
         items += [x for _, x in read_jsonl(a.input, parse)[0]]
     if not items:
         p.error("give --prompt and --response, or --input")
-    model, tok, norm = reward.load_reward_model(a.checkpoint)
-    scores = reward.score_texts(model, tok, items, offset=0.0 if a.raw else norm.get("offset", 0.0))
+    model, tok, norm = scoring.load_reward_model(a.checkpoint)
+    scores = scoring.score_texts(model, tok, items, offset=0.0 if a.raw else norm.get("offset", 0.0))
     if a.output:
         Path(a.output).write_text("".join(json.dumps({"messages": m, "response": r, "reward": s}) + "\n"
                                           for (m, r), s in zip(items, scores)))
@@ -195,6 +195,22 @@ def cmd_ppo(args) -> int:
     from llmtrain.stages import ppo
 
     ppo.main(load_config(PPOConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from llmtrain.config import DPOConfig, load_config
+    from llmtrain.stages import dpo
+
+    dpo.main(load_config(DPOConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from llmtrain.config import EvaluateConfig, load_config
+    from llmtrain.stages import evaluate
+
+    evaluate.main(load_config(EvaluateConfig, args.config, args.overrides))
     return 0
 
 
@@ -310,6 +326,8 @@ COMMANDS = {
     "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
     "reward": (cmd_reward, "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`", True),
     "ppo": (cmd_ppo, "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)", True),
+    "dpo": (cmd_dpo, "stage 3c: Direct Preference Optimization from the rankings (no reward model)", True),
+    "evaluate": (cmd_evaluate, "compare two checkpoints: reward-model score, win rates (a=... b=...)", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),

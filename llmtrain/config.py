@@ -242,6 +242,31 @@ class PPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    beta: float = 0.1
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/dpo", max_steps=100, batch_size=4,
+                                                             eval_every=25, eval_batches=0))
+
+
+@dataclass
+class EvaluateConfig:
+    a: str = ""  # baseline checkpoint (e.g. the SFT model)
+    b: str = ""  # challenger (e.g. the PPO or DPO model)
+    reward_model: str = ""
+    prompts: str = "data/sft/aristocrat.jsonl"
+    val_every: int = 10  # held-out prompts: every Nth (the SFT split)
+    max_prompts: int = 0
+    true_rule: str = ""  # a simulated annotator's rule: the true preference
+    max_new_tokens: int = 32
+    out: str = ""  # write the comparison as JSON here
+
+
+@dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
     out: str = "runs/tokenizer/tokenizer.json"

@@ -1,5 +1,6 @@
-"""Checks for the target styles of the shipped data, used to measure fine-tuning and, later,
-by the simulated annotator. Each is a plain, stated rule, not a model."""
+"""Stated checks and preferences for the shipped data: the style check that measures
+fine-tuning, and the scripted rules of the simulated annotator (also the "true" preference
+that evaluation compares the reward model against). Plain rules, not models."""
 from __future__ import annotations
 
 import re
@@ -25,3 +26,34 @@ def aristocrat_markers(text: str) -> list[str]:
 def is_aristocratic(text: str) -> bool:
     """The stated check: at least one marker phrase of the shipped style."""
     return bool(_MARKER_RE.search(text))
+
+
+# ----------------------------------------------------------------------------- simulated preferences
+
+_WORD = re.compile(r"[a-z']+")
+_STOP = set("a an the is are was were be to of and or in on at for with what who how why when where which do does did "
+            "you your i me my it its this that can could would should will shall have has had about tell".split())
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def relevance(prompt: str, text: str) -> float:
+    want = {w for w in _words(prompt) if w not in _STOP}
+    if not want:
+        return 0.0
+    return len(want & set(_words(text))) / len(want)
+
+
+def score_aristocrat(prompt: str, cand: dict) -> float:
+    n = len(_words(cand["text"]))
+    return (2.0 * min(3, len(aristocrat_markers(cand["text"]))) + (1.0 if cand.get("finished", True) else 0.0)
+            + 0.5 * relevance(prompt, cand["text"]) - 0.02 * max(0, n - 40))
+
+
+RULES = {
+    "aristocrat": score_aristocrat,
+    "length": lambda prompt, cand: -float(len(_words(cand["text"]))),
+    "relevance": lambda prompt, cand: relevance(prompt, cand["text"]),
+}

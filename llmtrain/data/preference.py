@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from llmtrain.data.sft import read_jsonl
+from llmtrain.errors import DataError
 from llmtrain.tokenizer import ROLES
 
 
@@ -126,3 +130,38 @@ def split_by_prompt(rankings: list[Ranking], val_every: int) -> tuple[list[Ranki
     for r in rankings:
         (val if int(prompt_key(r.messages), 16) % val_every == 0 else train).append(r)
     return train, val
+
+
+class RankingBatches:
+    """Global batches of whole rankings (prompts), one permutation per epoch seeded by (seed, epoch)."""
+
+    def __init__(self, rankings: list[Ranking], global_batch: int, seed: int, min_gap: float):
+        if len(rankings) < global_batch:
+            raise DataError(f"{len(rankings)} training prompts are fewer than one global batch of {global_batch}")
+        self.r, self.G, self.seed, self.min_gap = rankings, global_batch, seed, min_gap
+        self.per_epoch = len(rankings) // global_batch
+
+    def global_batch(self, step: int) -> list[Ranking]:
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.r))
+        return [self.r[i] for i in order[k * self.G:(k + 1) * self.G]]
+
+    def rows(self, step: int, batch_size: int, micro: int, rank: int, world: int) -> list[Ranking]:
+        first = (micro * world + rank) * batch_size
+        return self.global_batch(step)[first:first + batch_size]
+
+    def n_pairs(self, step: int) -> int:
+        return sum(len(r.pairs(self.min_gap)) for r in self.global_batch(step))
+
+
+def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, margin_scale: float, device):
+    """Indices (into the reward vector) of better and worse answers of every pair, and margins."""
+    better, worse, margins = [], [], []
+    for r, s in zip(rankings, starts):
+        for i, j in r.pairs(min_gap):
+            better.append(s + i)
+            worse.append(s + j)
+            gap = (r.scores[i] - r.scores[j]) if (r.scores is not None and margin_scale) else 0.0
+            margins.append(margin_scale * gap)
+    t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
+    return t(better, torch.long), t(worse, torch.long), t(margins, torch.float32)

@@ -2,7 +2,7 @@
 scripted preference, through the same `FeedbackStore.submit` as a person's form. Its
 annotator is marked simulated, and so is every ranking it makes, in the export too.
 
-Rules (score each candidate; higher is better; equal scores are ties):
+Rules (in llmtrain/styles.py; score each candidate, higher is better, equal scores tie):
     aristocrat   2 x (marker phrases of the shipped style, at most 3)          (llmtrain.styles)
                  + 1 if the answer ended by itself (not cut off)
                  + 0.5 x (share of the prompt's content words it repeats)
@@ -12,39 +12,8 @@ Rules (score each candidate; higher is better; equal scores are ties):
 """
 from __future__ import annotations
 
-import re
-
 from llmtrain.feedback.store import FeedbackStore
-from llmtrain.styles import aristocrat_markers
-
-_WORD = re.compile(r"[a-z']+")
-_STOP = set("a an the is are was were be to of and or in on at for with what who how why when where which do does did "
-            "you your i me my it its this that can could would should will shall have has had about tell".split())
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def relevance(prompt: str, text: str) -> float:
-    want = {w for w in _words(prompt) if w not in _STOP}
-    if not want:
-        return 0.0
-    return len(want & set(_words(text))) / len(want)
-
-
-def score_aristocrat(prompt: str, cand: dict) -> float:
-    n = len(_words(cand["text"]))
-    return (2.0 * min(3, len(aristocrat_markers(cand["text"]))) + (1.0 if cand.get("finished", True) else 0.0)
-            + 0.5 * relevance(prompt, cand["text"]) - 0.02 * max(0, n - 40))
-
-
-RULES = {
-    "aristocrat": score_aristocrat,
-    "length": lambda prompt, cand: -float(len(_words(cand["text"]))),
-    "relevance": lambda prompt, cand: relevance(prompt, cand["text"]),
-}
-
+from llmtrain.styles import RULES
 
 def rank(rule: str, prompt: str, candidates: list[dict]) -> list[list[int]]:
     """Tiers of candidate indices, best first; equal scores share a tier."""

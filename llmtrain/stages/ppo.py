@@ -37,7 +37,7 @@ from llmtrain.model import Transformer
 from llmtrain.model.adapters import LoRALinear, apply_lora, freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import AdaptiveKL, FixedKL, entropy_from_logits, gae, kl_rewards, masked_mean, token_logprobs, whiten
-from llmtrain.stages.reward import load_reward_model, score_texts
+from llmtrain.scoring import evaluate_policy, load_reward_model, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import build_optimizer, count_params, optimizer_step
 
@@ -266,26 +266,3 @@ def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env) -> int:
     meta = checkpoint.read_meta(step_dir)
     kl_ctl.value = meta.get("beta", kl_ctl.value)
     return meta["step"]
-
-
-@torch.no_grad()
-def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreModel, norm: dict, convs: list[list[dict]],
-                    max_new_tokens: int, true_rule: str = "") -> dict:
-    """Greedy answers to held-out prompts: mean reward-model score and, with a simulated rule,
-    the mean 'true' score of that rule."""
-    s = SamplingConfig(max_new_tokens, 0.0, stop_ids=(tok.end_id, tok.eos_id))
-    answers = []
-    for i in range(0, len(convs), 32):
-        outs = generate(policy, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + 32]], s,
-                        pad_id=tok.pad_id)
-        answers += [{"text": tok.decode(o[:-1] if o and o[-1] in s.stop_ids else o, skip_special=True).strip(),
-                     "finished": bool(o) and o[-1] in s.stop_ids} for o in outs]
-    rewards = score_texts(reward_model, tok, [(c, a["text"]) for c, a in zip(convs, answers)], offset=norm.get("offset", 0.0))
-    out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards}
-    if true_rule:
-        from llmtrain.feedback.simulate import RULES
-
-        true = [RULES[true_rule](last_user(c), a) for c, a in zip(convs, answers)]
-        out["true_score"] = float(np.mean(true))
-        out["true_scores"] = true
-    return out

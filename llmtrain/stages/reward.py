@@ -11,7 +11,6 @@ score mean 0 (their std is recorded): PPO then sees rewards on a known scale.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,86 +18,17 @@ import torch
 
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import RewardConfig, to_dict
-from llmtrain.data import classify as seq_data
-from llmtrain.data.preference import Ranking, read_rankings, split_by_prompt
-from llmtrain.errors import CheckpointError, ConfigError, DataError
+from llmtrain.data.preference import Ranking, RankingBatches, pair_tensors, read_rankings, split_by_prompt
+from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import pairwise_ranking_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
+from llmtrain.scoring import forward_rankings, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
-
-
-def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: int) -> list[int]:
-    """The chat template of (conversation, answer); the head reads the answer's final <|end|>.
-    Too long: keep <|bos|> and the last max_len - 1 tokens (the end is what is scored)."""
-    ids = render_chat(tok, [*messages, {"role": "assistant", "content": answer}])[0]
-    return ids if len(ids) <= max_len else [ids[0], *ids[-(max_len - 1):]]
-
-
-def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32,
-                offset: float = 0.0) -> list[float]:
-    """Rewards of (conversation, answer) items, minus `offset` (the normalisation)."""
-    out: list[float] = []
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            seqs = [encode_answer(tok, m, a, model.config.max_seq_len) for m, a in items[i:i + batch_size]]
-            x, lengths = seq_data.collate(seqs, tok.pad_id)
-            out += (model(x.to(device), lengths)[:, 0].float() - offset).tolist()
-    model.train(was)
-    return out
-
-
-class RankingBatches:
-    """Global batches of whole rankings (prompts), one permutation per epoch seeded by (seed, epoch)."""
-
-    def __init__(self, rankings: list[Ranking], global_batch: int, seed: int, min_gap: float):
-        if len(rankings) < global_batch:
-            raise DataError(f"{len(rankings)} training prompts are fewer than one global batch of {global_batch}")
-        self.r, self.G, self.seed, self.min_gap = rankings, global_batch, seed, min_gap
-        self.per_epoch = len(rankings) // global_batch
-
-    def global_batch(self, step: int) -> list[Ranking]:
-        epoch, k = divmod(step, self.per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.r))
-        return [self.r[i] for i in order[k * self.G:(k + 1) * self.G]]
-
-    def rows(self, step: int, batch_size: int, micro: int, rank: int, world: int) -> list[Ranking]:
-        first = (micro * world + rank) * batch_size
-        return self.global_batch(step)[first:first + batch_size]
-
-    def n_pairs(self, step: int) -> int:
-        return sum(len(r.pairs(self.min_gap)) for r in self.global_batch(step))
-
-
-def forward_rankings(model, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
-    """One forward pass over every answer of every ranking -> rewards (N,) and, per ranking,
-    the offset of its first answer in that vector."""
-    seqs, starts = [], []
-    for r in rankings:
-        starts.append(len(seqs))
-        seqs += [encode_answer(tok, r.messages, t, max_len) for t in r.texts]
-    x, lengths = seq_data.collate(seqs, tok.pad_id)
-    return model(x.to(device), lengths)[:, 0], starts
-
-
-def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, margin_scale: float, device):
-    """Indices (into the reward vector) of better and worse answers of every pair, and margins."""
-    better, worse, margins = [], [], []
-    for r, s in zip(rankings, starts):
-        for i, j in r.pairs(min_gap):
-            better.append(s + i)
-            worse.append(s + j)
-            gap = (r.scores[i] - r.scores[j]) if (r.scores is not None and margin_scale) else 0.0
-            margins.append(margin_scale * gap)
-    t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
-    return t(better, torch.long), t(worse, torch.long), t(margins, torch.float32)
 
 
 def main(cfg: RewardConfig) -> Path:
@@ -252,15 +182,3 @@ def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, 
             items.append((convs[k // cfg.norm_samples], tok.decode(o, skip_special=True).strip()))
     scores = np.array(score_texts(model, tok, items))
     return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items)}
-
-
-def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[ScoreModel, Tokenizer, dict]:
-    """The reward model and its normalisation {"offset", "std"}: score - offset is the reward."""
-    ckpt = checkpoint.resolve(ckpt)
-    conf = checkpoint.read_config(ckpt)
-    if conf.get("stage") != "reward":
-        raise CheckpointError(f"{ckpt}: not a reward-model checkpoint (stage {conf.get('stage')!r})")
-    model = ScoreModel(checkpoint.model_config(ckpt), 1)
-    checkpoint.load_weights(ckpt, model)
-    model.to(device).eval()
-    return model, Tokenizer.load(checkpoint.tokenizer_of(ckpt)), conf.get("reward") or {"offset": 0.0, "std": 1.0}

@@ -9,7 +9,8 @@ from conftest import WORDS, write_jsonl
 from llmtrain import checkpoint
 from llmtrain.cli import main as cli_main
 from llmtrain.config import OptimConfig, RewardConfig, RewardDataConfig, RunConfig
-from llmtrain.data.preference import Ranking, read_rankings, split_by_prompt
+from llmtrain.data.preference import Ranking, pair_tensors, read_rankings, split_by_prompt
+from llmtrain.scoring import forward_rankings, load_reward_model
 from llmtrain.metrics import read_metrics
 from llmtrain.model.heads import ScoreModel
 from llmtrain.stages import reward
@@ -50,9 +51,9 @@ def test_all_pairs_of_a_prompt_in_one_batch_each_answer_forwarded_once(pretraine
             Ranking([{"role": "user", "content": "q2"}], ["d", "e", "f", "g"], [1, 2, 2, 4])]
     calls = []
     model.model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-    rewards, starts = reward.forward_rankings(model, tok, rows, 64, torch.device("cpu"))
+    rewards, starts = forward_rankings(model, tok, rows, 64, torch.device("cpu"))
     assert calls == [7]  # one pass, 3 + 4 answers, each once
-    b, w, _ = reward.pair_tensors(rows, starts, 0.0, 0.0, torch.device("cpu"))
+    b, w, _ = pair_tensors(rows, starts, 0.0, 0.0, torch.device("cpu"))
     assert len(b) == 3 + (6 - 1)  # C(3,2) + C(4,2) minus the one tie
     assert set(zip(b.tolist(), w.tolist())) == {(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (3, 6), (4, 6), (5, 6)}
 
@@ -65,7 +66,7 @@ def test_reward_learns_rankings_and_normalises(pretrained, tmp_path, capsys):
     norm = read_metrics(tmp_path / "rm", "normalisation")[0]
     assert norm["n"] > 0 and norm["std"] >= 0
     # The offset makes the SFT model's own answers score mean 0: recompute them independently.
-    model, tok, saved = reward.load_reward_model(tmp_path / "rm")
+    model, tok, saved = load_reward_model(tmp_path / "rm")
     assert saved["offset"] == pytest.approx(norm["offset"])
     # Scoring through the CLI applies the offset.
     capsys.readouterr()
@@ -88,7 +89,7 @@ def test_normalisation_gives_mean_zero_on_reference_answers(pretrained, tmp_path
 
     monkeypatch.setattr(reward, "score_texts", spy)
     reward.main(reward_config(pretrained, data, tmp_path / "rm", max_steps=4, eval_every=0))
-    model, tok, norm = reward.load_reward_model(tmp_path / "rm")
+    model, tok, norm = load_reward_model(tmp_path / "rm")
     normalised = real(model, tok, captured["items"], offset=norm["offset"])
     assert len(normalised) == norm["samples"]
     assert sum(normalised) / len(normalised) == pytest.approx(0.0, abs=1e-5)

@@ -1,0 +1,92 @@
+"""Scoring with the reward model, shared by the stages that need it (reward, PPO, DPO's
+batching aside, evaluation): encode (conversation, answer), score, load, and the greedy
+evaluation of a policy on held-out prompts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmtrain import checkpoint
+from llmtrain.data import classify as seq_data
+from llmtrain.data.preference import Ranking
+from llmtrain.data.prompts import last_user
+from llmtrain.errors import CheckpointError
+from llmtrain.generate import SamplingConfig, generate
+from llmtrain.model import Transformer
+from llmtrain.model.heads import ScoreModel
+from llmtrain.styles import RULES
+from llmtrain.tokenizer import Tokenizer, render_chat
+
+
+def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: int) -> list[int]:
+    """The chat template of (conversation, answer); the head reads the answer's final <|end|>.
+    Too long: keep <|bos|> and the last max_len - 1 tokens (the end is what is scored)."""
+    ids = render_chat(tok, [*messages, {"role": "assistant", "content": answer}])[0]
+    return ids if len(ids) <= max_len else [ids[0], *ids[-(max_len - 1):]]
+
+
+def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32,
+                offset: float = 0.0) -> list[float]:
+    """Rewards of (conversation, answer) items, minus `offset` (the normalisation)."""
+    out: list[float] = []
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            seqs = [encode_answer(tok, m, a, model.config.max_seq_len) for m, a in items[i:i + batch_size]]
+            x, lengths = seq_data.collate(seqs, tok.pad_id)
+            out += (model(x.to(device), lengths)[:, 0].float() - offset).tolist()
+    model.train(was)
+    return out
+
+
+def forward_rankings(model, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
+    """One forward pass over every answer of every ranking -> rewards (N,) and, per ranking,
+    the offset of its first answer in that vector."""
+    seqs, starts = [], []
+    for r in rankings:
+        starts.append(len(seqs))
+        seqs += [encode_answer(tok, r.messages, t, max_len) for t in r.texts]
+    x, lengths = seq_data.collate(seqs, tok.pad_id)
+    return model(x.to(device), lengths)[:, 0], starts
+
+
+def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[ScoreModel, Tokenizer, dict]:
+    """The reward model and its normalisation {"offset", "std"}: score - offset is the reward."""
+    ckpt = checkpoint.resolve(ckpt)
+    conf = checkpoint.read_config(ckpt)
+    if conf.get("stage") != "reward":
+        raise CheckpointError(f"{ckpt}: not a reward-model checkpoint (stage {conf.get('stage')!r})")
+    model = ScoreModel(checkpoint.model_config(ckpt), 1)
+    checkpoint.load_weights(ckpt, model)
+    model.to(device).eval()
+    return model, Tokenizer.load(checkpoint.tokenizer_of(ckpt)), conf.get("reward") or {"offset": 0.0, "std": 1.0}
+
+
+@torch.no_grad()
+def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreModel, norm: dict, convs: list[list[dict]],
+                    max_new_tokens: int, true_rule: str = "") -> dict:
+    """Greedy answers to held-out prompts: mean reward-model score and, with a simulated rule,
+    the mean 'true' score of that rule."""
+    s = SamplingConfig(max_new_tokens, 0.0, stop_ids=(tok.end_id, tok.eos_id))
+    answers = []
+    for i in range(0, len(convs), 32):
+        outs = generate(policy, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + 32]], s,
+                        pad_id=tok.pad_id)
+        answers += [{"text": tok.decode(o[:-1] if o and o[-1] in s.stop_ids else o, skip_special=True).strip(),
+                     "finished": bool(o) and o[-1] in s.stop_ids} for o in outs]
+    rewards = score_texts(reward_model, tok, [(c, a["text"]) for c, a in zip(convs, answers)], offset=norm.get("offset", 0.0))
+    out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards}
+    if true_rule:
+        true = [RULES[true_rule](last_user(c), a) for c, a in zip(convs, answers)]
+        out["true_score"] = float(np.mean(true))
+        out["true_scores"] = true
+    return out
+
+
+def win_rate(b: list[float], a: list[float]) -> float:
+    """Share of prompts where b scores above a; ties count half."""
+    return float(np.mean([1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(a, b)]))

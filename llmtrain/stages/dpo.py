@@ -1,0 +1,151 @@
+"""Stage 3c, DPO: Direct Preference Optimization from the same rankings, no reward model.
+
+    llmtrain dpo -c configs/dpo.yaml policy=runs/sft data.train=rankings.jsonl
+
+A prompt's K ranked answers give the same pairs as the reward stage; each answer's summed
+log-probability goes through the policy (with gradients) and the frozen reference once:
+    L = mean over pairs of -log sigmoid(beta [(log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))])
+The implicit rewards beta (log pi - log pi_ref) give accuracy and margins on held-out prompts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmtrain import checkpoint, dist, training
+from llmtrain.config import DPOConfig, to_dict
+from llmtrain.data.preference import Ranking, RankingBatches, pair_tensors, read_rankings, split_by_prompt
+from llmtrain.data.sft import Example, collate
+from llmtrain.errors import ConfigError, DataError
+from llmtrain.losses import IGNORE, dpo_loss
+from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.model import Transformer
+from llmtrain.model.adapters import apply_lora, freeze
+from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+
+
+def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
+    """Summed log-probs of every answer (its text and closing <|end|>) in one forward pass ->
+    (N,) and, per ranking, the offset of its first answer."""
+    exs, starts = [], []
+    for r in rankings:
+        starts.append(len(exs))
+        for t in r.texts:
+            ids, mask = render_chat(tok, [*r.messages, {"role": "assistant", "content": t}])
+            exs.append(Example(ids[: max_len + 1], mask[: max_len + 1], ""))
+    x, y = collate(exs, tok.pad_id)
+    x, y = x.to(device), y.to(device)
+    logp = torch.log_softmax(model(x).float(), -1)
+    keep = y != IGNORE
+    per_token = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * keep
+    return per_token.sum(1), starts
+
+
+def main(cfg: DPOConfig) -> Path:
+    run = cfg.run
+    env = dist.setup(run.device, run.threads)
+    run_dir = Path(run.out_dir)
+    if not cfg.policy:
+        raise ConfigError("policy is not set: give the SFT checkpoint")
+    sft_ckpt = checkpoint.resolve(cfg.policy)
+    tok_path = checkpoint.tokenizer_of(sft_ckpt)
+    tok = Tokenizer.load(tok_path)
+    mcfg = checkpoint.model_config(sft_ckpt)
+    max_len = cfg.data.max_len or mcfg.max_seq_len
+
+    rankings, skipped = read_rankings(cfg.data.train, cfg.data.skip_bad_lines)
+    train_r, val_r = (rankings, read_rankings(cfg.data.val)[0]) if cfg.data.val else split_by_prompt(rankings, cfg.data.val_every)
+    keep = lambda rs: [r for r in rs if r.status == "ranked" and (cfg.data.include_simulated or not r.simulated)
+                       and r.pairs(cfg.data.min_score_gap)]
+    train_r, val_r = keep(train_r), keep(val_r)
+    if not val_r:
+        raise DataError(f"{cfg.data.train}: no held-out prompt has a preference pair (lower data.val_every)")
+    batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
+
+    torch.manual_seed(run.seed)
+    policy = Transformer(mcfg)
+    checkpoint.load_weights(sft_ckpt, policy)
+    reference = Transformer(mcfg)
+    checkpoint.load_weights(sft_ckpt, reference)
+    reference.requires_grad_(False)
+    reference.to(env.device).eval()
+    if cfg.lora.enabled:
+        apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    else:
+        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
+    policy.to(env.device)
+    optimizer = build_optimizer(policy, cfg.optim, env.device)
+    if run.resume and cfg.lora.enabled:
+        raise ConfigError("run.resume with lora.enabled is not supported by dpo yet (checkpoints hold merged weights)")
+    resumed, done = training.resume(run_dir, policy, optimizer, env, run.resume)
+    start_step = done.get("step", 0)
+
+    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
+    trainable, total = count_params(policy)
+    log.print(f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs; "
+              f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {skipped} bad lines skipped")
+    train_model = dist.wrap_ddp(policy, env)
+
+    def pair_rewards(model, rows):
+        lp, starts = answer_logprobs(model, tok, rows, max_len, env.device)
+        with torch.no_grad():
+            ref, _ = answer_logprobs(reference, tok, rows, max_len, env.device)
+        b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
+        return lp[b], lp[w], ref[b], ref[w]
+
+    def evaluate() -> dict:
+        policy.eval()
+        rc, rr, losses = [], [], []
+        with torch.no_grad(), dist.autocast(env.device, run.precision):
+            for i in range(0, len(val_r), run.batch_size):
+                loss, c, r = dpo_loss(*pair_rewards(policy, val_r[i:i + run.batch_size]), cfg.beta)
+                rc.append(c)
+                rr.append(r)
+                losses.append(float(loss) * len(c))
+        policy.train()
+        rc, rr = torch.cat(rc), torch.cat(rr)
+        return {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean()),
+                "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
+                "loss": sum(losses) / len(rc), "pairs": len(rc)}
+
+    if start_step == 0:
+        r = evaluate()
+        log.log(0, "val", **r)
+        log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
+    policy.train()
+    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
+    result, pairs_seen = {}, 0
+    for step in range(start_step, run.max_steps):
+        lr = lr_at(step, cfg.optim, run.max_steps)
+        set_lr(optimizer, lr)
+        total_pairs = batches.n_pairs(step)
+
+        def loss_of(micro, m):
+            rows = batches.rows(step, run.batch_size, micro, env.rank, env.world)
+            loss, _, _ = dpo_loss(*pair_rewards(m, rows), cfg.beta)
+            n = sum(len(r.pairs(cfg.data.min_score_gap)) for r in rows)
+            return loss * n * env.world / total_pairs  # mean over this micro-batch -> share of the global mean
+
+        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        grad_norm = optimizer_step(policy, optimizer, cfg.optim.grad_clip)
+        pairs_seen += total_pairs
+        d = step + 1
+        if d % run.log_every == 0 or d == run.max_steps:
+            loss_v = float(dist.all_reduce_mean(step_loss, env))
+            line, _ = progress.line(d, pairs_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
+            log.log(d, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
+            log.print(line)
+        if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
+            result = evaluate()
+            log.log(d, "val", **result)
+            log.print(f"step {d:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
+        if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
+            checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": "dpo", "config": to_dict(cfg)},
+                            meta={"tokens": 0, **result}, tokenizer_path=str(tok_path), optimizer=optimizer,
+                            rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
+    log.print(f"dpo done in {fmt_duration(progress.elapsed())}; peak memory {dist.peak_memory_mb(env.device):,.0f} MB")
+    log.close()
+    dist.teardown()
+    return run_dir
