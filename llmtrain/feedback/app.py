@@ -56,7 +56,7 @@ SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),
 ]
 
 
@@ -220,12 +220,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                 "candidates": [dict(p["candidates"][i], label=LABELS[pos]) for pos, i in enumerate(order)]}
 
     def progress_of(annotator: Annotator) -> dict:
-        done, total = store.progress(annotator)
-        counts = dict.fromkeys(STATUSES, 0)
-        for row in store._con().execute("SELECT status, COUNT(*) FROM rankings WHERE annotator_id=? GROUP BY status",
-                                        (annotator.id,)):
-            counts[row[0]] = row[1]
-        return {"done": done, "total": total, **counts}
+        c = store.status_counts(annotator)
+        return {"done": sum(c[s] for s in STATUSES), **c}
 
     def my_judgement(annotator: Annotator, prompt_id: int) -> dict | None:
         return next((j for j in store.judgements(annotator) if j["prompt_id"] == prompt_id), None)
@@ -263,7 +259,7 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">{meta}'
                 f'<title>{html.escape(title)} · llmtrain feedback</title>'
-                f'<link rel="stylesheet" href="/static/app.css">{js}</head><body>'
+                f'<link rel="icon" href="/static/favicon.svg"><link rel="stylesheet" href="/static/app.css">{js}</head><body>'
                 f'<header class="top"><div class="brand">llmtrain <span>feedback</span></div>{nav}</header>'
                 f'<main>{body}</main></body></html>')
 
@@ -316,12 +312,16 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
     def rank_page(request, annotator, token, _=None) -> Response:
         edit = request.query_params.get("prompt", "")
         mode = f' data-prompt="{int(edit)}"' if edit.isdigit() else ""
-        keys = [("Tab / ↑ ↓", "go from answer to answer"),
-                ("Alt+↑ ↓ or Shift+↑ ↓", "move the focused answer up or down"),
-                ("1 – 9", "move the focused answer to that place"),
-                ("T or =", "tie the focused answer with the one above (again: untie)"),
-                ("Ctrl+Enter", "submit the ranking")]
-        keys_html = "".join(f"<div><dt><kbd>{html.escape(k)}</kbd></dt><dd>{html.escape(v)}</dd></div>" for k, v in keys)
+        keys = [(["Tab", "↑", "↓"], "go from answer to answer"),
+                (["Alt+↑", "Alt+↓"], "move the focused answer up or down (Shift works too)"),
+                (["1", "–", "9"], "move the focused answer to that place"),
+                (["T"], "tie the focused answer with the one above; again to untie"),
+                (["Ctrl+Enter"], "submit the ranking")]
+
+        def kbd(combo: str) -> str:
+            return combo if combo == "–" else "+".join(f"<kbd>{html.escape(k)}</kbd>" for k in combo.split("+"))
+        keys_html = "".join(f"<div><dt>{' '.join(kbd(c) for c in combos)}</dt><dd>{html.escape(v)}</dd></div>"
+                            for combos, v in keys)
         body = f"""
 <div id="rank"{mode}>
   <div class="progress-row"><span id="progress" aria-live="polite">Loading…</span>
@@ -380,7 +380,7 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
 
     def admin_data() -> dict:
         judgements = store.judgements()
-        _, total = store.progress(Annotator(-1, "", False, False))
+        total = len(store.prompt_ids())
         per = {a.name: {"annotator": a.name, "is_admin": a.is_admin, "simulated": a.simulated, "total": total,
                         **dict.fromkeys(STATUSES, 0)} for a in store.annotators()}
         for j in judgements:

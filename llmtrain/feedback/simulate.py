@@ -38,8 +38,7 @@ def simulate(store: FeedbackStore, rule: str, name: str = "", limit: int = 0) ->
             break
         p = store.prompt(pid)
         tiers = rank(rule, p["prompt"], p["candidates"])
-        status = "ranked" if len(tiers) > 1 else "all_bad"  # all equal: no preference to learn from
-        store.submit(annotator, pid, status, tiers if status == "ranked" else None, f"sim-{annotator.name}-{pid}")
+        store.submit(annotator, pid, "ranked", tiers, f"sim-{annotator.name}-{pid}")
         done += 1
-        ties += status != "ranked"
-    return {"annotator": annotator.name, "ranked": done - ties, "all_equal": ties}
+        ties += len(tiers) == 1  # all equal: a valid ranking that gives no preference pair
+    return {"annotator": annotator.name, "ranked": done, "all_equal": ties}

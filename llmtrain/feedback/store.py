@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS rankings (
     status TEXT NOT NULL, ranking TEXT NOT NULL, submission_id TEXT NOT NULL UNIQUE,
     created REAL NOT NULL, imported INTEGER NOT NULL DEFAULT 0,
     UNIQUE (prompt_id, annotator_id));
+CREATE INDEX IF NOT EXISTS rankings_by_annotator ON rankings(annotator_id, status);
 """
 
 
@@ -246,6 +247,16 @@ class FeedbackStore:
         done = con.execute("SELECT COUNT(*) FROM rankings WHERE annotator_id=?", (annotator.id,)).fetchone()[0]
         total = con.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
         return done, total
+
+    def status_counts(self, annotator: Annotator) -> dict[str, int]:
+        """This annotator's judgements by status, and "total": the number of prompts."""
+        con = self._con()
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in con.execute("SELECT status, COUNT(*) FROM rankings WHERE annotator_id=? GROUP BY status",
+                                     (annotator.id,)):
+            counts[status] = n
+        counts["total"] = con.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
+        return counts
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)

@@ -1,0 +1,83 @@
+"""Helpers of the ranking-app tests: a live uvicorn server and a Chromium fixture.
+
+Not a conftest.py on purpose: tests/conftest.py is imported as the module `conftest` by other
+tests (`from conftest import WORDS`), and a second conftest.py here would take that name.
+Test modules import the `chromium` fixture from here.
+
+Browser tests are marked `browser` (run only them: pytest -m browser; leave them out:
+-m 'not browser'). They drive Debian's Chromium at /usr/bin/chromium (apt-get install chromium);
+Playwright's own browser download does not work here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m llmtrain.feedback.app` under uvicorn on 127.0.0.1, in a subprocess."""
+
+    def __init__(self, db: Path, log: Path):
+        self.db, self.log = db, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 30.0) -> "LiveServer":
+        import httpx
+
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmtrain.feedback.app", "--db", str(self.db),
+                                          "--port", str(self.port), "--log-level", "warning"],
+                                         stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/login", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready in {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the session (the `browser` tests skip where it is absent)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's Chromium at {CHROMIUM} (apt-get install -y chromium; CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
