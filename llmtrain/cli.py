@@ -281,8 +281,8 @@ def fb_simulate(args) -> int:
     from llmtrain.feedback.store import FeedbackStore
 
     r = simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
-    print(f"feedback simulate: {r['annotator']} (simulated) ranked {r['ranked']} prompts, "
-          f"{r['all_equal']} with all candidates equal")
+    print(f"feedback simulate: {r['annotator']} (simulated) ranked {r['ranked']} prompts "
+          f"({r['all_equal']} with all candidates tied)")
     return 0
 
 
@@ -306,14 +306,16 @@ FEEDBACK = {
 def cmd_pipeline(args) -> int:
     from llmtrain import pipeline
 
-    pipeline.run(pipeline.load(args.config, args.overrides))
+    if not args.config:
+        raise LlmtrainError("give the pipeline's YAML with -c (configs/demo.yaml is the demo's)")
+    pipeline.run(pipeline.load(args.config, args.overrides), base=Path.cwd(), from_stage=args.from_stage, human=args.human)
     return 0
 
 
 def cmd_demo(args) -> int:
     from llmtrain import pipeline
 
-    pipeline.run(pipeline.load(pipeline.DEMO_CONFIG, args.overrides))
+    pipeline.run(pipeline.load(pipeline.DEMO_CONFIG, args.overrides), from_stage=args.from_stage, human=args.human)
     return 0
 
 
@@ -375,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     fb.choices["import"].add_argument("input", help="a rankings.jsonl in the export format")
     sub.choices["demo"].add_argument("overrides", nargs="*", metavar="key=value",
                                      help="override fields of configs/demo.yaml, e.g. pretrain.run.max_steps=50")
+    for name in ("demo", "pipeline"):
+        sub.choices[name].add_argument("--from", dest="from_stage", default="", metavar="STAGE",
+                                       help="rerun from this stage on: tokenizer, prepare, pretrain, sft, candidates, "
+                                            "rankings, reward, ppo, dpo, evaluate, report")
+        sub.choices[name].add_argument("--human", action="store_true",
+                                       help="people rank the candidates in the web app instead of the simulated annotator")
     for name in ("generate", "chat"):
         g = sub.choices[name]
         g.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")

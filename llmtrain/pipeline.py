@@ -1,24 +1,42 @@
-"""Run a chain of stages from one YAML; `llmtrain demo` runs the shipped default.
+"""Run the whole chain from one YAML; `llmtrain demo` runs the shipped default.
+
+    tokenizer -> prepare -> pretrain -> sft -> feedback (candidates, then rankings by the
+    simulated annotator or by people in the app) -> reward -> ppo -> dpo -> evaluate -> report
 
 Each stage's own config is nested in the pipeline config; the pipeline only decides where
-each stage writes (inside one run directory) and hands outputs on through those paths.
-A stage whose output is already complete is skipped, so a killed pipeline continues.
-
-So far the chain is: tokenizer -> prepare -> pretrain -> sft -> style check and samples.
+each stage writes (folders inside one run directory) and hands outputs on through them.
+A stage whose output is complete is skipped, so a killed pipeline continues where it
+stopped (training stages resume from their last step checkpoint); `--from STAGE` deletes
+that stage's output and everything after it, and reruns from there.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.config import PrepareConfig, PretrainConfig, SFTConfig, TokenizerConfig, load_config
+from llmtrain.config import (DPOConfig, EvaluateConfig, PPOConfig, PrepareConfig, PretrainConfig, RewardConfig,
+                             SFTConfig, TokenizerConfig, load_config, to_dict)
+from llmtrain.errors import ConfigError
 from llmtrain.metrics import fmt_duration
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "reward", "ppo", "dpo", "evaluate", "report"]
+
+
+@dataclass
+class FeedbackStageConfig:
+    prompts: str = "data/sft/aristocrat.jsonl"  # its SFT-training side gives the prompts to rank
+    max_prompts: int = 120
+    k: int = 4
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rule: str = "aristocrat"  # the simulated annotator's rule (llmtrain/styles.py)
+    port: int = 8000  # --human: where the ranking app listens (127.0.0.1)
 
 
 @dataclass
@@ -29,121 +47,300 @@ class PipelineConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    sample_prompts: list[str] = field(default_factory=lambda: ["How are you doing today?"])
-    sample_tokens: int = 40
-    style_eval_prompts: int = 0  # held-out SFT prompts whose greedy answers are style-checked (0: all)
+    feedback: FeedbackStageConfig = field(default_factory=FeedbackStageConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sample_prompts: int = 6  # held-out prompts answered by every model in the report
+    style_eval_prompts: int = 0  # held-out SFT prompts whose answers are style-checked (0: all)
 
 
 def _abs(path: str, base: Path) -> str:
+    """A config path relative to `base`; empty stays empty."""
+    if not path:
+        return ""
     p = Path(path)
     return str(p if p.is_absolute() else base / p)
 
 
-def run(cfg: PipelineConfig, base: Path = REPO) -> Path:
-    """Run the chain; data paths in the config are relative to `base` (the repo for the demo)."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"pipeline '{cfg.name}': all outputs in {run_dir.resolve()}")
-    timings: dict[str, float] = {}
+class Run:
+    """Where every stage of one pipeline run writes."""
 
-    tok_path = run_dir / "tokenizer" / "tokenizer.json"
-    shard_dir = run_dir / "data"
-    pretrain_dir = run_dir / "pretrain"
-    sft_dir = run_dir / "sft"
+    def __init__(self, root: Path):
+        self.root = root
+        self.tokenizer = root / "tokenizer" / "tokenizer.json"
+        self.data = root / "data"
+        self.pretrain, self.sft = root / "pretrain", root / "sft"
+        self.feedback = root / "feedback"
+        self.db, self.prompts, self.rankings = self.feedback / "feedback.db", self.feedback / "prompts.jsonl", self.feedback / "rankings.jsonl"
+        self.reward, self.ppo, self.dpo = root / "reward", root / "ppo", root / "dpo"
+        self.evaluation = root / "evaluation.json"
+        self.report = root / "report.md"
+
+    def outputs(self, stage: str) -> list[Path]:
+        return {"tokenizer": [self.tokenizer.parent], "prepare": [self.data], "pretrain": [self.pretrain],
+                "sft": [self.sft, self.root / "style.json"], "candidates": [self.feedback],
+                "rankings": [self.rankings], "reward": [self.reward], "ppo": [self.ppo], "dpo": [self.dpo],
+                "evaluate": [self.evaluation], "report": [self.report, self.root / "report.html", self.root / "plots"]}[stage]
+
+
+def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: bool = False) -> Path:
+    """Run the chain; data paths in the config are relative to `base` (the repo for the demo)."""
+    root = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root.mkdir(parents=True, exist_ok=True)
+    r = Run(root)
+    if from_stage:
+        if from_stage not in STAGES:
+            raise ConfigError(f"--from {from_stage}: not a stage ({', '.join(STAGES)})")
+        for s in STAGES[STAGES.index(from_stage):]:
+            for p in r.outputs(s):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    print(f"pipeline '{cfg.name}': all outputs in {root.resolve()}")
+    timing_path = root / "timings.json"
+    timings: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    (root / "pipeline.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
 
     def stage(name: str, done: bool, fn) -> None:
         if done:
-            print(f"[{name}] already complete, skipped")
+            print(f"[{name}] complete, skipped")
             return
-        print(f"[{name}] ...")
+        print(f"\n[{name}] ...", flush=True)
         t = time.time()
         fn()
-        timings[name] = time.time() - t
-        print(f"[{name}] done in {fmt_duration(timings[name])}")
+        timings[name] = round(time.time() - t, 1)
+        timing_path.write_text(json.dumps(timings, indent=2))
+        print(f"[{name}] done in {fmt_duration(timings[name])}", flush=True)
 
-    def do_tokenizer():
-        from llmtrain.data.corpus import iter_documents
-        from llmtrain.tokenizer import train_tokenizer
+    stage("tokenizer", r.tokenizer.is_file(), lambda: _tokenizer(cfg, base, r))
+    stage("prepare", (r.data / "meta.json").is_file(), lambda: _prepare(cfg, base, r))
+    stage("pretrain", _finished(r.pretrain, cfg.pretrain.run.max_steps), lambda: _pretrain(cfg, r))
+    stage("sft", _finished(r.sft, cfg.sft.run.max_steps) and (root / "style.json").is_file(), lambda: _sft(cfg, base, r))
+    stage("candidates", _candidates_done(r), lambda: _candidates(cfg, base, r))
+    stage("rankings", r.rankings.is_file(), lambda: _rankings(cfg, r, human))
+    stage("reward", _finished(r.reward, cfg.reward.run.max_steps), lambda: _reward(cfg, r))
+    stage("ppo", _finished(r.ppo, cfg.ppo.run.max_steps), lambda: _ppo(cfg, base, r))
+    stage("dpo", _finished(r.dpo, cfg.dpo.run.max_steps), lambda: _dpo(cfg, r))
+    stage("evaluate", r.evaluation.is_file(), lambda: _evaluate(cfg, base, r))
+    stage("report", r.report.is_file(), lambda: _report(cfg, base, r, timings))
+    total = sum(timings.values())
+    print("\ntime per stage: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in timings.items()) +
+          f"; total {fmt_duration(total)}")
+    print(f"report: {r.report.resolve()} (and report.html)")
+    return root
 
-        c = cfg.tokenizer
-        train_tokenizer(iter_documents([_abs(i, base) for i in c.inputs], c.jsonl_field), c.vocab_size, tok_path,
-                        c.min_frequency, c.max_chars)
 
-    def do_prepare():
-        from llmtrain.data.pretrain import prepare
+# ----------------------------------------------------------------------------- the stages
 
-        c = cfg.prepare
-        prepare([_abs(i, base) for i in c.inputs], str(tok_path), str(shard_dir), c.jsonl_field, c.val_every, c.shard_tokens)
 
-    def do_pretrain():
-        from llmtrain.stages import pretrain
+def _tokenizer(cfg, base, r):
+    from llmtrain.data.corpus import iter_documents
+    from llmtrain.tokenizer import train_tokenizer
 
-        c = dataclasses.replace(cfg.pretrain)
-        c.data.shards = str(shard_dir)
-        c.run.out_dir = str(pretrain_dir)
-        c.run.resume = True  # a killed pipeline continues from the last step checkpoint
-        pretrain.main(c)
+    c = cfg.tokenizer
+    train_tokenizer(iter_documents([_abs(i, base) for i in c.inputs], c.jsonl_field), c.vocab_size, r.tokenizer,
+                    c.min_frequency, c.max_chars)
 
-    def do_sft():
-        from llmtrain.stages import sft
 
-        c = cfg.sft
-        c.init_from = str(pretrain_dir)
-        c.data.train = _abs(c.data.train, base)
-        if c.data.val:
-            c.data.val = _abs(c.data.val, base)
-        c.run.out_dir = str(sft_dir)
-        c.run.resume = True
+def _prepare(cfg, base, r):
+    from llmtrain.data.pretrain import prepare
+
+    c = cfg.prepare
+    prepare([_abs(i, base) for i in c.inputs], str(r.tokenizer), str(r.data), c.jsonl_field, c.val_every, c.shard_tokens)
+
+
+def _pretrain(cfg, r):
+    from llmtrain.stages import pretrain
+
+    c = cfg.pretrain
+    c.data.shards, c.run.out_dir, c.run.resume = str(r.data), str(r.pretrain), True
+    pretrain.main(c)
+
+
+def _sft(cfg, base, r):
+    from llmtrain.stages import sft
+
+    c = cfg.sft
+    c.init_from, c.run.out_dir, c.run.resume = str(r.pretrain), str(r.sft), True
+    c.data.train = _abs(c.data.train, base)
+    c.data.val = _abs(c.data.val, base)
+    if not _finished(r.sft, c.run.max_steps):
         sft.main(c)
-
-    stage("tokenizer", tok_path.is_file(), do_tokenizer)
-    stage("prepare", (shard_dir / "meta.json").is_file(), do_prepare)
-    stage("pretrain", _finished(pretrain_dir, cfg.pretrain.run.max_steps), do_pretrain)
-    stage("sft", _finished(sft_dir, cfg.sft.run.max_steps), do_sft)
-
-    samples = _samples(pretrain_dir, cfg.sample_prompts, cfg.sample_tokens)
-    print("\nsamples from the pretrained model:")
-    for p, s in samples.items():
-        print(f"  {p!r} -> {s!r}")
-    style = style_check(cfg.sft, base, {"pretrain": pretrain_dir, "sft": sft_dir}, cfg.style_eval_prompts)
-    (run_dir / "samples.json").write_text(json.dumps({"pretrain": samples, "style": style}, indent=2))
-    for name, r in style["models"].items():
-        print(f"style check ({style['rule']}): {name} {r['hits']}/{r['n']} = {r['rate']:.0%} of held-out answers")
-    for q, a, b in list(zip(style["prompts"], style["models"]["pretrain"]["answers"], style["models"]["sft"]["answers"]))[:4]:
-        print(f"  Q: {q}\n    pretrained: {a}\n    fine-tuned: {b}")
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    print("\ntime per stage: " + ", ".join(f"{k} {fmt_duration(v)}" for k, v in timings.items()))
-    return run_dir
+    style = style_check(cfg, base, {"pretrain": r.pretrain, "sft": r.sft})
+    (r.root / "style.json").write_text(json.dumps(style, indent=2))
+    for name, s in style["models"].items():
+        print(f"style check: {s['hits']}/{s['n']} = {s['rate']:.0%} of {name} answers to held-out prompts show the style")
 
 
-def style_check(sft_cfg: SFTConfig, base: Path, models: dict[str, Path], limit: int = 0) -> dict:
-    """Greedy answers of each model to the held-out SFT prompts, checked for the target style."""
-    from llmtrain import checkpoint
-    from llmtrain.data import sft as sft_data
-    from llmtrain.model import Transformer
-    from llmtrain.stages.sft import _last_user, sample_answers
-    from llmtrain.styles import is_aristocratic
-    from llmtrain.tokenizer import Tokenizer
+def _held_out(cfg, base) -> tuple[list, list]:
+    """The SFT data's split into (train, held-out) conversations: the held-out prompts are
+    never trained on by any stage and are where every model is compared."""
+    from llmtrain.data.prompts import read_prompts
+    from llmtrain.data.sft import split
 
-    d = sft_cfg.data
-    if d.val:
-        held_out, _ = sft_data.read_conversations(_abs(d.val, base), d.skip_bad_lines)
+    return split(read_prompts(_abs(cfg.sft.data.train, base)), cfg.sft.data.val_every)
+
+
+def _candidates(cfg, base, r):
+    from llmtrain.feedback.candidates import generate_to_db
+    from llmtrain.generate import SamplingConfig
+
+    shutil.rmtree(r.feedback, ignore_errors=True)
+    r.feedback.mkdir(parents=True)
+    if _abs(cfg.feedback.prompts, base) == _abs(cfg.sft.data.train, base):
+        convs = _held_out(cfg, base)[0]  # the SFT training side: held-out prompts stay unseen
     else:
-        convs, _ = sft_data.read_conversations(_abs(d.train, base), d.skip_bad_lines)
-        held_out = sft_data.split(convs, d.val_every)[1]
-    convs = [m for _, m in held_out][: limit or None]
+        from llmtrain.data.prompts import read_prompts
+
+        convs = read_prompts(_abs(cfg.feedback.prompts, base))
+    with open(r.prompts, "w") as fh:
+        for msgs in convs[: cfg.feedback.max_prompts]:
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+    f = cfg.feedback
+    s = SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p)
+    tmp = r.feedback / "feedback.db.tmp"
+    res = generate_to_db(str(r.sft), str(r.prompts), str(tmp), f.k, s, seed=cfg.sft.run.seed)
+    tmp.rename(r.db)
+    print(f"candidates: {res['prompts']} prompts x {f.k} answers from the SFT model -> {r.db}")
+
+
+def _candidates_done(r) -> bool:
+    return r.db.is_file()
+
+
+def _rankings(cfg, r, human: bool):
+    from llmtrain.feedback.export import export
+    from llmtrain.feedback.store import FeedbackStore
+
+    store = FeedbackStore(r.db)
+    if human:
+        _wait_for_people(cfg, r, store)
+    else:
+        from llmtrain.feedback.simulate import simulate
+
+        res = simulate(store, cfg.feedback.rule)
+        print(f"rankings: simulated annotator '{res['annotator']}' (rule {cfg.feedback.rule}) ranked {res['ranked']} prompts")
+    counts = export(store, r.rankings)
+    print(f"rankings: {counts['exported']} exported ({counts['simulated']} simulated) -> {r.rankings}")
+
+
+def _wait_for_people(cfg, r, store):
+    """--human: start the ranking app, print its address and tokens, return when every prompt
+    has a ranking by a person (or when Enter is pressed with at least one)."""
+    import select
+    import sys
+    import threading
+
+    from llmtrain.feedback.app import serve
+
+    admin = store.add_annotator(f"admin-{int(time.time())}", is_admin=True)
+    person = store.add_annotator(f"annotator-{int(time.time())}")
+    threading.Thread(target=serve, args=(str(r.db),), kwargs={"port": cfg.feedback.port}, daemon=True).start()
+    total = len(store.prompt_ids())
+    print(f"\nThe ranking app is at http://127.0.0.1:{cfg.feedback.port}/\n  annotator token: {person}\n"
+          f"  admin token:     {admin}\n(add more annotators with: llmtrain feedback add-annotator NAME --db {r.db})\n"
+          f"Rank the {total} prompts; the pipeline continues when all are ranked by someone, or press Enter to go on.")
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    while True:
+        people = {j["prompt_id"] for j in store.judgements() if not j["simulated"] and j["status"] != "skipped"}
+        if len(people) >= total:
+            return
+        if not interactive:
+            time.sleep(5.0)
+        elif select.select([sys.stdin], [], [], 5.0)[0]:
+            sys.stdin.readline()
+            if people:
+                return
+            print("no rankings yet: rank at least one prompt first")
+
+
+def _reward(cfg, r):
+    from llmtrain.stages import reward
+
+    c = cfg.reward
+    c.init_from, c.run.out_dir, c.run.resume = str(r.sft), str(r.reward), True
+    c.data.train = str(r.rankings)
+    reward.main(c)
+
+
+def _ppo(cfg, base, r):
+    from llmtrain.stages import ppo
+
+    c = cfg.ppo
+    c.policy, c.reward_model, c.run.out_dir, c.run.resume = str(r.sft), str(r.reward), str(r.ppo), True
+    c.prompts = _abs(cfg.sft.data.train, base)
+    c.val_every = cfg.sft.data.val_every
+    c.true_rule = c.true_rule or cfg.feedback.rule
+    ppo.main(c)
+
+
+def _dpo(cfg, r):
+    from llmtrain.stages import dpo
+
+    c = cfg.dpo
+    c.policy, c.run.out_dir, c.run.resume = str(r.sft), str(r.dpo), True
+    c.data = cfg.reward.data
+    dpo.main(c)
+
+
+def _evaluate(cfg, base, r):
+    from llmtrain.stages import evaluate
+
+    e = cfg.evaluate
+    convs = _held_out(cfg, base)[1][: e.max_prompts or None]
+    out = evaluate.compare(str(r.sft), {"ppo": str(r.ppo), "dpo": str(r.dpo)}, str(r.reward), convs,
+                           e.true_rule or cfg.feedback.rule, e.max_new_tokens)
+    r.evaluation.write_text(json.dumps(out, indent=2))
+
+
+def _report(cfg, base, r, timings):
+    from llmtrain.report import write_report
+
+    write_report(r, cfg, timings, samples=answers_side_by_side(cfg, base, r))
+
+
+# ----------------------------------------------------------------------------- checks and samples
+
+
+def style_check(cfg, base: Path, models: dict[str, Path]) -> dict:
+    """Greedy answers of each model to the held-out SFT prompts, checked for the target style."""
+    from llmtrain.styles import is_aristocratic
+
+    _, held_out = _held_out(cfg, base)
+    convs = held_out[: cfg.style_eval_prompts or None]
     out = {"rule": "at least one marker phrase of llmtrain.styles.ARISTOCRAT_MARKERS",
-           "prompts": [_last_user(c) for c in convs], "models": {}}
+           "prompts": [c[-1]["content"] for c in convs], "models": {}}
     for name, ckpt in models.items():
-        tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-        model = Transformer(checkpoint.model_config(ckpt))
-        checkpoint.load_weights(ckpt, model)
-        answers = []
-        for i in range(0, len(convs), 32):
-            answers += sample_answers(model, tok, convs[i:i + 32], sft_cfg.sample_tokens)
+        answers = _answers(ckpt, convs, cfg.sft.sample_tokens)
         hits = sum(map(is_aristocratic, answers))
         out["models"][name] = {"hits": hits, "n": len(answers), "rate": hits / max(1, len(answers)), "answers": answers}
     return out
+
+
+def _answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
+    from llmtrain import checkpoint
+    from llmtrain.generate import SamplingConfig, generate
+    from llmtrain.model import Transformer
+    from llmtrain.tokenizer import Tokenizer, render_chat
+
+    tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
+    model = Transformer(checkpoint.model_config(ckpt))
+    checkpoint.load_weights(ckpt, model)
+    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
+    out = []
+    for i in range(0, len(convs), 32):
+        gens = generate(model, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + 32]], s,
+                        pad_id=tok.pad_id)
+        out += [tok.decode(g, skip_special=True).strip() for g in gens]
+    return out
+
+
+def answers_side_by_side(cfg, base: Path, r: Run) -> list[dict]:
+    _, held_out = _held_out(cfg, base)
+    convs = held_out[: cfg.sample_prompts]
+    models = {"pretrained": r.pretrain, "SFT": r.sft, "PPO": r.ppo, "DPO": r.dpo}
+    answers = {name: _answers(ckpt, convs, cfg.sft.sample_tokens) for name, ckpt in models.items()}
+    return [{"prompt": c[-1]["content"], **{name: answers[name][i] for name in models}} for i, c in enumerate(convs)]
 
 
 def _finished(run_dir: Path, max_steps: int) -> bool:
@@ -151,23 +348,6 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
 
     steps = checkpoint.step_dirs(run_dir)
     return bool(steps) and checkpoint.read_meta(steps[-1])["step"] >= max_steps
-
-
-def _samples(ckpt: Path, prompts: list[str], max_new: int) -> dict[str, str]:
-    import torch
-
-    from llmtrain import checkpoint
-    from llmtrain.generate import SamplingConfig, generate
-    from llmtrain.model import Transformer
-    from llmtrain.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-    model = Transformer(checkpoint.model_config(ckpt))
-    checkpoint.load_weights(ckpt, model)
-    s = SamplingConfig(max_new_tokens=max_new, temperature=0.8, top_p=0.95, stop_ids=(tok.eos_id,))
-    outs = generate(model, [[tok.bos_id, *tok.encode(p)] for p in prompts], s, pad_id=tok.pad_id,
-                    generator=torch.Generator().manual_seed(0))
-    return {p: tok.decode(o, skip_special=True) for p, o in zip(prompts, outs)}
 
 
 def load(path: str | Path | None, overrides: list[str]) -> PipelineConfig:

@@ -31,4 +31,4 @@ def test_evaluate_reports_win_rates(pretrained, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["prompts"] == 10 and r["reward_a"] == r["reward_b"]
     assert r["win_rate_b_by_reward_model"] == 0.5 and r["win_rate_b_by_true_rule"] == 0.5  # identical models tie
-    assert "b wins 50% by the reward model" in capsys.readouterr().out
+    assert "wins 50% by the reward model" in capsys.readouterr().out
