@@ -230,7 +230,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_feedback(args) -> int:
-    from llmtrain.feedback.store import FeedbackStore, StoreError
+    from llmtrain.feedback.store import StoreError
 
     try:
         return FEEDBACK[args.action][0](args)

@@ -71,8 +71,10 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
     rv = _metrics(r.reward, "val")
     if rv:
         nums.update(rm_accuracy=rv[-1]["accuracy"], rm_pairs=rv[-1]["pairs"])
+        base = rv[-1].get("longer_text_baseline")
         rows.append(("Reward model held-out pairwise accuracy", f"{rv[-1]['accuracy']:.1%}",
-                     f"{rv[-1]['pairs']} pairs of prompts never trained on; 50% is chance"))
+                     f"{rv[-1]['pairs']} pairs of prompts never trained on; 50% is chance"
+                     + (f", always preferring the longer answer scores {base:.1%}" if base is not None else "")))
     ev = json.loads(r.evaluation.read_text()) if r.evaluation.is_file() else {}
     ppo_train = _metrics(r.ppo, "train")
     for name in ("ppo", "dpo"):

@@ -8,7 +8,6 @@ KV-cached generation. The checkpoint and the sampling settings are recorded with
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 

@@ -67,7 +67,8 @@ def main(cfg: ClassifyConfig) -> Path:
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(model)
     log.print(f"classify: {len(labels)} labels {labels}; {len(train_ex)} train / {len(val_ex)} held-out texts "
-              f"({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable")
+              f"({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
+              f"({len(frozen)} tensors frozen)")
     train_model = dist.wrap_ddp(model, env)
     global_batch = run.batch_size * run.grad_accum * env.world
 

@@ -79,8 +79,15 @@ def main(cfg: RewardConfig) -> Path:
             val_pairs=n_pairs(val_r), trainable_params=trainable, total_params=total, frozen_tensors=len(frozen))
     train_model = dist.wrap_ddp(model, env)
 
+    # What always preferring the longer answer would score on the same held-out pairs: a
+    # baseline that says how much of the accuracy is more than length.
+    longer = [1.0 if len(r.texts[i]) > len(r.texts[j]) else 0.5 if len(r.texts[i]) == len(r.texts[j]) else 0.0
+              for r in val_r for i, j in r.pairs(cfg.data.min_score_gap)]
+    length_baseline = sum(longer) / len(longer)
+
     def evaluate() -> dict:
-        return evaluate_pairs(model, tok, val_r, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
+        res = evaluate_pairs(model, tok, val_r, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
+        return {**res, "longer_text_baseline": length_baseline}
 
     # ---- the loop
     model.train()
@@ -110,8 +117,8 @@ def main(cfg: RewardConfig) -> Path:
         if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
             result = evaluate()
             log.log(d, "val", **{k: v for k, v in result.items() if k != "calibration"})
-            log.print(f"step {d:>6} | held-out pairwise accuracy {result['accuracy']:.3f} | "
-                      f"mean margin {result['mean_margin']:.3f} | loss {result['loss']:.4f}")
+            log.print(f"step {d:>6} | held-out pairwise accuracy {result['accuracy']:.3f} (always-longer baseline "
+                      f"{length_baseline:.3f}) | mean margin {result['mean_margin']:.3f} | loss {result['loss']:.4f}")
         last = d == run.max_steps
         if (run.save_every and d % run.save_every == 0) or last:
             norm = normalise(cfg, model, tok, base, val_r or train_r, env) if last else {}

@@ -1,6 +1,4 @@
 """Reward model: pairs per prompt, one forward per answer, split by prompt, normalisation."""
-import itertools
-import json
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ from conftest import WORDS, write_jsonl
 from llmtrain import checkpoint
 from llmtrain.cli import main as cli_main
 from llmtrain.config import OptimConfig, RewardConfig, RewardDataConfig, RunConfig
-from llmtrain.data.preference import Ranking, pair_tensors, read_rankings, split_by_prompt
+from llmtrain.data.preference import Ranking, pair_tensors, split_by_prompt
 from llmtrain.scoring import forward_rankings, load_reward_model
 from llmtrain.metrics import read_metrics
 from llmtrain.model.heads import ScoreModel

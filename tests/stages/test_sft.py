@@ -1,6 +1,5 @@
 """Fine-tuning: held-out response loss falls; freezing; accumulation; resume; chat; classify."""
 import io
-import json
 
 import pytest
 import torch

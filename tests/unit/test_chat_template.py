@@ -64,6 +64,6 @@ def test_malformed_line_names_file_and_line(tmp_path, line, needle):
     p.write_text('{"prompt": "fine", "response": "yes"}\n\n' + line + "\n")
     with pytest.raises(DataError) as e:
         read_conversations(p)
-    assert f"bad.jsonl:3: " in str(e.value) and needle in str(e.value)
+    assert "bad.jsonl:3: " in str(e.value) and needle in str(e.value)
     convs, skipped = read_conversations(p, skip_bad_lines=True)
     assert len(convs) == 1 and skipped == 1
