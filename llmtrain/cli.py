@@ -410,7 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         except LlmtrainError as e:
             print(f"llmtrain {' '.join(argv[:2])}: error: {e}", file=sys.stderr)
             return 2
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (`demo --from ppo ppo.kl.beta=0.1`):
+    # argparse fills the positional list only once, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not args.command:
         parser.print_help()
         return 0

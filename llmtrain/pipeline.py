@@ -87,12 +87,12 @@ class Run:
 
 def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: bool = False) -> Path:
     """Run the chain; data paths in the config are relative to `base` (the repo for the demo)."""
+    if from_stage and from_stage not in STAGES:
+        raise ConfigError(f"--from {from_stage}: not a stage ({', '.join(STAGES)})")
     root = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root.mkdir(parents=True, exist_ok=True)
     r = Run(root)
     if from_stage:
-        if from_stage not in STAGES:
-            raise ConfigError(f"--from {from_stage}: not a stage ({', '.join(STAGES)})")
         for s in STAGES[STAGES.index(from_stage):]:
             for p in r.outputs(s):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -85,7 +85,7 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
         nums[f"{name}_reward"] = e["reward_b"]
         nums["sft_reward"] = e["reward_a"]
         rows.append((f"{name.upper()} vs SFT: mean reward-model score", f"{e['reward_a']:+.3f} → {e['reward_b']:+.3f}",
-                     f"greedy answers to {e['prompts']} held-out prompts (0 = the SFT model's own answers)"))
+                     f"greedy answers to {e['prompts']} held-out prompts (the reward's zero is set on the SFT model's sampled answers)"))
         rows.append((f"{name.upper()} wins over SFT, by the reward model", f"{e['win_rate_b_by_reward_model']:.0%}", "ties count half"))
         if "win_rate_b_by_true_rule" in e:
             nums[f"{name}_win_true"] = e["win_rate_b_by_true_rule"]

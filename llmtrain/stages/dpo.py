@@ -106,7 +106,9 @@ def main(cfg: DPOConfig) -> Path:
                 losses.append(float(loss) * len(c))
         policy.train()
         rc, rr = torch.cat(rc), torch.cat(rr)
-        return {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean()),
+        # A tie (as before training, when policy == reference) counts half, like a coin flip.
+        acc = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+        return {"accuracy": acc, "margin": float((rc - rr).mean()),
                 "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
                 "loss": sum(losses) / len(rc), "pairs": len(rc)}
 

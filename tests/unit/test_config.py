@@ -57,3 +57,16 @@ def test_model_config_checks():
         ModelConfig(vocab_size=10, dim=64, n_heads=4, n_kv_heads=3).resolved()
     c = ModelConfig(vocab_size=10, dim=96, n_heads=4).resolved()
     assert c.n_kv_heads == 4 and c.ffn_dim == 256  # 8/3 * 96 = 256, a multiple of 64
+
+
+def test_cli_overrides_may_follow_options(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The overrides after --from are read (a wrong key is reported), and a wrong stage is
+    # refused before anything is written.
+    assert cli_main(["demo", "--from", "sft", "pretrain.run.max_stepz=1"]) == 2
+    assert "unknown key 'pretrain.run.max_stepz'" in capsys.readouterr().err
+    assert cli_main(["demo", "--from", "nothing", "pretrain.run.max_steps=1"]) == 2
+    assert "--from nothing: not a stage" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--from", "sft", "--bogus"])
