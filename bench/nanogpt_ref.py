@@ -91,13 +91,13 @@ class GPT(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.config = c
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(c.vocab_size, c.n_embd),
-            wpe=nn.Embedding(c.block_size, c.n_embd),
-            drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
-            ln_f=LayerNorm(c.n_embd, bias=c.bias),
-        ))
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(c.vocab_size, c.n_embd),
+            "wpe": nn.Embedding(c.block_size, c.n_embd),
+            "drop": nn.Dropout(c.dropout),
+            "h": nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            "ln_f": LayerNorm(c.n_embd, bias=c.bias),
+        })
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -118,7 +118,7 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None):
-        b, t = idx.size()
+        _b, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
@@ -135,5 +135,5 @@ class GPT(nn.Module):
         groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
         use_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
-        extra = dict(fused=True) if use_fused else dict()
+        extra = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

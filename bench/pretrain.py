@@ -1,31 +1,35 @@
 #!/usr/bin/env python
 """Pretraining throughput benchmark: tokens/s, step time, MFU and peak memory.
 
-    python bench/pretrain.py                                  # fp32 and bf16 on CPU, ~2-3 min on 2 cores
-    python bench/pretrain.py --precision bf16 --steps 30 --profile
+    python bench/pretrain.py                          # fp32 and bf16 on CPU (~2.5 min on 2 Zen1 cores)
+    python bench/pretrain.py --precision fp32 --nanogpt --profile
     python bench/pretrain.py --device cuda --steps 50 --warmup 10 --json out.json
 
-It prints figures and never asserts: timings depend on the machine.
+It prints figures and never asserts: timings depend on the machine (and on whatever else runs on
+it: a warning is printed when other processes keep cores busy).
 
-1. The machine's own matmul peak: median GFLOP/s of a large square `torch.mm` (2048 x 2048
-   by default) in fp32 and in bf16, so MFU is measured against what this machine can
-   actually do, not a datasheet.
+1. The machine's own matmul peak: median GFLOP/s of a large square `torch.mm` (2048^3 by
+   default) in fp32 and bf16, in the layouts a @ b and a @ b.T (the best is the peak), so MFU
+   is against what this machine actually does. A kernel too slow for 2048^3 (bf16 on a CPU
+   without native bf16) is measured at the largest size that takes <= 0.5 s.
 2. The nanoGPT shakespeare-char shape: 6 layers, 6 heads, width 384, context 256, batch 8,
-   vocab 65, tied embeddings (nanoGPT ties wte and lm_head), ~10.6M parameters. Random
-   tokens. One training step is exactly what `llmtrain/stages/pretrain.py` does: forward
-   under `dist.autocast`, `lm_loss`, backward, `optimizer_step` (clip 1.0, AdamW from
-   `build_optimizer`). Warm-up steps, then the median of the timed steps.
-3. Per precision: tokens/s, step time (and its forward / backward / optimizer split), MFU
-   = 6 N tokens/s / matmul peak of that precision (bf16 also against the fp32 peak), peak
-   memory (`dist.peak_memory_mb`: max RSS on CPU, so each precision runs in its own
-   subprocess unless --in-process), and the ratio to nanoGPT's figures on the reference
-   machine.
-4. --profile: torch.profiler over one training step per precision, top ops by self CPU time.
+   vocab 65, tied embeddings (nanoGPT ties wte and lm_head), 10.65M parameters, random tokens.
+   One training step is exactly what `llmtrain/stages/pretrain.py` does: forward under
+   `dist.autocast`, `lm_loss`, backward, `optimizer_step` (clip 1.0, AdamW from
+   `build_optimizer`). Warm-up steps, then the median of the timed steps (--steps, cut short
+   after --max-seconds).
+3. Per precision: tokens/s, step time (forward / backward / optimizer split), MFU = 6 N
+   tokens/s / matmul peak of that precision (and against the fp32 peak), peak memory
+   (`dist.peak_memory_mb`: max RSS on CPU, so every run is its own subprocess unless
+   --in-process), and ratios to nanoGPT: to the reference figures below and, with --nanogpt,
+   to nanoGPT's model and step measured here (bench/nanogpt_ref.py).
+4. --profile: torch.profiler over one training step per run, top ops by self CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,14 +39,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # nanogpt_ref
 
-import torch  # noqa: E402
+import torch
 
-from llmtrain import dist  # noqa: E402
-from llmtrain.config import ModelConfig, OptimConfig  # noqa: E402
-from llmtrain.losses import lm_loss  # noqa: E402
-from llmtrain.model import Transformer  # noqa: E402
-from llmtrain.training import build_optimizer, optimizer_step  # noqa: E402
+from llmtrain import dist
+from llmtrain.config import ModelConfig, OptimConfig
+from llmtrain.losses import lm_loss
+from llmtrain.model import Transformer
+from llmtrain.training import build_optimizer, optimizer_step
 
 # nanoGPT (karpathy/nanoGPT, train_shakespeare_char shape, same batch/context) measured on the
 # reference machine: 2 cores AMD EPYC Zen1 (AVX2), torch CPU build.
@@ -55,21 +60,78 @@ def sync(device: torch.device) -> None:
     dist.cuda_sync(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int, warmup: int = 2) -> float:
-    """Median GFLOP/s of an n x n x n torch.mm (2 n^3 FLOPs) in `dtype`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(warmup):
-        torch.mm(a, b, out=c)
-    sync(device)
+def _mm_time(a, b, c, device, reps: int) -> float:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b, out=c)
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int, max_rep_s: float = 0.5) -> dict:
+    """Median GFLOP/s of an n x n x n torch.mm (2 n^3 FLOPs) in `dtype`, in two layouts:
+    'nn' (a @ b, both row-major) and 'nt' (a @ b.T, nn.Linear's forward layout).
+
+    Where a kernel is slow (bf16 on a CPU without native bf16 runs a scalar fallback at
+    ~1 GFLOP/s, so one 2048^3 mm takes minutes), n is halved until one rep is projected to take
+    at most `max_rep_s`, judged from a 256^3 probe. Returns {layout: (GFLOP/s, n)} and 'peak'.
+    """
+    out = {}
+    for layout in ("nn", "nt"):
+        m = n
+        probe = 256
+        a = torch.randn(probe, probe, device=device).to(dtype)
+        b = torch.randn(probe, probe, device=device).to(dtype)
+        bb = b.t() if layout == "nt" else b
+        c = torch.empty(probe, probe, device=device, dtype=dtype)
+        torch.mm(a, bb, out=c)
+        sync(device)
+        rate = 2 * probe**3 / _mm_time(a, bb, c, device, 3)
+        while m > probe and 2 * m**3 / rate > max_rep_s:
+            m //= 2
+        a = torch.randn(m, m, device=device).to(dtype)
+        b = torch.randn(m, m, device=device).to(dtype)
+        bb = b.t() if layout == "nt" else b
+        c = torch.empty(m, m, device=device, dtype=dtype)
+        for _ in range(2):
+            torch.mm(a, bb, out=c)
+        sync(device)
+        out[layout] = (2 * m**3 / _mm_time(a, bb, c, device, reps) / 1e9, m)
+    out["peak"] = max(v[0] for v in out.values())
+    return out
+
+
+def native_bf16(device: torch.device) -> str:
+    if device.type != "cpu":
+        return "n/a"
+    try:
+        flags = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
+                 "mkldnn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported()}
+    except (AttributeError, RuntimeError):  # private helpers: absent in some torch versions
+        return "unknown"
+    return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
+
+
+def busy_cores(window_s: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now (Linux /proc/stat, less this process's own
+    CPU time: MKL/OpenMP threads spin a while after a matmul), else None."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = read()
+        c0, w0 = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        t1, i1 = read()
+        c1, w1 = time.process_time(), time.perf_counter()
+    except OSError:
+        return None
+    busy = (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
+    return max(0.0, busy - (c1 - c0) / (w1 - w0))
 
 
 def model_config(args) -> ModelConfig:
@@ -77,65 +139,112 @@ def model_config(args) -> ModelConfig:
                        n_kv_heads=args.heads, max_seq_len=args.ctx, tie_embeddings=not args.untied)
 
 
-def bench_precision(args, precision: str) -> dict:
+def build(args, which: str, device: torch.device):
+    """(model, train_model, step_fn(x, y, precision) -> loss) for 'ours' or 'nanogpt'."""
+    torch.manual_seed(0)
+    if which == "ours":
+        model = Transformer(model_config(args)).to(device)
+        optimizer = build_optimizer(model, OptimConfig(impl=args.optim_impl), device)
+        train_model = torch.compile(model) if args.compile else model
+
+        def fwd(x, y, precision):
+            # exactly llmtrain/stages/pretrain.py's micro-step (grad_accum 1)
+            with dist.autocast(device, precision):
+                return lm_loss(train_model(x), y)
+
+        def opt():
+            optimizer_step(model, optimizer, args.grad_clip)  # returns a float: syncs
+    else:
+        from nanogpt_ref import GPT, GPTConfig
+
+        model = GPT(GPTConfig(block_size=args.ctx, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                              n_embd=args.dim, dropout=args.nanogpt_dropout, bias=False)).to(device)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
+        train_model = torch.compile(model) if args.compile else model
+
+        def fwd(x, y, precision):
+            with dist.autocast(device, precision):
+                return train_model(x, y)[1]
+
+        def opt():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+    model.train()
+    return model, fwd, opt
+
+
+def n_params(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def bench_precision(args, precision: str, which: str = "ours") -> dict:
     """Build the model and optimizer, run warm-up + timed steps (and a profiled step)."""
     device = dist.pick_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = Transformer(model_config(args)).to(device)
-    optimizer = build_optimizer(model, OptimConfig(impl=args.optim_impl), device)
-    train_model = torch.compile(model) if args.compile else model
-    model.train()
-    n_params = model.num_params()
+    model, fwd, opt = build(args, which, device)
+    n = n_params(model)
+    # nanoGPT's own count (and MFU) leaves out the position table; so does 6N here
+    n_6n = model.get_num_params() if which == "nanogpt" else n
 
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, args.vocab, (args.batch, args.ctx + 1), generator=g) for _ in range(4)]
 
     def step(i: int, phases: list | None = None) -> float:
         xy = data[i % len(data)]
-        x, y = xy[:, :-1].to(device), xy[:, 1:].to(device)
+        x, y = xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)
         t0 = time.perf_counter()
         with torch.profiler.record_function("## forward+loss"):
-            with dist.autocast(device, precision):
-                loss = lm_loss(train_model(x), y)
-        if phases is not None:
-            sync(device)
+            loss = fwd(x, y, precision)
+        sync(device)
         t1 = time.perf_counter()
         with torch.profiler.record_function("## backward"):
             loss.backward()
-        if phases is not None:
-            sync(device)
+        sync(device)
         t2 = time.perf_counter()
         with torch.profiler.record_function("## optimizer_step"):
-            optimizer_step(model, optimizer, args.grad_clip)  # returns a float: syncs
+            opt()
         t3 = time.perf_counter()
         if phases is not None:
             phases.append((t1 - t0, t2 - t1, t3 - t2))
         return float(loss.detach())
 
-    t_warm = time.perf_counter()
-    for i in range(args.warmup):
-        step(i)
+    # warm-up: at least one step; stop early past half the time budget (slow bf16 kernels)
+    t_warm, n_warm = time.perf_counter(), 0
+    while n_warm < max(1, args.warmup):
+        step(n_warm)
+        n_warm += 1
+        if time.perf_counter() - t_warm > args.max_seconds / 2:
+            break
     t_warm = time.perf_counter() - t_warm
+    # timed steps: --steps, but stop past --max-seconds once 2 are done (1 if a step alone takes that long)
     times, phases, losses = [], [], []
+    t_all = time.perf_counter()
     for i in range(args.steps):
         t = time.perf_counter()
-        losses.append(step(args.warmup + i, phases))
+        losses.append(step(n_warm + i, phases))
         times.append(time.perf_counter() - t)
+        if time.perf_counter() - t_all > args.max_seconds and (len(times) >= 2 or times[0] > args.max_seconds):
+            break
 
     step_s = statistics.median(times)
     tokens = args.batch * args.ctx
-    res = dict(
-        precision=precision, device=str(device), threads=torch.get_num_threads(), compile=args.compile,
-        optim_impl=args.optim_impl, params=n_params, flops_per_token_6n=6 * n_params,
-        flops_per_token_model=model.flops_per_token(args.ctx), tokens_per_step=tokens,
-        warmup_s=t_warm, step_s_median=step_s, step_s_min=min(times), step_s_max=max(times),
-        tokens_per_s=tokens / step_s,
-        forward_s=statistics.median(p[0] for p in phases), backward_s=statistics.median(p[1] for p in phases),
-        optimizer_s=statistics.median(p[2] for p in phases),
-        loss_first=losses[0], loss_last=losses[-1],
-    )
+    res = {
+        "model": which, "precision": precision, "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
+        "optim_impl": args.optim_impl if which == "ours" else "torch default", "params": n, "params_6n": n_6n,
+        "flops_per_token_model": model.flops_per_token(args.ctx) if which == "ours" else None,
+        "tokens_per_step": tokens, "warmup_steps": n_warm, "warmup_s": t_warm, "timed_steps": len(times),
+        "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
+        "forward_s": statistics.median(p[0] for p in phases), "backward_s": statistics.median(p[1] for p in phases),
+        "optimizer_s": statistics.median(p[2] for p in phases), "loss_first": losses[0], "loss_last": losses[-1],
+    }
     res["peak_memory_mb"] = dist.peak_memory_mb(device)  # before profiling, which adds its own memory
 
     if args.profile:
@@ -143,20 +252,22 @@ def bench_precision(args, precision: str) -> dict:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            step(args.warmup + args.steps)
+            step(n_warm + len(times))
         sort = "self_cpu_time_total" if device.type == "cpu" else "self_cuda_time_total"
-        res["profile"] = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
-        phase_rows = [e for e in prof.key_averages() if e.key.startswith("## ")]
-        res["profile_phases_ms"] = {e.key[3:]: e.cpu_time_total / 1e3 for e in phase_rows}
+        avgs = prof.key_averages()
+        res["profile_phases_ms"] = {e.key[3:]: e.cpu_time_total / 1e3 for e in avgs if e.key.startswith("## ")}
+        res["profile_top"] = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                              for e in sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:args.profile_rows]]
+        res["profile"] = avgs.table(sort_by=sort, row_limit=args.profile_rows)
     return res
 
 
-def run_child(args, precision: str) -> dict:
-    """Run one precision in a fresh process, so max RSS is that precision's own."""
+def run_child(args, precision: str, which: str) -> dict:
+    """Run one precision in a fresh process, so max RSS is that run's own."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "res.json"
-        argv = [a for a in sys.argv[1:]]
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--_child", precision, "--_out", str(out)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:],
+               "--_child", f"{which}:{precision}", "--_out", str(out)]
         subprocess.run(cmd, check=True)
         return json.loads(out.read_text())
 
@@ -165,15 +276,51 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def report(res: dict, peaks: dict, device: torch.device, vocab: int, profile: bool) -> None:
+    p, n, tps = res["precision"], res["params_6n"], res["tokens_per_s"]
+    peak = peaks[p]["peak"]
+    res["matmul_peak_gflops"] = peak
+    res["achieved_gflops_6n"] = 6 * n * tps / 1e9
+    res["mfu"] = 6 * n * tps / (peak * 1e9)
+    res["mfu_vs_fp32_peak"] = 6 * n * tps / (peaks["fp32"]["peak"] * 1e9)
+    name = "llmtrain" if res["model"] == "ours" else "nanoGPT (bench/nanogpt_ref.py)"
+    lines = [
+        f"\n[{name} | {p}] {res['params'] / 1e6:.2f}M parameters (6N uses {n / 1e6:.2f}M)",
+        (f"  tokens/s        {tps:,.0f}   (median step {1e3 * res['step_s_median']:.1f} ms over {res['timed_steps']} steps;"
+         f" min {1e3 * res['step_s_min']:.1f}, max {1e3 * res['step_s_max']:.1f};"
+         f" {res['warmup_steps']} warm-up steps {res['warmup_s']:.1f} s)"),
+        (f"  step split      forward+loss {1e3 * res['forward_s']:.1f} ms | backward {1e3 * res['backward_s']:.1f} ms"
+         f" | clip+AdamW {1e3 * res['optimizer_s']:.1f} ms"),
+        f"  achieved        {res['achieved_gflops_6n']:.1f} GFLOP/s (6N)" + (
+            f", {res['flops_per_token_model'] * tps / 1e9:.1f} GFLOP/s (model.flops_per_token: + attention)"
+            if res.get("flops_per_token_model") else ""),
+        f"  MFU             {pct(res['mfu'])} of {p} matmul peak {peak:.1f} GFLOP/s",
+    ]
+    if p != "fp32":
+        lines.append(f"  MFU vs fp32     {pct(res['mfu_vs_fp32_peak'])} of fp32 matmul peak {peaks['fp32']['peak']:.1f} GFLOP/s")
+    lines.append(f"  peak memory     {res['peak_memory_mb']:,.0f} MB ({'max RSS' if device.type == 'cpu' else 'allocated'})")
+    lines.append(f"  loss            {res['loss_first']:.3f} -> {res['loss_last']:.3f} (random tokens: ln {vocab} = "
+                 f"{math.log(vocab):.3f})")
+    print("\n".join(lines))
+    if profile:
+        print("  profiled step: " + " | ".join(f"{k} {v:.1f} ms" for k, v in res["profile_phases_ms"].items()))
+        print(res["profile"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32,bf16")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per precision (median reported)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
+    ap.add_argument("--max-seconds", type=float, default=30.0,
+                    help="per run: stop timing after this long once 2 steps are done; warm-up stops after half")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--profile", action="store_true", help="profile one step per precision, print top ops")
+    ap.add_argument("--profile", action="store_true", help="profile one step per run, print top ops by self CPU time")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--nanogpt", action="store_true",
+                    help="also measure nanoGPT's model and step (bench/nanogpt_ref.py) on this machine")
+    ap.add_argument("--nanogpt-dropout", type=float, default=0.0, help="shakespeare-char trains with 0.2")
     ap.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--optim-impl", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
@@ -182,7 +329,7 @@ def main() -> None:
     ap.add_argument("--mm-size", type=int, default=2048, help="square matmul size for the peak")
     ap.add_argument("--mm-reps", type=int, default=10)
     ap.add_argument("--in-process", action="store_true",
-                    help="run every precision in this process (peak memory is then cumulative)")
+                    help="run everything in this process (peak memory is then cumulative)")
     # the shape: nanoGPT shakespeare-char
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=6)
@@ -196,8 +343,8 @@ def main() -> None:
     args = ap.parse_args()
 
     if args._child:
-        res = bench_precision(args, args._child)
-        Path(args._out).write_text(json.dumps(res))
+        which, precision = args._child.split(":")
+        Path(args._out).write_text(json.dumps(bench_precision(args, precision, which)))
         return
 
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -207,87 +354,85 @@ def main() -> None:
     device = dist.pick_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
 
     print(f"torch {torch.__version__} | device {device} | {torch.get_num_threads()} threads | "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()} | compile={args.compile} | "
-          f"optim impl={args.optim_impl}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()} | native bf16: {native_bf16(device)} | "
+          f"compile={args.compile} | optim impl={args.optim_impl}")
 
-    # 1. matmul peak (fp32 always: bf16 MFU is also reported against it)
+    busy = busy_cores()
+    if busy is not None and busy > 0.3:
+        print(f"WARNING: {busy:.1f} of {os.cpu_count()} cores busy before starting: other processes compete, "
+              f"so the figures below are low and noisy")
+
+    # 1. matmul peak (fp32 always: every MFU is also reported against it)
     peaks = {}
     for p in sorted(set(precisions) | {"fp32"}, key=["fp32", "bf16"].index):
-        dtype = torch.float32 if p == "fp32" else torch.bfloat16
-        peaks[p] = matmul_peak(device, dtype, args.mm_size, args.mm_reps)
-    print(f"matmul peak ({args.mm_size}x{args.mm_size} torch.mm, median of {args.mm_reps}): " +
-          ", ".join(f"{p} {g:,.1f} GFLOP/s" for p, g in peaks.items()) +
-          f"  (nanoGPT reference machine fp32: ~{NANOGPT_FP32_PEAK_GFLOPS:.0f})")
+        peaks[p] = matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16, args.mm_size, args.mm_reps)
+        parts = ", ".join(f"{lay} {v[0]:,.1f} GFLOP/s (n={v[1]})" for lay, v in peaks[p].items() if lay != "peak")
+        print(f"matmul peak {p:<5} {peaks[p]['peak']:,.1f} GFLOP/s   [median of {args.mm_reps} torch.mm; {parts}; "
+              f"nn = a @ b, nt = a @ b.T]")
+    print(f"  (nanoGPT reference machine: fp32 peak ~{NANOGPT_FP32_PEAK_GFLOPS:.0f} GFLOP/s)")
 
     c = model_config(args).resolved()
-    print(f"shape: {c.n_layers} layers, {c.n_heads} heads (kv {c.n_kv_heads}), dim {c.dim}, ffn {c.ffn_dim}, "
+    print(f"shape: {c.n_layers} layers, {c.n_heads} heads (kv {c.n_kv_heads}), dim {c.dim}, ffn {c.ffn_dim} (SwiGLU), "
           f"ctx {args.ctx}, batch {args.batch}, vocab {c.vocab_size}, "
           f"{'tied' if c.tie_embeddings else 'untied'} embeddings; {args.batch * args.ctx:,} tokens/step; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per precision")
+          f"{args.warmup} warm-up + up to {args.steps} timed steps per run (<= ~{args.max_seconds:.0f} s timed)")
 
     # 2. the training steps
+    runs = [("ours", p) for p in precisions] + ([("nanogpt", p) for p in precisions] if args.nanogpt else [])
     results = {}
-    for p in precisions:
-        res = bench_precision(args, p) if args.in_process else run_child(args, p)
-        results[p] = res
-        n, tps = res["params"], res["tokens_per_s"]
-        mfu = 6 * n * tps / (peaks[p] * 1e9)
-        res["mfu"] = mfu
-        res["matmul_peak_gflops"] = peaks[p]
-        res["achieved_gflops_6n"] = 6 * n * tps / 1e9
-        res["achieved_gflops_model"] = res["flops_per_token_model"] * tps / 1e9
-        lines = [
-            f"\n[{p}] {n / 1e6:.2f}M parameters",
-            f"  tokens/s        {tps:,.0f}   (median step {1e3 * res['step_s_median']:.1f} ms; "
-            f"min {1e3 * res['step_s_min']:.1f}, max {1e3 * res['step_s_max']:.1f}; warm-up {res['warmup_s']:.1f} s)",
-            f"  step split      forward+loss {1e3 * res['forward_s']:.1f} ms | backward {1e3 * res['backward_s']:.1f} ms"
-            f" | clip+AdamW {1e3 * res['optimizer_s']:.1f} ms",
-            f"  achieved        {res['achieved_gflops_6n']:.1f} GFLOP/s (6N)"
-            f", {res['achieved_gflops_model']:.1f} GFLOP/s (6N' + attention, model.flops_per_token)",
-            f"  MFU             {pct(mfu)} of {p} matmul peak {peaks[p]:.1f} GFLOP/s",
-        ]
-        if p == "bf16":
-            res["mfu_vs_fp32_peak"] = 6 * n * tps / (peaks["fp32"] * 1e9)
-            lines.append(f"  MFU vs fp32     {pct(res['mfu_vs_fp32_peak'])} of fp32 matmul peak {peaks['fp32']:.1f} GFLOP/s")
-        lines.append(f"  peak memory     {res['peak_memory_mb']:,.0f} MB ({'max RSS' if device.type == 'cpu' else 'allocated'})")
-        lines.append(f"  loss            {res['loss_first']:.3f} -> {res['loss_last']:.3f} (random tokens: ~ln {c.vocab_size} = "
-                     f"{torch.log(torch.tensor(float(c.vocab_size))):.3f})")
-        print("\n".join(lines))
-        if args.profile:
-            ph = res["profile_phases_ms"]
-            print(f"  profiled step ({p}): " + " | ".join(f"{k} {v:.1f} ms" for k, v in ph.items()))
-            print(res["profile"])
+    for which, p in runs:
+        busy = busy_cores()
+        res = bench_precision(args, p, which) if args.in_process else run_child(args, p, which)
+        res["busy_cores_before"] = busy
+        if busy is not None and busy > 0.3:
+            print(f"\nWARNING: {busy:.1f} cores busy with other processes before this run")
+        results[f"{which}:{p}"] = res
+        report(res, peaks, device, c.vocab_size, args.profile)
 
     # 3. against nanoGPT
-    print("\nagainst nanoGPT (same shape, reference machine: 2-core EPYC Zen1):")
-    ref_n = results[precisions[0]]["params"]
-    nano_mfu32 = 6 * ref_n * NANOGPT_TOKENS_PER_S["fp32"] / (NANOGPT_FP32_PEAK_GFLOPS * 1e9)
-    print(f"  nanoGPT: fp32 {NANOGPT_TOKENS_PER_S['fp32']:,.0f} tokens/s (MFU ~{pct(nano_mfu32)} of "
-          f"~{NANOGPT_FP32_PEAK_GFLOPS:.0f} GFLOP/s; {pct(6 * ref_n * NANOGPT_TOKENS_PER_S['fp32'] / (peaks['fp32'] * 1e9))}"
-          f" of this machine's fp32 peak), bf16 autocast {NANOGPT_TOKENS_PER_S['bf16']:,.0f} tokens/s")
-    print(f"  {'precision':<10}{'ours tok/s':>12}{'nanoGPT':>10}{'ratio':>8}   target")
-    for p, res in results.items():
+    print("\nagainst nanoGPT, same shape:")
+    n_ours = results[f"ours:{precisions[0]}"]["params_6n"]
+    ref_mfu = {p: 6 * n_ours * v / (NANOGPT_FP32_PEAK_GFLOPS * 1e9) for p, v in NANOGPT_TOKENS_PER_S.items()}
+    print(f"  reference figures (given, another run): fp32 {NANOGPT_TOKENS_PER_S['fp32']:,.0f} tokens/s = "
+          f"MFU {pct(ref_mfu['fp32'])} of ~{NANOGPT_FP32_PEAK_GFLOPS:.0f} GFLOP/s; bf16 autocast "
+          f"{NANOGPT_TOKENS_PER_S['bf16']:,.0f} tokens/s; they need {6 * n_ours * NANOGPT_TOKENS_PER_S['fp32'] / 1e9:.0f} and "
+          f"{6 * n_ours * NANOGPT_TOKENS_PER_S['bf16'] / 1e9:.0f} GFLOP/s, this machine's fp32 peak is "
+          f"{peaks['fp32']['peak']:.0f}")
+    hdr = f"  {'precision':<10}{'ours tok/s':>11}{'MFU':>7}{'ref tok/s':>11}{'ours/ref':>9}"
+    if args.nanogpt:
+        hdr += f"{'nanoGPT here':>14}{'MFU':>7}{'ours/here':>10}"
+    print(hdr + "   target")
+    for p in precisions:
+        res = results[f"ours:{p}"]
         tps, ref = res["tokens_per_s"], NANOGPT_TOKENS_PER_S[p]
-        res["nanogpt_tokens_per_s"] = ref
-        res["ratio_vs_nanogpt"] = tps / ref
+        res["ratio_vs_nanogpt_reference"] = tps / ref
+        row = f"  {p:<10}{tps:>11,.0f}{pct(res['mfu']):>7}{ref:>11,.0f}{tps / ref:>9.2f}"
+        if args.nanogpt:
+            nano = results[f"nanogpt:{p}"]
+            res["ratio_vs_nanogpt_here"] = tps / nano["tokens_per_s"]
+            row += f"{nano['tokens_per_s']:>14,.0f}{pct(nano['mfu']):>7}{tps / nano['tokens_per_s']:>10.2f}"
         if p == "fp32":
-            nano_mfu_here = 6 * res["params"] * ref / (peaks["fp32"] * 1e9)
-            target = (f"MFU {pct(res['mfu'])} >= nanoGPT's {pct(nano_mfu32)} (ref peak) / "
-                      f"{pct(nano_mfu_here)} (this peak): "
-                      f"{'met' if res['mfu'] >= min(nano_mfu32, nano_mfu_here) else 'NOT met'}")
+            target = f"MFU >= nanoGPT's {pct(ref_mfu['fp32'])}"
+            if args.nanogpt:
+                target += f" (here {pct(results['nanogpt:fp32']['mfu'])})"
+            met = res["mfu"] >= ref_mfu["fp32"] and (not args.nanogpt or res["mfu"] >= results["nanogpt:fp32"]["mfu"])
         else:
             goal = BF16_TARGET_X * ref
-            target = f"tokens/s >= {BF16_TARGET_X}x = {goal:,.0f}: {'met' if tps >= goal else 'NOT met'} ({tps / goal:.2f}x of goal)"
-        print(f"  {p:<10}{tps:>12,.0f}{ref:>10,.0f}{tps / ref:>8.2f}   {target}")
+            target = f"tokens/s >= {BF16_TARGET_X}x ref = {goal:,.0f} ({tps / goal:.2f}x of it)"
+            met = tps >= goal
+        print(row + f"   {target}: {'met' if met else 'NOT met'}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
     if args.json:
-        out = dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
-                   matmul_peak_gflops=peaks, args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                   results=results)
+        out = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                   "matmul_peak": peaks, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   "nanogpt_reference": {"tokens_per_s": NANOGPT_TOKENS_PER_S, "fp32_peak_gflops": NANOGPT_FP32_PEAK_GFLOPS},
+                   "results": results}
         Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.json}")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

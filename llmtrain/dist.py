@@ -77,8 +77,32 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU or CUDA for 'bf16'; a no-op context for 'fp32'."""
     if precision == "bf16":
+        if device.type == "cpu":
+            _warn_slow_cpu_bf16()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_warned_bf16 = False
+
+
+def _warn_slow_cpu_bf16() -> None:
+    """bf16 matmuls on a CPU without native bf16 (no AVX512-BF16/AMX) run a fallback that
+    bench/pretrain.py measured 18x slower than fp32 on AVX2: say so once."""
+    global _warned_bf16
+    if _warned_bf16:
+        return
+    _warned_bf16 = True
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        native = bool(check()) if check is not None else True
+    except Exception:  # a private helper: if it is missing or fails, say nothing
+        native = True
+    if not native:
+        import warnings
+
+        warnings.warn("this CPU has no native bf16: matmuls run a slow fallback; run.precision=fp32 is faster here",
+                      stacklevel=3)
 
 
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:

@@ -50,6 +50,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def span(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start..end-1: a slice, no gather and no device sync."""
+        if end > self.cos.shape[0]:
+            self._build(max(end, 2 * self.cos.shape[0]))
+        return self.cos[start:end], self.sin[start:end]
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, Dh)."""
         need = int(position_ids.max()) + 1 if position_ids.numel() else 0
@@ -184,9 +190,10 @@ class Backbone(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = self.rotary(position_ids)
+        if position_ids is None:  # the common case in training: slice the tables
+            cos, sin = self.rotary.span(past, past + T)
+        else:
+            cos, sin = self.rotary(position_ids)
         mask = None
         if attention_mask is not None or (cache is not None and T > 1 and past > 0):
             mask = build_mask(attention_mask, B, T, past, input_ids.device)
