@@ -23,7 +23,7 @@ def load_chats() -> dict:
     try:
         import chitchat_dataset
     except ImportError:
-        raise DataError("chitchat-dataset is not installed (pip install chitchat-dataset)") from None
+        raise DataError("chitchat-dataset is not installed (pip install chitchat-dataset, or -e '.[data]')") from None
     return json.loads((Path(chitchat_dataset.__file__).parent / "dataset.json").read_text())
 
 
