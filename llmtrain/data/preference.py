@@ -165,3 +165,25 @@ def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, mar
             margins.append(margin_scale * gap)
     t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
     return t(better, torch.long), t(worse, torch.long), t(margins, torch.float32)
+
+
+def load_pairs_data(data) -> tuple[list[Ranking], list[Ranking], dict]:
+    """Read a RewardDataConfig's rankings, split them by prompt (or read `val`), and keep the
+    rankings that give at least one pair. Returns (train, held-out, counts for the log)."""
+    rankings, skipped = read_rankings(data.train, data.skip_bad_lines)
+    if data.val:
+        train_r = rankings
+        val_r, more = read_rankings(data.val, data.skip_bad_lines)
+        skipped += more
+    else:
+        train_r, val_r = split_by_prompt(rankings, data.val_every)
+    n_read = len(train_r) + len(val_r)
+
+    def keep(rs: list[Ranking]) -> list[Ranking]:
+        return [r for r in rs if r.status == "ranked" and (data.include_simulated or not r.simulated)
+                and r.pairs(data.min_score_gap)]
+
+    train_r, val_r = keep(train_r), keep(val_r)
+    if not val_r:
+        raise DataError(f"{data.train}: no held-out prompt has a preference pair (lower data.val_every)")
+    return train_r, val_r, {"skipped_lines": skipped, "without_pairs": n_read - len(train_r) - len(val_r)}

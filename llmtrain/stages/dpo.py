@@ -15,9 +15,9 @@ import torch
 
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import DPOConfig, to_dict
-from llmtrain.data.preference import Ranking, RankingBatches, pair_tensors, read_rankings, split_by_prompt
+from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.data.sft import Example, collate
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
@@ -55,13 +55,7 @@ def main(cfg: DPOConfig) -> Path:
     mcfg = checkpoint.model_config(sft_ckpt)
     max_len = cfg.data.max_len or mcfg.max_seq_len
 
-    rankings, skipped = read_rankings(cfg.data.train, cfg.data.skip_bad_lines)
-    train_r, val_r = (rankings, read_rankings(cfg.data.val)[0]) if cfg.data.val else split_by_prompt(rankings, cfg.data.val_every)
-    keep = lambda rs: [r for r in rs if r.status == "ranked" and (cfg.data.include_simulated or not r.simulated)
-                       and r.pairs(cfg.data.min_score_gap)]
-    train_r, val_r = keep(train_r), keep(val_r)
-    if not val_r:
-        raise DataError(f"{cfg.data.train}: no held-out prompt has a preference pair (lower data.val_every)")
+    train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
     torch.manual_seed(run.seed)
@@ -85,7 +79,7 @@ def main(cfg: DPOConfig) -> Path:
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(policy)
     log.print(f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs; "
-              f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {skipped} bad lines skipped")
+              f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {counts['skipped_lines']} bad lines skipped")
     train_model = dist.wrap_ddp(policy, env)
 
     def pair_rewards(model, rows):

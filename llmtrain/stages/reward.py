@@ -18,8 +18,8 @@ import torch
 
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import RewardConfig, to_dict
-from llmtrain.data.preference import Ranking, RankingBatches, pair_tensors, read_rankings, split_by_prompt
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
+from llmtrain.errors import ConfigError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import pairwise_ranking_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
@@ -44,19 +44,7 @@ def main(cfg: RewardConfig) -> Path:
     tok = Tokenizer.load(tok_path)
     mcfg = checkpoint.model_config(base)
     max_len = cfg.data.max_len or mcfg.max_seq_len
-    rankings, skipped = read_rankings(cfg.data.train, cfg.data.skip_bad_lines)
-    if cfg.data.val:
-        train_r = rankings
-        val_r, more = read_rankings(cfg.data.val, cfg.data.skip_bad_lines)
-        skipped += more
-    else:
-        train_r, val_r = split_by_prompt(rankings, cfg.data.val_every)
-    keep = lambda rs: [r for r in rs if r.status == "ranked" and (cfg.data.include_simulated or not r.simulated)
-                       and r.pairs(cfg.data.min_score_gap)]
-    n_read = len(train_r) + len(val_r)
-    train_r, val_r = keep(train_r), keep(val_r)
-    if not val_r:
-        raise DataError(f"{cfg.data.train}: no held-out prompt has a preference pair (lower data.val_every)")
+    train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
     # ---- model: the SFT backbone, a new scalar head
@@ -73,8 +61,8 @@ def main(cfg: RewardConfig) -> Path:
     trainable, total = count_params(model)
     n_pairs = lambda rs: sum(len(r.pairs(cfg.data.min_score_gap)) for r in rs)
     log.print(f"reward: from {base}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs "
-              f"({n_pairs(train_r)} / {n_pairs(val_r)} pairs; {n_read - len(train_r) - len(val_r)} rankings without "
-              f"a pair left out, {skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M trainable")
+              f"({n_pairs(train_r)} / {n_pairs(val_r)} pairs; {counts['without_pairs']} rankings without "
+              f"a pair left out, {counts['skipped_lines']} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M trainable")
     log.log(start_step, "setup", train_prompts=len(train_r), val_prompts=len(val_r), train_pairs=n_pairs(train_r),
             val_pairs=n_pairs(val_r), trainable_params=trainable, total_params=total, frozen_tensors=len(frozen))
     train_model = dist.wrap_ddp(model, env)
