@@ -11,6 +11,7 @@ that stage's output and everything after it, and reruns from there.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -279,7 +280,7 @@ def _dpo(cfg, r):
 
     c = cfg.dpo
     c.policy, c.run.out_dir, c.run.resume = str(r.sft), str(r.dpo), True
-    c.data = cfg.reward.data
+    c.data = dataclasses.replace(cfg.reward.data, train=str(r.rankings))  # the same pairs as the reward model
     dpo.main(c)
 
 

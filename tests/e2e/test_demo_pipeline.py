@@ -44,3 +44,12 @@ def test_demo_pipeline_small(tmp_path, capsys):
     pipeline.run(cfg)
     out = capsys.readouterr().out
     assert out.count("complete, skipped") == len(pipeline.STAGES)
+
+    # --from reruns a late stage alone, with what the skipped stages made before it.
+    # A fresh config, as a new process would load it (the first run filled in paths).
+    before = (root / "reward" / "metrics.jsonl").read_text()
+    fresh = pipeline.load(pipeline.DEMO_CONFIG, [f"run_dir={tmp_path / 'run'}", *SMALL])
+    pipeline.run(fresh, from_stage="dpo")
+    out = capsys.readouterr().out
+    assert out.count("complete, skipped") == pipeline.STAGES.index("dpo")
+    assert (root / "report.md").is_file() and (root / "reward" / "metrics.jsonl").read_text() == before
