@@ -17,26 +17,28 @@ from llmtrain.generate import SamplingConfig, generate
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
 from llmtrain.styles import RULES
-from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.tokenizer import Tokenizer, render_answer, render_chat
 
 
-def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: int) -> list[int]:
-    """The chat template of (conversation, answer); the head reads the answer's final <|end|>.
-    Too long: keep <|bos|> and the last max_len - 1 tokens (the end is what is scored)."""
-    ids = render_chat(tok, [*messages, {"role": "assistant", "content": answer}])[0]
+def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: int, finished: bool = True) -> list[int]:
+    """The chat template of (conversation, answer); the head reads the last token: the answer's
+    closing <|end|>, or for a cut-off answer its last word. Too long: keep <|bos|> and the last
+    max_len - 1 tokens (the end is what is scored)."""
+    ids = render_answer(tok, messages, answer, finished)[0]
     return ids if len(ids) <= max_len else [ids[0], *ids[-(max_len - 1):]]
 
 
-def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32,
+def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple], batch_size: int = 32,
                 offset: float = 0.0) -> list[float]:
-    """Rewards of (conversation, answer) items, minus `offset` (the normalisation)."""
+    """Rewards of (conversation, answer) or (conversation, answer, finished) items, minus
+    `offset` (the normalisation). Answers are taken as finished unless said otherwise."""
     out: list[float] = []
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
-            seqs = [encode_answer(tok, m, a, model.config.max_seq_len) for m, a in items[i:i + batch_size]]
+            seqs = [encode_answer(tok, it[0], it[1], model.config.max_seq_len, *it[2:]) for it in items[i:i + batch_size]]
             x, lengths = seq_data.collate(seqs, tok.pad_id)
             out += (model(x.to(device), lengths)[:, 0].float() - offset).tolist()
     model.train(was)
@@ -49,7 +51,7 @@ def forward_rankings(model, tok: Tokenizer, rankings: list[Ranking], max_len: in
     seqs, starts = [], []
     for r in rankings:
         starts.append(len(seqs))
-        seqs += [encode_answer(tok, r.messages, t, max_len) for t in r.texts]
+        seqs += [encode_answer(tok, r.messages, t, max_len, f) for t, f in zip(r.texts, r.finished_flags)]
     x, lengths = seq_data.collate(seqs, tok.pad_id)
     return model(x.to(device), lengths)[:, 0], starts
 
@@ -78,7 +80,8 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreMode
                         pad_id=tok.pad_id)
         answers += [{"text": tok.decode(o[:-1] if o and o[-1] in s.stop_ids else o, skip_special=True).strip(),
                      "finished": bool(o) and o[-1] in s.stop_ids} for o in outs]
-    rewards = score_texts(reward_model, tok, [(c, a["text"]) for c, a in zip(convs, answers)], offset=norm.get("offset", 0.0))
+    rewards = score_texts(reward_model, tok, [(c, a["text"], a["finished"]) for c, a in zip(convs, answers)],
+                          offset=norm.get("offset", 0.0))
     out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards}
     if true_rule:
         true = [RULES[true_rule](last_user(c), a) for c, a in zip(convs, answers)]

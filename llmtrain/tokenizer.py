@@ -139,6 +139,14 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     return ids, mask
 
 
+def render_answer(tok: Tokenizer, messages: list[dict], answer: str, finished: bool = True) -> tuple[list[int], list[int]]:
+    """`render_chat` of (conversation, answer). An answer that was cut off (`finished` false:
+    it hit the token limit before <|end|>) is rendered without its closing <|end|>, so a reward
+    model reading the last token, and DPO's log-probs, see that it never ended."""
+    ids, mask = render_chat(tok, [*messages, {"role": "assistant", "content": answer}])
+    return (ids, mask) if finished else (ids[:-1], mask[:-1])
+
+
 def parse_chat(tok: Tokenizer, ids: list[int]) -> list[dict]:
     """Inverse of `render_chat` (without a trailing generation prompt): ids -> messages."""
     role_of = {tok.special[r]: r for r in ROLES}

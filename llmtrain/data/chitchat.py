@@ -51,7 +51,7 @@ def convert(out: str | Path, k_max: int = 4, max_chars: int = 400) -> dict:
                 continue
             ranks = [1 + sum(1 for o in group if o[0] > c[0]) for c in group]
             rankings.append(Ranking([{"role": "user", "content": prompt}], [c[1] for c in group], ranks,
-                                    [round(c[0], 3) for c in group], "ranked", "chitchat-raters", False,
+                                    [round(c[0], 3) for c in group], None, "ranked", "chitchat-raters", False,
                                     {"dataset": "chitchat-dataset", "rule": "mean rating; pairs need gap >= min_score_gap"}))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

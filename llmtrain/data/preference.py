@@ -3,10 +3,12 @@ exports and the reward-model and DPO stages read.
 
 One line per (prompt, annotator):
     {"prompt": "...", "messages": [...chat before the answer...],
-     "ranked": [{"text": "...", "rank": 1}, {"text": "...", "rank": 2}, {"text": "...", "rank": 2}],
+     "ranked": [{"text": "...", "rank": 1}, {"text": "...", "rank": 2, "finished": false}, ...],
      "status": "ranked" | "all_bad", "annotator": "alice", "simulated": false, "source": {...}}
 `ranked` is best first; equal ranks are ties. "all_bad" marks a prompt whose every answer the
-annotator found unacceptable (all ranks equal: it yields no preference pair).
+annotator found unacceptable (all ranks equal: it yields no preference pair). Optional per
+answer: "score" (a rating: margins and gap filters) and "finished" (default true; false for an
+answer cut off at the token limit, which the reward model and DPO then read without <|end|>).
 """
 from __future__ import annotations
 
@@ -27,11 +29,16 @@ class Ranking:
     texts: list[str]  # candidates, best first
     ranks: list[int]  # rank of each, 1 = best; equal = tie
     scores: list[float] | None = None  # optional ratings (e.g. 1-10): margins and gap filters
+    finished: list[bool] | None = None  # optional: False for an answer cut off at the token limit
     status: str = "ranked"
     annotator: str = ""
     simulated: bool = False
     source: dict = field(default_factory=dict)
     where: str = ""
+
+    @property
+    def finished_flags(self) -> list[bool]:
+        return self.finished if self.finished is not None else [True] * len(self.texts)
 
     @property
     def prompt(self) -> str:
@@ -54,6 +61,9 @@ class Ranking:
         if self.scores is not None:
             for c, sc in zip(ranked, self.scores):
                 c["score"] = sc
+        if self.finished is not None:
+            for c, f in zip(ranked, self.finished):
+                c["finished"] = f
         return {"prompt": self.prompt, "messages": self.messages, "ranked": ranked,
                 "status": self.status, "annotator": self.annotator, "simulated": self.simulated, "source": self.source}
 
@@ -72,7 +82,7 @@ def parse_line(obj) -> Ranking:
     ranked = obj.get("ranked")
     if not isinstance(ranked, list) or len(ranked) < 2:
         raise ValueError("'ranked' must list at least 2 candidates")
-    texts, ranks, scores = [], [], []
+    texts, ranks, scores, finished = [], [], [], []
     for i, c in enumerate(ranked):
         if not isinstance(c, dict) or not isinstance(c.get("text"), str):
             raise ValueError(f"ranked[{i}].text is missing or not a string")
@@ -82,6 +92,10 @@ def parse_line(obj) -> Ranking:
         sc = c.get("score")
         if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))):
             raise ValueError(f"ranked[{i}].score must be a number")
+        f = c.get("finished", True)
+        if not isinstance(f, bool):
+            raise ValueError(f"ranked[{i}].finished must be true or false")
+        finished.append(f)
         texts.append(c["text"])
         ranks.append(r)
         scores.append(sc)
@@ -92,7 +106,7 @@ def parse_line(obj) -> Ranking:
         raise ValueError(f"status {status!r} is not 'ranked' or 'all_bad'")
     if any(x is None for x in scores):
         scores = None
-    return Ranking(msgs, texts, ranks, scores, status, str(obj.get("annotator", "")), bool(obj.get("simulated", False)),
+    return Ranking(msgs, texts, ranks, scores, None if all(finished) else finished, status, str(obj.get("annotator", "")), bool(obj.get("simulated", False)),
                    obj.get("source") if isinstance(obj.get("source"), dict) else {})
 
 

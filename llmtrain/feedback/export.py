@@ -22,12 +22,14 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
             continue
         p = cache.get(j["prompt_id"]) or cache.setdefault(j["prompt_id"], store.prompt(j["prompt_id"]))
         texts = [c["text"] for c in p["candidates"]]
+        done = [c["finished"] for c in p["candidates"]]
         if j["status"] == "ranked":
             order, ranks = ranks_from_tiers(j["ranking"])
         else:
             order, ranks = list(range(len(texts))), [1] * len(texts)
         counts["simulated"] += int(j["simulated"])
-        r = Ranking(p["messages"], [texts[i] for i in order], ranks, None, j["status"], j["annotator"], j["simulated"],
+        r = Ranking(p["messages"], [texts[i] for i in order], ranks, None,
+                    None if all(done) else [done[i] for i in order], j["status"], j["annotator"], j["simulated"],
                     {"db": str(Path(store.path).name), "prompt_id": p["id"], "candidate_ids": order,
                      "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
                      "imported": j["imported"]})
@@ -53,7 +55,8 @@ def import_rankings(store: FeedbackStore, path: str | Path) -> dict:
         key = hashlib.sha256(json.dumps([r.messages, sorted(r.texts), r.annotator]).encode()).hexdigest()[:32]
         pk = _prompt_key(r.messages, r.texts)
         if pk not in known:
-            known[pk] = store.add_prompt(r.prompt, [{"text": t} for t in r.texts], messages=r.messages)
+            known[pk] = store.add_prompt(r.prompt, [{"text": t, "finished": f} for t, f in zip(r.texts, r.finished_flags)],
+                                         messages=r.messages)
         pid = known[pk]
         p = store.prompt(pid)
         index = {c["text"]: c["idx"] for c in p["candidates"]}

@@ -22,18 +22,18 @@ from llmtrain.losses import IGNORE, dpo_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import apply_lora, freeze
-from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.tokenizer import Tokenizer, render_answer
 from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
 
 
 def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
-    """Summed log-probs of every answer (its text and closing <|end|>) in one forward pass ->
-    (N,) and, per ranking, the offset of its first answer."""
+    """Summed log-probs of every answer (its text and closing <|end|>, none for a cut-off
+    answer) in one forward pass -> (N,) and, per ranking, the offset of its first answer."""
     exs, starts = [], []
     for r in rankings:
         starts.append(len(exs))
-        for t in r.texts:
-            ids, mask = render_chat(tok, [*r.messages, {"role": "assistant", "content": t}])
+        for t, f in zip(r.texts, r.finished_flags):
+            ids, mask = render_answer(tok, r.messages, t, f)
             exs.append(Example(ids[: max_len + 1], mask[: max_len + 1], ""))
     x, y = collate(exs, tok.pad_id)
     x, y = x.to(device), y.to(device)

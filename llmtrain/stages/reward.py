@@ -174,6 +174,7 @@ def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, 
     for i in range(0, len(prompts), 32):
         outs = generate(sft, prompts[i:i + 32], s, pad_id=tok.pad_id, generator=gen)
         for k, o in enumerate(outs, start=i):  # prompt k answers conversation k // norm_samples
-            items.append((convs[k // cfg.norm_samples], tok.decode(o, skip_special=True).strip()))
+            done = bool(o) and o[-1] in s.stop_ids
+            items.append((convs[k // cfg.norm_samples], tok.decode(o[:-1] if done else o, skip_special=True).strip(), done))
     scores = np.array(score_texts(model, tok, items))
     return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items)}

@@ -5,7 +5,8 @@ import pytest
 from llmtrain.data.sft import collate, encode, read_conversations
 from llmtrain.errors import DataError
 from llmtrain.losses import IGNORE
-from llmtrain.tokenizer import Tokenizer, parse_chat, render_chat
+from llmtrain.scoring import encode_answer
+from llmtrain.tokenizer import Tokenizer, parse_chat, render_answer, render_chat
 
 CONV = [
     {"role": "system", "content": "Be posh."},
@@ -29,6 +30,17 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer_path):
     assert ids == expect_ids and mask == expect_mask
     learnt = tok.decode([i for i, k in zip(ids, mask) if k])
     assert learnt == "Good day to you.<|end|>Quite so.<|end|>"
+
+
+def test_cut_off_answer_has_no_closing_end(tokenizer_path):
+    tok = Tokenizer.load(tokenizer_path)
+    done_ids, done_mask = render_answer(tok, CONV[:2], "Good day")
+    cut_ids, cut_mask = render_answer(tok, CONV[:2], "Good day", finished=False)
+    assert done_ids[-1] == tok.end_id and done_mask[-1] == 1
+    assert (cut_ids, cut_mask) == (done_ids[:-1], done_mask[:-1]) and cut_ids[-1] != tok.end_id
+    # the reward model reads the last token: <|end|> for a finished answer, the last word otherwise
+    assert encode_answer(tok, CONV[:2], "Good day", 64) == done_ids
+    assert encode_answer(tok, CONV[:2], "Good day", 64, finished=False) == cut_ids
 
 
 def test_template_round_trips(tokenizer_path):

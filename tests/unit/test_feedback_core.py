@@ -78,6 +78,26 @@ def test_export_import_round_trip(tmp_path):
     assert [(r.texts, r.ranks, r.status, r.annotator) for r in again] == [(r.texts, r.ranks, r.status, r.annotator) for r in rows]
 
 
+def test_cut_off_answers_stay_marked_through_export_and_import(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.add_prompt("q?", [{"text": "ends.", "finished": True}, {"text": "cut off at the", "finished": False}])
+    alice = store.annotator_by_token(store.add_annotator("alice"))
+    store.submit(alice, store.prompt_ids()[0], "ranked", [[1], [0]], "a")
+    export(store, tmp_path / "r.jsonl")
+    line = json.loads((tmp_path / "r.jsonl").read_text())
+    assert [c.get("finished", True) for c in line["ranked"]] == [False, True]
+    (r,), _ = read_rankings(tmp_path / "r.jsonl")
+    assert r.texts == ["cut off at the", "ends."] and r.finished_flags == [False, True]
+    other = FeedbackStore(tmp_path / "other.db")
+    import_rankings(other, tmp_path / "r.jsonl")
+    assert [c["finished"] for c in other.prompt(other.prompt_ids()[0])["candidates"]] == [False, True]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "ranked": [{"text": "a", "rank": 1, "finished": "no"},
+                                                         {"text": "b", "rank": 2}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1.*finished"):
+        read_rankings(bad)
+
+
 def test_simulated_annotator_uses_the_store_and_is_labelled(tmp_path):
     store = FeedbackStore(tmp_path / "fb.db")
     store.add_prompt("Tell me about tea", [
