@@ -24,7 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from llmtrain.config import ModelConfig, from_dict
 from llmtrain.errors import CheckpointError
@@ -123,26 +124,34 @@ def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True,
     be missing, and the checkpoint's own word head (lm_head) is then not expected to fit.
     """
     path = resolve(ckpt) / "model.safetensors"
-    try:
-        sd = load_file(str(path))
-    except Exception as e:  # safetensors' error class moved between versions
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     own = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    if new_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight") and not k.startswith(new_head or ("\0",))]
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
-        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+    try:
+        # Tensor by tensor from the file into the model: never the whole file in memory twice.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = [k for k in f.keys() if not (new_head and k.startswith("lm_head."))]
+            for k in keys:
+                shape = tuple(f.get_slice(k).get_shape())
+                if k in own and tuple(own[k].shape) != shape:
+                    raise CheckpointError(f"{path}: '{k}' has shape {shape}, the model expects {tuple(own[k].shape)}")
+            missing = [k for k in own if k not in keys and not (tied and k == "lm_head.weight")
+                       and not k.startswith(new_head or ("\0",))]
+            unexpected = [k for k in keys if k not in own]
+            if strict and (missing or unexpected):
+                parts = []
+                if missing:
+                    parts.append(f"missing {', '.join(missing[:5])}")
+                if unexpected:
+                    parts.append(f"unexpected {', '.join(unexpected[:5])}")
+                raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+            with torch.no_grad():
+                for k in keys:
+                    if k in own:
+                        own[k].copy_(f.get_tensor(k))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' error class moved between versions
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_train_state(ckpt: str | Path, rank: int = 0) -> dict:

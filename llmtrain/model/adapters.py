@@ -8,6 +8,7 @@ A frozen parameter has requires_grad=False, so it gets no gradient and no optimi
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import torch
@@ -43,15 +44,15 @@ class LoRALinear(torch.nn.Linear):
 
     so it starts equal to the original layer. It stays an nn.Linear with the same `weight`
     name: merging writes W + (alpha/r) B A back into `weight` and state dicts keep HF names.
+    It takes over the base layer's weight tensor (no copy). With `enabled` false (see
+    `adapters_off`) it is the original layer again: PPO's reference model in LoRA mode.
     """
 
     def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
-        with torch.no_grad():
-            self.weight.copy_(base.weight)
-            if base.bias is not None:
-                self.bias.copy_(base.bias)
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight  # the same tensor: wrapping costs no memory
+        self.bias = base.bias
+        self.enabled = True
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -62,10 +63,26 @@ class LoRALinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = torch.nn.functional.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
         return base + (self.lora_dropout(x) @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + (self.lora_B @ self.lora_A) * self.scale
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module):
+    """Run `model` as it was before LoRA: every adapter of it off inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    was = [m.enabled for m in layers]
+    try:
+        for m in layers:
+            m.enabled = False
+        yield model
+    finally:
+        for m, w in zip(layers, was):
+            m.enabled = w
 
 
 def apply_lora(model: torch.nn.Module, targets: list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> int:

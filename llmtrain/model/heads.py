@@ -28,9 +28,12 @@ class ScoreModel(nn.Module):
         Right padding needs no attention mask: under causal attention a real token never sees
         the padding after it.
         """
+        return self.score(self.last_hidden(input_ids, lengths))
+
+    def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The backbone's output at each row's last real token: (B, D)."""
         h = self.model(input_ids)  # (B, T, D)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, D)
-        return self.score(last)
+        return h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None) -> torch.Tensor:

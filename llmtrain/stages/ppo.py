@@ -5,7 +5,10 @@ is updated to score better, held near the fine-tuned model by a KL penalty.
 
 Models: the policy (from the SFT checkpoint; all, some (freeze) or LoRA weights trained),
 the value model (from the reward model, as in InstructGPT), and, without gradients, the
-reference (the SFT model) and the reward model, optionally in bf16.
+reference (the SFT model) and the reward model, optionally in bf16. With LoRA the frozen two
+are not copies: the reference is the policy with its adapters off, and the reward model is the
+value model's backbone with its adapters off under the reward model's own head, so two models
+sit in memory instead of four.
 
 Each iteration, in the numbered phases marked below:
  (1) rollouts   sample answers to a batch of prompts (batched, KV cache)
@@ -34,12 +37,26 @@ from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, fmt_duration
 from llmtrain.model import Transformer
-from llmtrain.model.adapters import LoRALinear, apply_lora, freeze
+from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import AdaptiveKL, FixedKL, entropy_from_logits, gae, kl_rewards, masked_mean, token_logprobs, whiten
 from llmtrain.scoring import evaluate_policy, load_reward_model, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import build_optimizer, count_params, optimizer_step
+
+
+class AdaptersOffScore(torch.nn.Module):
+    """The reward model inside a LoRA value model: the value model's backbone with its adapters
+    off (LoRA leaves the base weights, i.e. the reward model's, untouched) under a frozen copy
+    of the reward model's head (the value head trains, this one does not)."""
+
+    def __init__(self, body: ScoreModel, head: torch.nn.Linear):
+        super().__init__()
+        self.body, self.score, self.config = body, head, body.config
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with adapters_off(self.body):
+            return self.score(self.body.last_hidden(input_ids, lengths))
 
 
 class ActorCritic(torch.nn.Module):
@@ -89,25 +106,33 @@ def main(cfg: PPOConfig) -> Path:
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
     checkpoint.load_weights(sft_ckpt, policy)
-    reference = Transformer(mcfg)
-    checkpoint.load_weights(sft_ckpt, reference)
-    reference.requires_grad_(False)
-    reference.to(dev, frozen_dtype).eval()
-    reward_model, _, norm = load_reward_model(cfg.reward_model, dev)
-    reward_model.requires_grad_(False)
-    reward_model.to(frozen_dtype)
-    value = ScoreModel(checkpoint.model_config(cfg.reward_model), 1)
-    checkpoint.load_weights(cfg.reward_model, value)
+    value, _, norm = load_reward_model(cfg.reward_model, dev)  # the value model starts as the reward model
 
     if cfg.lora.enabled:
         n = apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
         apply_lora(value, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        rm_head = torch.nn.Linear(value.config.dim, 1, bias=False, device=dev)
+        rm_head.load_state_dict(value.score.state_dict())
+        rm_head.requires_grad_(False)
         value.score.weight.requires_grad_(True)  # the value head itself is always trained
-        lora_note = f"LoRA r={cfg.lora.r} on {n} layers"
+        reward_model = AdaptersOffScore(value, rm_head)
+
+        def reference(ids, mask, pos):
+            with adapters_off(policy):
+                return policy(ids, mask, pos)
+        lora_note = f"LoRA r={cfg.lora.r} on {n} layers; reference and reward model share their base weights"
     else:
+        reference = Transformer(mcfg)
+        checkpoint.load_weights(sft_ckpt, reference)
+        reference.requires_grad_(False)
+        reference.to(dev, frozen_dtype).eval()
+        reward_model, _, _ = load_reward_model(cfg.reward_model, dev)
+        reward_model.requires_grad_(False)
+        reward_model.to(frozen_dtype)
         freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
         freeze(value, cfg.freeze.patterns, cfg.freeze.first_layers)
         lora_note = "no LoRA"
+    value.train()
     ac = ActorCritic(policy, value).to(dev)
     optimizer = build_optimizer(ac, cfg.optim, dev)
     for g in optimizer.param_groups:
@@ -126,7 +151,7 @@ def main(cfg: PPOConfig) -> Path:
     start_it = 0
     steps = checkpoint.step_dirs(run_dir)
     if run.resume and steps:
-        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env)
+        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
     trainable, total = count_params(ac)
@@ -163,7 +188,8 @@ def main(cfg: PPOConfig) -> Path:
 
         # (2) score: the reward model on (prompt, answer); cut-off answers pay a penalty
         with dist.autocast(dev, cfg.frozen_precision):
-            scores = torch.tensor(score_texts(reward_model, tok, list(zip(convs, texts)), offset=norm.get("offset", 0.0)))
+            scores = torch.tensor(score_texts(reward_model, tok, list(zip(convs, texts, map(bool, finished.tolist()))),
+                                              offset=norm.get("offset", 0.0)))
         rm_scores = scores.clone()
         scores = scores - cfg.missing_eos_penalty * (1 - finished)
 
@@ -239,7 +265,7 @@ def main(cfg: PPOConfig) -> Path:
                             meta={"tokens": 0, "beta": kl_ctl.value, **rec}, tokenizer_path=str(tok_path),
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
                             barrier=lambda: dist.barrier(env),
-                            extra_state={"value": checkpoint.model_state(value), "lora": lora_state})
+                            extra_state={"value": value_state(value, cfg.lora.enabled), "lora": lora_state})
     log.print(f"ppo done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
               f"checkpoint in {run_dir / 'checkpoints'}")
     log.close()
@@ -247,19 +273,25 @@ def main(cfg: PPOConfig) -> Path:
     return run_dir
 
 
-def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env) -> int:
-    """Continue from a PPO checkpoint: policy (saved merged), value model, LoRA adapters
-    (un-merged again from the saved weights), optimizer, KL coefficient."""
-    state = checkpoint.load_train_state(step_dir, env.rank)
-    checkpoint.load_weights(step_dir, ac.policy)
-    ac.value.load_state_dict({k: v for k, v in state["extra"]["value"].items()}, strict=False)
-    lora = state["extra"].get("lora") or {}
+def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the value model: all of it, or with LoRA only its head (its
+    adapters are in the LoRA state, its base weights are the reward model's)."""
     if lora:
-        ac.load_state_dict(lora, strict=False)
-        with torch.no_grad():
-            for m in ac.modules():
-                if isinstance(m, LoRALinear):
-                    m.weight -= (m.lora_B @ m.lora_A) * m.scale
+        return {"score.weight": value.score.weight.detach().cpu().clone()}
+    return checkpoint.model_state(value)
+
+
+def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool) -> int:
+    """Continue from a PPO checkpoint: policy and value model, optimizer, KL coefficient. With
+    LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
+    the run started from): only the adapters and the value head are restored, exactly."""
+    state = checkpoint.load_train_state(step_dir, env.rank)
+    if lora:
+        ac.load_state_dict(state["extra"]["lora"], strict=False)
+        ac.value.score.weight.data.copy_(state["extra"]["value"]["score.weight"])
+    else:
+        checkpoint.load_weights(step_dir, ac.policy)
+        ac.value.load_state_dict(state["extra"]["value"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if state.get("rng"):
         dist.set_rng_state(state["rng"])

@@ -107,3 +107,43 @@ def test_lora_changes_only_adapters_and_merges():
     plain.load_state_dict(merged)
     torch.testing.assert_close(plain(x), m(x), atol=1e-5, rtol=1e-5)
     assert isinstance(m.model.layers[0].self_attn.q_proj, LoRALinear)
+
+
+def test_adapters_off_is_the_original_model_without_a_copy():
+    """PPO's LoRA mode keeps two models, not four: the reference is the policy with its
+    adapters off, the reward model the value model's backbone with adapters off and its own head."""
+    from llmtrain.model.adapters import adapters_off
+    from llmtrain.model.heads import ScoreModel
+    from llmtrain.stages.ppo import AdaptersOffScore
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=2, max_seq_len=16)
+    m = Transformer(cfg)
+    x = torch.randint(0, 30, (2, 8))
+    ref = m(x).detach()
+    ptr = m.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    apply_lora(m, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert m.model.layers[0].self_attn.q_proj.weight.data_ptr() == ptr  # wrapped, not copied
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # adapters now change the output
+    assert not torch.allclose(m(x), ref)
+    with adapters_off(m):
+        assert torch.equal(m(x), ref)
+    assert not torch.allclose(m(x), ref)  # back on after the block
+
+    rm = ScoreModel(cfg, 1)
+    lengths = torch.tensor([8, 5])
+    rm_out = rm(x, lengths).detach()
+    head = torch.nn.Linear(16, 1, bias=False)
+    head.load_state_dict(rm.score.state_dict())
+    apply_lora(rm, ["q_proj", "v_proj"], r=4, alpha=8)  # rm is now the value model
+    with torch.no_grad():
+        rm.score.weight.mul_(-3.0)
+        for n, p in rm.named_parameters():
+            if ".lora_" in n:
+                p.add_(0.5)
+    view = AdaptersOffScore(rm, head)
+    assert torch.equal(view(x, lengths), rm_out)
+    assert not torch.allclose(rm(x, lengths), rm_out)
