@@ -35,6 +35,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Features of imported Hugging Face models (llmtrain/interop); the defaults change nothing.
+    attention_bias: bool = False  # biases on q/k/v (Qwen2); o_proj never has one
+    rope_scaling: Literal["none", "llama3"] = "none"  # "llama3": Llama 3.1's frequency-dependent scaling
+    rope_factor: float = 8.0  # llama3: how much the low frequencies are stretched
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
+    rope_original_max_len: int = 8192  # llama3: the context the model was first trained on
 
     def resolved(self) -> "ModelConfig":
         """A copy with the derived fields (kv heads, ffn width) filled in and checked."""
@@ -51,18 +58,38 @@ class ModelConfig:
             raise ConfigError("model.dim / model.n_heads (the head size) must be even for rotary embeddings")
         if c.vocab_size <= 0:
             raise ConfigError("model.vocab_size is not set (and no tokenizer gave one)")
+        if c.rope_scaling == "llama3":
+            if c.rope_factor <= 0 or c.rope_original_max_len <= 0:
+                raise ConfigError("model.rope_factor and model.rope_original_max_len must be positive for llama3 scaling")
+            if c.rope_high_freq_factor <= c.rope_low_freq_factor:
+                raise ConfigError("model.rope_high_freq_factor must be above model.rope_low_freq_factor")
         return c
 
+    def hf_architecture(self) -> str:
+        """The Hugging Face class that computes exactly this model. Biases on q/k/v only are
+        Qwen2's layout: Llama's `attention_bias` would put one on o_proj as well."""
+        return "Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"
+
     def hf_config(self) -> dict:
-        """The equivalent Hugging Face `LlamaConfig` keyword arguments."""
+        """The keyword arguments of the Hugging Face config of `hf_architecture()`: `LlamaConfig`,
+        or `Qwen2Config` with q/k/v biases. Rope settings use the names config.json files carry
+        (`rope_theta`, `rope_scaling`), which transformers 4.x and 5.x both read."""
         c = self.resolved()
-        return dict(
+        kw = dict(
             vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
             num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
             rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
             hidden_act="silu", attention_bias=False, mlp_bias=False,
         )
+        if c.rope_scaling == "llama3":
+            kw["rope_scaling"] = dict(rope_type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                                      high_freq_factor=c.rope_high_freq_factor,
+                                      original_max_position_embeddings=c.rope_original_max_len)
+        if c.attention_bias:  # Qwen2 always has q/k/v biases and no such switches
+            del kw["attention_bias"], kw["mlp_bias"]
+            kw.update(use_sliding_window=False, sliding_window=None)
+        return kw
 
 
 @dataclass

@@ -36,9 +36,11 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables for rotary embeddings, the 'rotate half' convention of HF Llama."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: ModelConfig | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if scaling is not None and scaling.rope_scaling == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.max_len = max_len
         self._build(max_len)
@@ -65,6 +67,21 @@ class Rotary(nn.Module):
         if position_ids.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
         return cos, sin
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's rope scaling: frequencies whose wavelength is longer than the original context
+    / low_freq_factor are divided by `factor`, those shorter than original / high_freq_factor are
+    kept, and those between are interpolated smoothly (the formula of HF's
+    `_compute_llama3_parameters`, in the same order of operations)."""
+    factor, low, high, old = c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_len
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +134,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv = c.n_heads, c.n_kv_heads
         self.hd = c.dim // c.n_heads
-        self.q_proj = nn.Linear(c.dim, c.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=False)
+        bias = c.attention_bias  # Qwen2: q/k/v biases, none on o_proj
+        self.q_proj = nn.Linear(c.dim, c.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * self.hd, bias=bias)
         self.o_proj = nn.Linear(c.n_heads * self.hd, c.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
@@ -173,7 +191,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.rotary = Rotary(c.dim // c.n_heads, c.max_seq_len, c.rope_theta)
+        self.rotary = Rotary(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, scaling=c)
         self.gradient_checkpointing = False
 
     def forward(
