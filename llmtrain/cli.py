@@ -303,6 +303,20 @@ FEEDBACK = {
 }
 
 
+def cmd_import(args) -> int:
+    from llmtrain.interop.hf import import_hf, summary_line
+
+    print(summary_line(import_hf(args.source, args.output, max_seq_len=args.max_seq_len)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from llmtrain.interop.hf import export_hf, export_line
+
+    print(export_line(export_hf(args.checkpoint, args.output, dtype=args.dtype, adapter=args.adapter, base=args.base)))
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from llmtrain import pipeline
 
@@ -332,6 +346,8 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "compare two checkpoints: reward-model score, win rates (a=... b=...)", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
+    "import": (cmd_import, "read a local Hugging Face model folder (Llama, Mistral, Qwen2) into a checkpoint", False),
+    "export": (cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
     "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
 }
@@ -395,6 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--greedy", action="store_true", help="always take the most likely token")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--device", default="auto")
+    imp = sub.choices["import"]
+    imp.add_argument("source", help="a local Hugging Face model folder: config.json, *.safetensors, tokenizer.json")
+    imp.add_argument("-o", "--output", required=True, help="the run directory to write (its checkpoints/step_0000000)")
+    imp.add_argument("--max-seq-len", type=int, default=0,
+                     help="use a shorter context than max_position_embeddings (0: the model's own)")
+    exp = sub.choices["export"]
+    exp.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    exp.add_argument("-o", "--output", required=True, help="the folder to write (must not exist or be empty)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights' dtype (auto: an untouched import's own, else float32)")
+    exp.add_argument("--adapter", action="store_true",
+                     help="PPO with LoRA: write the adapter for peft (and the starting policy in OUTPUT/base)")
+    exp.add_argument("--base", default="",
+                     help="with --adapter: the base model's name or path, if already exported (no OUTPUT/base then)")
     sub.choices["generate"].add_argument("--stop", action="append", default=[], help="extra stop token (a special token string)")
     sub.choices["chat"].add_argument("--system", default="", help="a system message that opens the conversation")
     return parser
