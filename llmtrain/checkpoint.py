@@ -67,8 +67,15 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict, meta: dict,
          tokenizer_path: str | None = None, optimizer: torch.optim.Optimizer | None = None,
          rng: dict | None = None, keep_last: int = 0, rank: int = 0, barrier=lambda: None,
-         extra_state: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically; on rank 0 all but rng of other ranks. Returns its folder."""
+         extra_state: dict | None = None, train_module: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint `step` atomically; on rank 0 all but rng of other ranks. Returns its folder.
+
+    A model sharded by FSDP2 is saved twice, both collectives: its shards and the optimizer's
+    with torch.distributed.checkpoint under dcp/ (each rank writes its own; loading reshards to
+    any number of processes), and consolidated on rank 0 as model.safetensors for inference.
+    `train_module` is the module the optimizer trains when it is more than `model` (PPO's
+    policy + value): its shards go to dcp/, `model`'s weights to model.safetensors.
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
@@ -76,16 +83,21 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    sharded = _is_sharded(model)
+    if sharded:
+        weights = _save_sharded(model, train_module or model, optimizer, tmp / "dcp")
+        optimizer = None  # its state is in dcp/
     if rank != 0 and rng is not None:
         torch.save(rng, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights if sharded else model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rng, "extra": extra_state or {}}, tmp / "train_state.pt")
+        if optimizer is not None or sharded:
+            torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng,
+                        "extra": extra_state or {}, "sharded": sharded}, tmp / "train_state.pt")
     barrier()
     if rank == 0:
         if final.exists():
@@ -98,6 +110,51 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
                 shutil.rmtree(p, ignore_errors=True)
     barrier()
     return final
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from llmtrain.dist import is_sharded
+
+    return is_sharded(model)
+
+
+def _save_sharded(model: torch.nn.Module, trained: torch.nn.Module, optimizer, path: Path) -> dict[str, torch.Tensor]:
+    """DCP save of the shards of `trained` and its optimizer; returns `model`'s full weights
+    (on rank 0; other ranks get {})."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    msd, osd = get_state_dict(trained, optimizer) if optimizer is not None else (get_model_state_dict(trained), {})
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+        full.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in full.items()}
+
+
+def load_model_and_optimizer(step_dir: str | Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Weights and optimizer state of a checkpoint into a model that may be sharded.
+
+    A checkpoint with dcp/ (written by FSDP2) loads into any number of processes, sharded or
+    not: DCP reshards. One without (one process or DDP) loads into an unsharded model; into a
+    sharded one it would need its optimizer state re-keyed, so that is refused clearly."""
+    step_dir = resolve(step_dir)
+    if (step_dir / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        target = {"model": msd, "optim": osd}
+        dcp.load(target, checkpoint_id=str(step_dir / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        return
+    if _is_sharded(model):
+        raise CheckpointError(f"{step_dir}: saved without sharding (one process or ddp); resume it with "
+                              "run.strategy=ddp, or start a sharded run from it with init_from")
+    load_weights(step_dir, model)
+    if state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def read_config(ckpt: str | Path) -> dict:

@@ -124,6 +124,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     tensorboard: bool = False
     threads: int = 0  # CPU intra-op threads; 0 leaves torch's default
 

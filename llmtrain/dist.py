@@ -3,6 +3,11 @@
 A stage calls `setup()` once; it returns who this process is (rank, world size) and which
 device it runs on. Under `torchrun` the process group is initialised (gloo on CPU, nccl on
 CUDA); as a single process nothing distributed is touched. No other module writes `cuda`.
+
+`wrap()` turns a model into what trains under torchrun, by `run.strategy`:
+    ddp    DistributedDataParallel: a full replica per process, gradients all-reduced
+    fsdp   FSDP2 `fully_shard` per transformer block and at the root: parameters, gradients
+           and optimizer state sharded across processes (checkpoints via torch.distributed.checkpoint)
 """
 from __future__ import annotations
 
@@ -105,6 +110,69 @@ def _warn_slow_cpu_bf16() -> None:
                       stacklevel=3)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, env: DistEnv, strategy: str = "ddp", precision: str = "fp32",
+         activation_checkpointing: bool = False) -> torch.nn.Module:
+    """The module to train. One process: the model itself. ddp: a DDP wrapper around it.
+    fsdp: the model, sharded in place (so build the optimizer after this call)."""
+    if strategy not in STRATEGIES:
+        from llmtrain.errors import ConfigError
+
+        raise ConfigError(f"run.strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = activation_checkpointing
+    if not env.distributed:
+        return model
+    if strategy == "fsdp":
+        return shard(model, env, precision)
+    return wrap_ddp(model, env)
+
+
+def shard(model: torch.nn.Module, env: DistEnv, precision: str = "fp32") -> torch.nn.Module:
+    """FSDP2: each decoder block is one all-gather unit, the rest (embeddings, norm, heads) the
+    root's. With bf16, parameters are gathered in bf16 and gradients reduced in fp32."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmtrain.model.transformer import DecoderLayer
+
+    mesh = init_device_mesh(env.device.type, (env.world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model whose parameters FSDP2 has sharded (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def all_finished(done: bool) -> bool:
+    """Whether every process is done (a collective when distributed): lets sharded models,
+    whose every forward is a collective, step generation in lockstep."""
+    if not tdist.is_initialized():
+        return done
+    t = torch.tensor([0.0 if done else 1.0])
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t)
+    return float(t) == 0.0
+
+
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     if not env.distributed:
         return model
@@ -114,16 +182,35 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     return DDP(model, device_ids=ids)
 
 
+def to_local_float(x) -> float:
+    """A scalar that may be a DTensor (e.g. FSDP2's gradient norm) as a float."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DDP
 
 
 def no_sync(model: torch.nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on micro-steps that are not the last of a step."""
-    if sync or not hasattr(model, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on micro-steps that are not
+    the last of a step."""
+    if sync:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def cuda_sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from llmtrain import dist
 from llmtrain.model.transformer import KVCache, Transformer
 
 
@@ -66,7 +67,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
              pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
              on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """Sample continuations of each prompt; returns the new tokens of each, ending with the
-    stop token when one was produced. `on_token` receives each step's new ids (streaming)."""
+    stop token when one was produced. `on_token` receives each step's new ids (streaming).
+    A model sharded by FSDP2 (every forward a collective) steps in lockstep with the other
+    processes: it stops early only when all of them are done."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
     device = next(model.parameters()).device
@@ -79,6 +82,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         raise ValueError(f"prompt of {L} tokens does not fit the context window of {ctx}")
     max_new = min(sampling.max_new_tokens, ctx - L)
     stop = torch.tensor(sorted(set(sampling.stop_ids)) or [-1], device=device)
+    all_done = dist.all_finished if dist.is_sharded(model) else bool
     cache = KVCache(model.config, B, L + max_new, device, next(model.parameters()).dtype) if use_cache else None
 
     out = torch.empty((B, 0), dtype=torch.long, device=device)
@@ -97,7 +101,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         if on_token is not None:
             on_token(tok.tolist())
         finished |= torch.isin(tok, stop)
-        if bool(finished.all()):
+        if all_done(bool(finished.all())):
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         step_ids, step_pos = tok[:, None], positions[:, -1:] + out.shape[1]

@@ -64,11 +64,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
     """Clip (if asked), step, zero the grads; returns the gradient norm before clipping."""
+    from llmtrain.dist import to_local_float
+
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in params]))) if params else 0.0
+    # clip_grad_norm_ also measures the norm of sharded (FSDP2) gradients; inf clips nothing.
+    norm = to_local_float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))) \
+        if params else 0.0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
@@ -86,6 +87,23 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def prepare(model: torch.nn.Module, cfg: OptimConfig, run, env, run_dir):
+    """Wrap the model for this run's strategy, build its optimizer, and resume when asked.
+
+    Returns (train_model, optimizer, resumed folder or None, its meta.json dict or {}). The
+    order matters for FSDP2: shard first, then the optimizer sees the sharded parameters, then
+    a checkpoint loads into both.
+    """
+    from llmtrain import dist
+
+    train_model = dist.wrap(model, env, run.strategy, run.precision, run.activation_checkpointing)
+    optimizer = build_optimizer(model, cfg, env.device)
+    resumed, done = resume(run_dir, model, optimizer, env, run.resume)
+    if run.compile:
+        train_model = torch.compile(train_model)
+    return train_model, optimizer, resumed, done
+
+
 def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env, enabled: bool):
     """With `enabled`, load the latest step checkpoint of `run_dir` (weights, optimizer, RNG).
 
@@ -97,9 +115,8 @@ def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, en
     if not enabled or not steps:
         return None, {}
     last = steps[-1]
-    checkpoint.load_weights(last, model)
     state = checkpoint.load_train_state(last, env.rank)
-    optimizer.load_state_dict(state["optimizer"])
+    checkpoint.load_model_and_optimizer(last, model, optimizer, state)
     if state.get("rng"):
         dist.set_rng_state(state["rng"])
     return last, checkpoint.read_meta(last)

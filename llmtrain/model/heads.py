@@ -22,12 +22,15 @@ class ScoreModel(nn.Module):
         self.score = nn.Linear(self.config.dim, n_out, bias=False)
         nn.init.normal_(self.score.weight, std=1.0 / (self.config.dim + 1) ** 0.5)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), right-padded; lengths (B,) real tokens per row -> scores (B, n_out).
 
         Right padding needs no attention mask: under causal attention a real token never sees
-        the padding after it.
+        the padding after it. Without `lengths`: the head at every position, (B, T, n_out).
         """
+        if lengths is None:
+            return self.score(self.model(input_ids, attention_mask, position_ids))
         return self.score(self.last_hidden(input_ids, lengths))
 
     def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -37,5 +40,6 @@ class ScoreModel(nn.Module):
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The head at every position: (B, T, n_out). PPO's value head reads it per token."""
-        return self.score(self.model(input_ids, attention_mask, position_ids))
+        """The head at every position: (B, T, n_out). PPO's value head reads it per token.
+        (Through __call__, so module hooks, e.g. FSDP2's gathering of parameters, run.)"""
+        return self(input_ids, None, attention_mask, position_ids)

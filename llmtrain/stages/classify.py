@@ -22,7 +22,7 @@ from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.tokenizer import Tokenizer
-from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 
 def main(cfg: ClassifyConfig) -> Path:
@@ -59,8 +59,7 @@ def main(cfg: ClassifyConfig) -> Path:
     checkpoint.load_weights(base, model, new_head=("score.",))
     frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
     model.to(env.device)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
-    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
     start_step = done.get("step", 0)
     batches = LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
 
@@ -69,7 +68,6 @@ def main(cfg: ClassifyConfig) -> Path:
     log.print(f"classify: {len(labels)} labels {labels}; {len(train_ex)} train / {len(val_ex)} held-out texts "
               f"({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
               f"({len(frozen)} tensors frozen)")
-    train_model = dist.wrap_ddp(model, env)
     global_batch = run.batch_size * run.grad_accum * env.world
 
     def evaluate() -> dict:

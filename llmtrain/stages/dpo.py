@@ -21,9 +21,9 @@ from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
-from llmtrain.model.adapters import apply_lora, freeze
+from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.tokenizer import Tokenizer, render_answer
-from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 
 def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
@@ -61,31 +61,37 @@ def main(cfg: DPOConfig) -> Path:
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
     checkpoint.load_weights(sft_ckpt, policy)
-    reference = Transformer(mcfg)
-    checkpoint.load_weights(sft_ckpt, reference)
-    reference.requires_grad_(False)
-    reference.to(env.device).eval()
     if cfg.lora.enabled:
+        # The base weights stay frozen: the reference is the policy with its adapters off.
         apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        reference = None
     else:
+        reference = Transformer(mcfg)
+        checkpoint.load_weights(sft_ckpt, reference)
+        reference.requires_grad_(False)
+        reference.to(env.device).eval()  # replicated on every process, never sharded
         freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
     policy.to(env.device)
-    optimizer = build_optimizer(policy, cfg.optim, env.device)
     if run.resume and cfg.lora.enabled:
         raise ConfigError("run.resume with lora.enabled is not supported by dpo yet (checkpoints hold merged weights)")
-    resumed, done = training.resume(run_dir, policy, optimizer, env, run.resume)
+    if cfg.lora.enabled and run.strategy == "fsdp" and env.distributed:
+        raise ConfigError("dpo with lora.enabled runs under run.strategy=ddp (adapters are small)")
+    train_model, optimizer, resumed, done = training.prepare(policy, cfg.optim, run, env, run_dir)
     start_step = done.get("step", 0)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(policy)
     log.print(f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs; "
               f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {counts['skipped_lines']} bad lines skipped")
-    train_model = dist.wrap_ddp(policy, env)
 
     def pair_rewards(model, rows):
         lp, starts = answer_logprobs(model, tok, rows, max_len, env.device)
         with torch.no_grad():
-            ref, _ = answer_logprobs(reference, tok, rows, max_len, env.device)
+            if reference is None:
+                with adapters_off(policy):
+                    ref, _ = answer_logprobs(policy, tok, rows, max_len, env.device)
+            else:
+                ref, _ = answer_logprobs(reference, tok, rows, max_len, env.device)
         b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
         return lp[b], lp[w], ref[b], ref[w]
 

@@ -134,6 +134,19 @@ def main(cfg: PPOConfig) -> Path:
         lora_note = "no LoRA"
     value.train()
     ac = ActorCritic(policy, value).to(dev)
+    # ddp: one DDP wrapper over policy and value. fsdp: each sharded as its own root, so the
+    # policy can also be called alone (rollouts, evaluation); reference and reward model are
+    # replicated (frozen, no gradients, no optimizer state).
+    sharded = run.strategy == "fsdp" and env.distributed
+    if sharded and cfg.lora.enabled:
+        raise ConfigError("ppo with lora.enabled runs under run.strategy=ddp (adapters are small; "
+                          "LoRA shares the frozen models' weights, which FSDP would shard)")
+    if sharded:
+        dist.shard(policy, env, run.precision)
+        dist.shard(value, env, run.precision)
+        train_ac = ac
+    else:
+        train_ac = dist.wrap(ac, env, "ddp")
     optimizer = build_optimizer(ac, cfg.optim, dev)
     for g in optimizer.param_groups:
         g["lr"] = cfg.optim.lr
@@ -151,7 +164,7 @@ def main(cfg: PPOConfig) -> Path:
     start_it = 0
     steps = checkpoint.step_dirs(run_dir)
     if run.resume and steps:
-        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled)
+        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled, sharded)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
     trainable, total = count_params(ac)
@@ -159,7 +172,6 @@ def main(cfg: PPOConfig) -> Path:
               f"{len(val_p)} held-out prompts; {trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy+value parameters "
               f"trainable ({lora_note}); reward offset {norm.get('offset', 0):.3f}; {env.world} process(es) on {dev}")
     log.log(start_it, "setup", trainable_params=trainable, total_params=total, lora=cfg.lora.enabled)
-    train_ac = dist.wrap_ddp(ac, env)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
 
     def evaluate(it: int) -> dict:
@@ -169,7 +181,7 @@ def main(cfg: PPOConfig) -> Path:
                   (f" | true score ({cfg.true_rule}) {r['true_score']:+.3f}" if cfg.true_rule else ""))
         return r
 
-    if start_it == 0 and env.is_main:
+    if start_it == 0 and (env.is_main or sharded):  # sharded: every forward is a collective
         evaluate(0)
 
     t0 = time.time()
@@ -257,7 +269,7 @@ def main(cfg: PPOConfig) -> Path:
                       f"| entropy {rec['entropy']:.2f} | clip {rec['clipfrac']:.2f} | vf {rec['vf_loss']:.3f} "
                       f"| ev {rec['explained_variance']:.2f} | len {rec['response_length']:.1f} | {rec['seconds']:.1f}s")
             log.log(d, "samples", samples=[{"prompt": last_user(c), "answer": t} for c, t in list(zip(convs, texts))[:3]])
-        if env.is_main and ((run.eval_every and d % run.eval_every == 0) or d == run.max_steps):
+        if (env.is_main or sharded) and ((run.eval_every and d % run.eval_every == 0) or d == run.max_steps):
             evaluate(d)
         if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
             lora_state = {k: v.detach().cpu() for k, v in ac.state_dict().items() if ".lora_" in k}
@@ -265,7 +277,8 @@ def main(cfg: PPOConfig) -> Path:
                             meta={"tokens": 0, "beta": kl_ctl.value, **rec}, tokenizer_path=str(tok_path),
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
                             barrier=lambda: dist.barrier(env),
-                            extra_state={"value": value_state(value, cfg.lora.enabled), "lora": lora_state})
+                            extra_state={"value": {} if sharded else value_state(value, cfg.lora.enabled),
+                                         "lora": lora_state}, train_module=ac)
     log.print(f"ppo done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
               f"checkpoint in {run_dir / 'checkpoints'}")
     log.close()
@@ -281,18 +294,22 @@ def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
     return checkpoint.model_state(value)
 
 
-def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool) -> int:
+def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False) -> int:
     """Continue from a PPO checkpoint: policy and value model, optimizer, KL coefficient. With
     LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
-    the run started from): only the adapters and the value head are restored, exactly."""
+    the run started from): only the adapters and the value head are restored, exactly. A
+    sharded run's checkpoint holds policy, value and optimizer in dcp/."""
     state = checkpoint.load_train_state(step_dir, env.rank)
-    if lora:
+    if sharded or (checkpoint.resolve(step_dir) / "dcp").is_dir():
+        checkpoint.load_model_and_optimizer(step_dir, ac, optimizer, state)
+    elif lora:
         ac.load_state_dict(state["extra"]["lora"], strict=False)
         ac.value.score.weight.data.copy_(state["extra"]["value"]["score.weight"])
     else:
         checkpoint.load_weights(step_dir, ac.policy)
         ac.value.load_state_dict(state["extra"]["value"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
     if state.get("rng"):
         dist.set_rng_state(state["rng"])
     meta = checkpoint.read_meta(step_dir)

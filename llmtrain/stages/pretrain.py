@@ -19,7 +19,7 @@ from llmtrain.errors import ConfigError
 from llmtrain.losses import lm_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
-from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 
 def main(cfg: PretrainConfig) -> Path:
@@ -44,9 +44,8 @@ def main(cfg: PretrainConfig) -> Path:
     if cfg.init_from:
         checkpoint.load_weights(cfg.init_from, model)
     model.to(env.device)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
 
-    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
     start_step, tokens_seen = done.get("step", 0), done.get("tokens", 0)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard,
@@ -59,9 +58,6 @@ def main(cfg: PretrainConfig) -> Path:
     if resumed:
         log.print(f"resumed from {resumed} at step {start_step}")
 
-    train_model = dist.wrap_ddp(model, env)
-    if run.compile:
-        train_model = torch.compile(train_model)
     full_config = to_dict(cfg)
 
     def evaluate() -> float:

@@ -28,7 +28,7 @@ from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.scoring import forward_rankings, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
-from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 
 def main(cfg: RewardConfig) -> Path:
@@ -53,8 +53,7 @@ def main(cfg: RewardConfig) -> Path:
     checkpoint.load_weights(base, model, new_head=("score.",))
     frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
     model.to(env.device)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
-    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
     start_step = done.get("step", 0)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
@@ -65,7 +64,6 @@ def main(cfg: RewardConfig) -> Path:
               f"a pair left out, {counts['skipped_lines']} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M trainable")
     log.log(start_step, "setup", train_prompts=len(train_r), val_prompts=len(val_r), train_pairs=n_pairs(train_r),
             val_pairs=n_pairs(val_r), trainable_params=trainable, total_params=total, frozen_tensors=len(frozen))
-    train_model = dist.wrap_ddp(model, env)
 
     # What always preferring the longer answer would score on the same held-out pairs: a
     # baseline that says how much of the accuracy is more than length.

@@ -24,7 +24,7 @@ from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
 from llmtrain.tokenizer import Tokenizer, render_chat
-from llmtrain.training import build_optimizer, count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 
 def main(cfg: SFTConfig) -> Path:
@@ -57,8 +57,7 @@ def main(cfg: SFTConfig) -> Path:
     val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
     batches = sft_data.LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
 
-    optimizer = build_optimizer(model, cfg.optim, env.device)
-    resumed, done = training.resume(run_dir, model, optimizer, env, run.resume)
+    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
     start_step, tokens_seen = done.get("step", 0), done.get("tokens", 0)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
@@ -72,15 +71,15 @@ def main(cfg: SFTConfig) -> Path:
     if resumed:
         log.print(f"resumed from {resumed} at step {start_step}")
 
-    train_model = dist.wrap_ddp(model, env)
-    if run.compile:
-        train_model = torch.compile(train_model)
     sample_convs = [msgs for _, msgs in val_convs[: cfg.sample_prompts]]
+    sharded = dist.is_sharded(model)
 
     def evaluate() -> float:
         """Held-out response loss: summed over every response token, divided by their count."""
         model.eval()
-        mine = val_ex[env.rank::env.world]
+        # Each process its share; a sharded model's every forward is a collective, so there
+        # every process runs the whole set (the same number of forwards; the mean is unchanged).
+        mine = val_ex if sharded else val_ex[env.rank::env.world]
         limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size
         total_loss = torch.zeros((), device=env.device)
         n_tok = torch.zeros((), device=env.device)
@@ -96,7 +95,7 @@ def main(cfg: SFTConfig) -> Path:
         return float(total_loss / n_tok.clamp(min=1))
 
     def log_samples(step: int) -> None:
-        if not env.is_main or not sample_convs:
+        if not sample_convs or not (env.is_main or sharded):
             return
         answers = sample_answers(model, tok, sample_convs, cfg.sample_tokens)
         log.log(step, "samples", samples=[{"prompt": _last_user(c), "answer": a} for c, a in zip(sample_convs, answers)])
