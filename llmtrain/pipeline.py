@@ -31,7 +31,7 @@ STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "
 @dataclass
 class FeedbackStageConfig:
     prompts: str = "data/sft/aristocrat.jsonl"  # its SFT-training side gives the prompts to rank
-    max_prompts: int = 120
+    max_prompts: int = 120  # 0: all of them
     k: int = 4
     max_new_tokens: int = 40
     temperature: float = 1.0
@@ -195,7 +195,7 @@ def _candidates(cfg, base, r):
 
         convs = read_prompts(_abs(cfg.feedback.prompts, base))
     with open(r.prompts, "w") as fh:
-        for msgs in convs[: cfg.feedback.max_prompts]:
+        for msgs in convs[: cfg.feedback.max_prompts or None]:
             fh.write(json.dumps({"messages": msgs}) + "\n")
     f = cfg.feedback
     s = SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p)
