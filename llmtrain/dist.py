@@ -173,6 +173,17 @@ def all_finished(done: bool) -> bool:
     return float(t) == 0.0
 
 
+def all_max(n: int) -> int:
+    """The largest of an integer over all processes (itself when not distributed)."""
+    if not tdist.is_initialized():
+        return n
+    t = torch.tensor([float(n)])
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     if not env.distributed:
         return model

@@ -78,12 +78,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     ids, mask = left_pad(prompts, pad_id, device)
     B, L = ids.shape
     ctx = model.config.max_seq_len
-    if L >= ctx:
-        raise ValueError(f"prompt of {L} tokens does not fit the context window of {ctx}")
-    max_new = min(sampling.max_new_tokens, ctx - L)
+    sharded = dist.is_sharded(model)
+    # Sharded: the processes agree on the longest prompt, so all take the same number of steps
+    # (and all raise together when one prompt is too long).
+    L_all = dist.all_max(L) if sharded else L
+    if L_all >= ctx:
+        raise ValueError(f"prompt of {L_all} tokens does not fit the context window of {ctx}")
+    max_new = min(sampling.max_new_tokens, ctx - L_all)
     stop = torch.tensor(sorted(set(sampling.stop_ids)) or [-1], device=device)
-    all_done = dist.all_finished if dist.is_sharded(model) else bool
-    cache = KVCache(model.config, B, L + max_new, device, next(model.parameters()).dtype) if use_cache else None
+    all_done = dist.all_finished if sharded else bool
+    # The cache takes the dtype of the first keys written (bf16 when FSDP2 gathers in bf16).
+    cache = KVCache(model.config, B, L + max_new, device, None) if use_cache else None
 
     out = torch.empty((B, 0), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)

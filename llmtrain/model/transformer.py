@@ -101,16 +101,26 @@ class KVCache:
     writes positions [length, length + T) in every layer, then `advance(T)` moves on.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=None):
         c = cfg.resolved()
         hd = c.dim // c.n_heads
-        shape = (batch, c.n_kv_heads, max_len, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.shape = (batch, c.n_kv_heads, max_len, hd)
+        self.n_layers, self.device = c.n_layers, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        if dtype is not None:
+            self._allocate(dtype)
         self.length = 0
         self.max_len = max_len
 
+    def _allocate(self, dtype) -> None:
+        self.k = [torch.zeros(self.shape, device=self.device, dtype=dtype) for _ in range(self.n_layers)]
+        self.v = [torch.zeros(self.shape, device=self.device, dtype=dtype) for _ in range(self.n_layers)]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dtype None at construction: allocated on the first write, in the dtype of its keys."""
+        if not self.k:
+            self._allocate(k.dtype)
         t = k.shape[2]
         end = self.length + t
         if end > self.max_len:

@@ -32,7 +32,7 @@ from llmtrain import checkpoint, dist
 from llmtrain.config import PPOConfig, to_dict
 from llmtrain.data.prompts import last_user, read_prompts
 from llmtrain.data.sft import split
-from llmtrain.errors import ConfigError
+from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, fmt_duration
@@ -100,6 +100,7 @@ def main(cfg: PPOConfig) -> Path:
 
     # ---- models
     sft_ckpt = checkpoint.resolve(cfg.policy)
+    bases = {"policy": str(sft_ckpt), "reward_model": str(checkpoint.resolve(cfg.reward_model))}
     tok_path = checkpoint.tokenizer_of(sft_ckpt)
     tok = Tokenizer.load(tok_path)
     mcfg = checkpoint.model_config(sft_ckpt)
@@ -138,15 +139,17 @@ def main(cfg: PPOConfig) -> Path:
     # policy can also be called alone (rollouts, evaluation); reference and reward model are
     # replicated (frozen, no gradients, no optimizer state).
     sharded = run.strategy == "fsdp" and env.distributed
+    if run.compile:
+        raise ConfigError("run.compile is not used by ppo (generation changes shapes every step); leave it false")
     if sharded and cfg.lora.enabled:
         raise ConfigError("ppo with lora.enabled runs under run.strategy=ddp (adapters are small; "
                           "LoRA shares the frozen models' weights, which FSDP would shard)")
     if sharded:
-        dist.shard(policy, env, run.precision)
-        dist.shard(value, env, run.precision)
+        for m in (policy, value):
+            dist.wrap(m, env, "fsdp", run.precision, run.activation_checkpointing)
         train_ac = ac
     else:
-        train_ac = dist.wrap(ac, env, "ddp")
+        train_ac = dist.wrap(ac, env, "ddp", run.precision, run.activation_checkpointing)
     optimizer = build_optimizer(ac, cfg.optim, dev)
     for g in optimizer.param_groups:
         g["lr"] = cfg.optim.lr
@@ -164,7 +167,7 @@ def main(cfg: PPOConfig) -> Path:
     start_it = 0
     steps = checkpoint.step_dirs(run_dir)
     if run.resume and steps:
-        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled, sharded)
+        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled, sharded, bases)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
     trainable, total = count_params(ac)
@@ -175,7 +178,8 @@ def main(cfg: PPOConfig) -> Path:
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
 
     def evaluate(it: int) -> dict:
-        r = evaluate_policy(policy, tok, reward_model, norm, val_p, cfg.max_new_tokens, cfg.true_rule)
+        with dist.autocast(dev, run.precision):
+            r = evaluate_policy(policy, tok, reward_model, norm, val_p, cfg.max_new_tokens, cfg.true_rule)
         log.log(it, "eval", **{k: v for k, v in r.items() if k != "answers"})
         log.print(f"iter {it:>4} | held-out reward {r['reward']:+.3f}" +
                   (f" | true score ({cfg.true_rule}) {r['true_score']:+.3f}" if cfg.true_rule else ""))
@@ -194,7 +198,8 @@ def main(cfg: PPOConfig) -> Path:
         # (1) rollouts: the policy answers, sampled with the KV cache
         prompt_ids = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
         gen = torch.Generator(device=dev).manual_seed(run.seed * 100003 + it * 101 + env.rank)
-        answers = generate(policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen)
+        with dist.autocast(dev, run.precision):
+            answers = generate(policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen)
         finished = torch.tensor([bool(a) and a[-1] in sampling.stop_ids for a in answers], dtype=torch.float32)
         texts = [tok.decode(a[:-1] if f else a, skip_special=True).strip() for a, f in zip(answers, finished.tolist())]
 
@@ -251,13 +256,13 @@ def main(cfg: PPOConfig) -> Path:
         kl_ctl.update(mean_kl, cfg.rollout_batch * env.world)
         var_ret = float(torch.var(returns[amask > 0]))
         explained = 1 - float(torch.var((returns - old_values)[amask > 0])) / var_ret if var_ret > 0 else float("nan")
-        rec = {
-            "reward": float(dist.all_reduce_mean(rm_scores.mean().to(dev), env)),
-            "score_with_penalty": float(scores.mean()), "kl": mean_kl, "beta": kl_ctl.value,
-            "entropy": float(entropy), "clipfrac": float(np.mean(stats["clipfrac"])),
-            "pg_loss": float(np.mean(stats["pg_loss"])), "vf_loss": float(np.mean(stats["vf_loss"])),
-            "explained_variance": explained, "response_length": float(amask.sum(1).mean()),
-            "finished": float(finished.mean()), "seconds": time.time() - t_it,
+        mean = lambda x: float(dist.all_reduce_mean(torch.as_tensor(x, dtype=torch.float32, device=dev), env))  # noqa: E731
+        rec = {  # means over all processes (explained variance: this process's)
+            "reward": mean(rm_scores.mean()), "score_with_penalty": mean(scores.mean()), "kl": mean_kl,
+            "beta": kl_ctl.value, "entropy": mean(entropy), "clipfrac": mean(np.mean(stats["clipfrac"])),
+            "pg_loss": mean(np.mean(stats["pg_loss"])), "vf_loss": mean(np.mean(stats["vf_loss"])),
+            "explained_variance": explained, "response_length": mean(amask.sum(1).mean()),
+            "finished": mean(finished.mean()), "seconds": time.time() - t_it,
             "peak_memory_mb": dist.peak_memory_mb(dev),
         }
         if stats["ptx_loss"]:
@@ -274,7 +279,7 @@ def main(cfg: PPOConfig) -> Path:
         if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
             lora_state = {k: v.detach().cpu() for k, v in ac.state_dict().items() if ".lora_" in k}
             checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": "ppo", "config": to_dict(cfg)},
-                            meta={"tokens": 0, "beta": kl_ctl.value, **rec}, tokenizer_path=str(tok_path),
+                            meta={"tokens": 0, "beta": kl_ctl.value, "bases": bases, **rec}, tokenizer_path=str(tok_path),
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
                             barrier=lambda: dist.barrier(env),
                             extra_state={"value": {} if sharded else value_state(value, cfg.lora.enabled),
@@ -294,11 +299,16 @@ def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
     return checkpoint.model_state(value)
 
 
-def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False) -> int:
+def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False,
+           bases: dict | None = None) -> int:
     """Continue from a PPO checkpoint: policy and value model, optimizer, KL coefficient. With
     LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
     the run started from): only the adapters and the value head are restored, exactly. A
     sharded run's checkpoint holds policy, value and optimizer in dcp/."""
+    saved = checkpoint.read_meta(step_dir).get("bases")
+    if lora and bases and saved and saved != bases:
+        raise CheckpointError(f"{step_dir}: its LoRA adapters sit on {saved}, but this run starts from {bases}; "
+                              "resume with the same policy and reward_model checkpoints")
     state = checkpoint.load_train_state(step_dir, env.rank)
     if sharded or (checkpoint.resolve(step_dir) / "dcp").is_dir():
         checkpoint.load_model_and_optimizer(step_dir, ac, optimizer, state)

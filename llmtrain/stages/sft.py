@@ -80,7 +80,7 @@ def main(cfg: SFTConfig) -> Path:
         # Each process its share; a sharded model's every forward is a collective, so there
         # every process runs the whole set (the same number of forwards; the mean is unchanged).
         mine = val_ex if sharded else val_ex[env.rank::env.world]
-        limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size
+        limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size * (env.world if sharded else 1)
         total_loss = torch.zeros((), device=env.device)
         n_tok = torch.zeros((), device=env.device)
         with torch.no_grad(), dist.autocast(env.device, run.precision):

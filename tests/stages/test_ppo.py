@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import WORDS, write_jsonl
 from llmtrain import checkpoint
+from llmtrain.errors import CheckpointError
 from llmtrain.config import LoRAConfig, OptimConfig, PPOConfig, RunConfig, FreezeConfig
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.metrics import read_metrics
@@ -130,3 +131,11 @@ def test_lora_resume_equals_uninterrupted(pretrained, rm_ckpt, tmp_path, monkeyp
     a = load_file(str(checkpoint.resolve(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(checkpoint.resolve(tmp_path / "res") / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The adapters only make sense on the base they were trained on: another policy is refused.
+    other = tmp_path / "other"
+    shutil.copytree(pretrained, other)
+    bad = cfg(tmp_path / "res", resume=True)
+    bad.policy = str(other)
+    with pytest.raises(CheckpointError, match="LoRA adapters sit on"):
+        ppo.main(bad)
