@@ -366,9 +366,16 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
     kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}", source)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            # A section given in part keeps this class's own defaults for the rest (e.g. the
+            # reward stage's run.max_steps=200 when only run.log_every is set), not the
+            # defaults of the section's class.
+            if (dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict)
+                    and f.default_factory is not dataclasses.MISSING):
+                value = {**to_dict(f.default_factory()), **value}
+            kwargs[f.name] = _coerce(hints[f.name], value, f"{prefix}{f.name}", source)
     return cls(**kwargs)
 
 

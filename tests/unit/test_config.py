@@ -70,3 +70,17 @@ def test_cli_overrides_may_follow_options(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit):
         cli_main(["demo", "--from", "sft", "--bogus"])
+
+
+def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path):
+    """reward's run section defaults to 200 steps and no weight decay; setting one run key
+    (or one optim key) must not reset the others to RunConfig's / OptimConfig's defaults."""
+    from llmtrain.config import RewardConfig
+
+    cfg = load_config(RewardConfig, None, ["run.log_every=50", "optim.lr=1e-3"])
+    default = RewardConfig()
+    assert cfg.run.max_steps == default.run.max_steps == 200 and cfg.run.log_every == 50
+    assert cfg.optim.weight_decay == default.optim.weight_decay == 0.0 and cfg.optim.lr == 1e-3
+    path = tmp_path / "r.yaml"
+    path.write_text("run:\n  batch_size: 2\n")
+    assert load_config(RewardConfig, str(path), []).run.max_steps == 200
