@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmtrain.config import ModelConfig, from_dict
+from llmtrain.dist import is_sharded
 from llmtrain.errors import CheckpointError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -83,7 +84,7 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    sharded = _is_sharded(model)
+    sharded = is_sharded(model)
     if sharded:
         weights = _save_sharded(model, train_module or model, optimizer, tmp / "dcp")
         optimizer = None  # its state is in dcp/
@@ -110,12 +111,6 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
                 shutil.rmtree(p, ignore_errors=True)
     barrier()
     return final
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from llmtrain.dist import is_sharded
-
-    return is_sharded(model)
 
 
 def _save_sharded(model: torch.nn.Module, trained: torch.nn.Module, optimizer, path: Path) -> dict[str, torch.Tensor]:
@@ -149,7 +144,7 @@ def load_model_and_optimizer(step_dir: str | Path, model: torch.nn.Module, optim
         dcp.load(target, checkpoint_id=str(step_dir / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
         return
-    if _is_sharded(model):
+    if is_sharded(model):
         raise CheckpointError(f"{step_dir}: saved without sharding (one process or ddp); resume it with "
                               "run.strategy=ddp, or start a sharded run from it with init_from")
     load_weights(step_dir, model)

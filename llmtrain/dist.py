@@ -161,27 +161,26 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def all_finished(done: bool) -> bool:
-    """Whether every process is done (a collective when distributed): lets sharded models,
-    whose every forward is a collective, step generation in lockstep."""
+def _max_over_processes(x: float) -> float:
+    """The largest value of a scalar over all processes (a collective when distributed)."""
     if not tdist.is_initialized():
-        return done
-    t = torch.tensor([0.0 if done else 1.0])
+        return x
+    t = torch.tensor([float(x)])
     if tdist.get_backend() == "nccl":
         t = t.cuda()
-    tdist.all_reduce(t)
-    return float(t) == 0.0
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_finished(done: bool) -> bool:
+    """Whether every process is done: lets sharded models, whose every forward is a
+    collective, step generation in lockstep."""
+    return _max_over_processes(0.0 if done else 1.0) == 0.0
 
 
 def all_max(n: int) -> int:
     """The largest of an integer over all processes (itself when not distributed)."""
-    if not tdist.is_initialized():
-        return n
-    t = torch.tensor([float(n)])
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_max_over_processes(n))
 
 
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
