@@ -46,8 +46,17 @@ def next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generat
     if s.temperature <= 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / s.temperature, s.top_k, s.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_from(torch.softmax(logits, dim=-1), generator)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V) by inverting the cumulative distribution: one uniform
+    number per row. (`torch.multinomial` draws V exponential numbers per row on the CPU, which
+    took a quarter of the time of sampling candidates with the demo's 2,048-token vocabulary.)
+    A token of probability 0 is never drawn: its cumulative value equals its predecessor's."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,6 +138,9 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
 
 
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
@@ -158,14 +161,18 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, Dh)
+        gqa = {}
         if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if _SDPA_GQA:  # SDPA shares each key/value head among its query heads itself
+                gqa = {"enable_gqa": True}
+            else:  # torch < 2.5: copy the key/value heads out
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             # Training and full forward: plain causal attention, the fastest SDPA path.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -223,7 +230,9 @@ class Backbone(nn.Module):
         else:
             cos, sin = self.rotary(position_ids)
         mask = None
-        if attention_mask is not None or (cache is not None and T > 1 and past > 0):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask  # ready-made (B, 1, T, S), e.g. packed sequences' block-diagonal mask
+        elif attention_mask is not None or (cache is not None and T > 1 and past > 0):
             mask = build_mask(attention_mask, B, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

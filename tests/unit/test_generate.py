@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmtrain.config import ModelConfig
-from llmtrain.generate import SamplingConfig, filter_logits, generate
+from llmtrain.generate import SamplingConfig, filter_logits, generate, sample_from
 from llmtrain.model import Transformer
 
 
@@ -54,3 +54,13 @@ def test_top_k_top_p_hand_worked():
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
     kept = filter_logits(logits, top_p=0.8)
     assert math.isclose(torch.softmax(kept, -1)[0, 2].item(), 0.125 / 0.875, rel_tol=1e-6)
+
+
+def test_sample_from_draws_each_token_at_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 1.0, 0.0]]).repeat(20000, 1)
+    draws = sample_from(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / 20000
+    # 4 standard errors of a frequency near 0.5 over 20,000 draws: 0.014
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.2, 0.3]), atol=0.014, rtol=0)
+    assert freq[1] == 0  # probability 0: never drawn
+    assert (draws[:, 1] == 2).all()
