@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from llmtrain import checkpoint
-from llmtrain.data import classify as seq_data
+from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking
 from llmtrain.data.prompts import last_user
 from llmtrain.errors import CheckpointError
@@ -28,32 +28,38 @@ def encode_answer(tok: Tokenizer, messages: list[dict], answer: str, max_len: in
     return ids if len(ids) <= max_len else [ids[0], *ids[-(max_len - 1):]]
 
 
+def score_sequences(model, seqs: list[list[int]], pad_id: int, capacity: int, device) -> torch.Tensor:
+    """The head at each sequence's last token, (N, n_out), in one padding-free forward: the
+    sequences are packed into rows of `capacity` tokens (llmtrain/data/packing.py)."""
+    b = pack(seqs, capacity, pad_id).to(device)
+    return model(b.ids, None, b.mask, b.positions)[b.end_rows, b.end_cols]
+
+
 def score_texts(model: ScoreModel, tok: Tokenizer, items: list[tuple], batch_size: int = 32,
                 offset: float = 0.0) -> list[float]:
     """Rewards of (conversation, answer) or (conversation, answer, finished) items, minus
     `offset` (the normalisation). Answers are taken as finished unless said otherwise."""
     out: list[float] = []
     device = next(model.parameters()).device
+    max_len = model.config.max_seq_len
     was = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
-            seqs = [encode_answer(tok, it[0], it[1], model.config.max_seq_len, *it[2:]) for it in items[i:i + batch_size]]
-            x, lengths = seq_data.collate(seqs, tok.pad_id)
-            out += (model(x.to(device), lengths)[:, 0].float() - offset).tolist()
+            seqs = [encode_answer(tok, it[0], it[1], max_len, *it[2:]) for it in items[i:i + batch_size]]
+            out += (score_sequences(model, seqs, tok.pad_id, max_len, device)[:, 0].float() - offset).tolist()
     model.train(was)
     return out
 
 
 def forward_rankings(model, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
     """One forward pass over every answer of every ranking -> rewards (N,) and, per ranking,
-    the offset of its first answer in that vector."""
+    the offset of its first answer in that vector. The answers are packed, not padded."""
     seqs, starts = [], []
     for r in rankings:
         starts.append(len(seqs))
         seqs += [encode_answer(tok, r.messages, t, max_len, f) for t, f in zip(r.texts, r.finished_flags)]
-    x, lengths = seq_data.collate(seqs, tok.pad_id)
-    return model(x.to(device), lengths)[:, 0], starts
+    return score_sequences(model, seqs, tok.pad_id, max_len, device)[:, 0], starts
 
 
 def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[ScoreModel, Tokenizer, dict]:

@@ -15,8 +15,13 @@ import torch
 
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import DPOConfig, to_dict
-from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
-from llmtrain.data.sft import Example, collate
+from llmtrain.data.packing import pack
+from llmtrain.data.preference import (
+    Ranking,
+    RankingBatches,
+    load_pairs_data,
+    pair_tensors,
+)
 from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
@@ -28,19 +33,21 @@ from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
 
 def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
     """Summed log-probs of every answer (its text and closing <|end|>, none for a cut-off
-    answer) in one forward pass -> (N,) and, per ranking, the offset of its first answer."""
-    exs, starts = [], []
+    answer) in one forward pass -> (N,) and, per ranking, the offset of its first answer.
+    The answers are packed end to end (llmtrain/data/packing.py), not padded."""
+    inputs, targets, starts = [], [], []
     for r in rankings:
-        starts.append(len(exs))
+        starts.append(len(inputs))
         for t, f in zip(r.texts, r.finished_flags):
             ids, mask = render_answer(tok, r.messages, t, f)
-            exs.append(Example(ids[: max_len + 1], mask[: max_len + 1], ""))
-    x, y = collate(exs, tok.pad_id)
-    x, y = x.to(device), y.to(device)
-    logp = torch.log_softmax(model(x).float(), -1)
-    keep = y != IGNORE
-    per_token = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * keep
-    return per_token.sum(1), starts
+            ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+            inputs.append(ids[:-1])  # position p predicts token p + 1 of the same answer
+            targets.append([y if m else IGNORE for y, m in zip(ids[1:], mask[1:])])
+    b = pack(inputs, max_len, tok.pad_id).to(device)
+    y, seq = b.layout(targets, IGNORE), b.sequence_index()
+    logp = torch.log_softmax(model(b.ids, b.mask, b.positions).float(), -1)
+    per_token = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != IGNORE)
+    return per_token.new_zeros(len(inputs)).index_add(0, seq.clamp(min=0).flatten(), per_token.flatten()), starts
 
 
 def main(cfg: DPOConfig) -> Path:

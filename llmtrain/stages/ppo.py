@@ -54,8 +54,12 @@ class AdaptersOffScore(torch.nn.Module):
         super().__init__()
         self.body, self.score, self.config = body, head, body.config
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As `ScoreModel.forward`: at each row's last token with `lengths`, else at every position."""
         with adapters_off(self.body):
+            if lengths is None:
+                return self.score(self.body.model(input_ids, attention_mask, position_ids))
             return self.score(self.body.last_hidden(input_ids, lengths))
 
 

@@ -50,11 +50,18 @@ def weights(run):
     return load_file(str(checkpoint.resolve(run) / "model.safetensors"))
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, atol=1e-5):
     a, b = weights(a), weights(b)
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4)
+
+
+# Reward and DPO pack the answers of a batch into rows (llmtrain/data/packing.py): one process
+# packs 4 rankings, each of 2 processes packs 2, so the rows and with them the order of float
+# sums differ. Adam turns those last-bit gradient differences into weight differences of up to
+# a few 1e-5 after 3 steps at lr 3e-3 (0.003 x the size of one step); the losses still agree.
+PACKED_ATOL = 1e-4
 
 
 def test_pretrain_fsdp_equals_one_process_and_reshards_to_one(shards, tmp_path):
@@ -130,7 +137,7 @@ def test_reward_equals_one_process(pretrained, tmp_path, strategy):
     torchrun("reward", cfg, tmp_path, strategy, out_dir=str(tmp_path / strategy), batch_size=2, strategy=strategy)
     assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "one"), rel=REL)
     assert losses(tmp_path / strategy, "val", "accuracy") == losses(tmp_path / "one", "val", "accuracy")
-    assert_same_weights(tmp_path / "one", tmp_path / strategy)
+    assert_same_weights(tmp_path / "one", tmp_path / strategy, atol=PACKED_ATOL)
 
 
 def test_dpo_ddp_equals_one_process(pretrained, tmp_path):
@@ -142,7 +149,7 @@ def test_dpo_ddp_equals_one_process(pretrained, tmp_path):
     dpo.main(cfg)
     torchrun("dpo", cfg, tmp_path, "ddp", out_dir=str(tmp_path / "ddp"), batch_size=2)
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=REL)
-    assert_same_weights(tmp_path / "one", tmp_path / "ddp")
+    assert_same_weights(tmp_path / "one", tmp_path / "ddp", atol=PACKED_ATOL)
 
 
 def test_ppo_ranks_share_the_rollouts_and_fsdp_equals_ddp(pretrained, tmp_path):

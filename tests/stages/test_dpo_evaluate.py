@@ -1,12 +1,37 @@
 """DPO on toy rankings raises held-out reward accuracy; evaluate compares two checkpoints."""
 import json
 
+import torch
 from conftest import write_jsonl
+from test_reward import reward_config, toy_rankings
+
+from llmtrain import checkpoint
 from llmtrain.cli import main as cli_main
 from llmtrain.config import DPOConfig, OptimConfig, RewardDataConfig, RunConfig
+from llmtrain.data.preference import Ranking
 from llmtrain.metrics import read_metrics
+from llmtrain.model import Transformer
 from llmtrain.stages import dpo
-from test_reward import reward_config, toy_rankings
+from llmtrain.tokenizer import Tokenizer, render_answer
+
+
+def test_packed_answer_logprobs_equal_one_answer_at_a_time(pretrained):
+    tok = Tokenizer.load(checkpoint.tokenizer_of(pretrained))
+    model = Transformer(checkpoint.model_config(pretrained)).eval()
+    checkpoint.load_weights(pretrained, model)
+    rows = [Ranking([{"role": "user", "content": "Describe the apple"}], ["splendid apple", "apple", "a pear"], [1, 2, 3],
+                    finished=[True, True, False]),
+            Ranking([{"role": "user", "content": "Hello there, how are you today?"}], ["quite so", "no"], [1, 2])]
+    with torch.no_grad():
+        packed, starts = dpo.answer_logprobs(model, tok, rows, 64, torch.device("cpu"))
+        alone = []
+        for r in rows:
+            for t, f in zip(r.texts, r.finished_flags):
+                ids, mask = render_answer(tok, r.messages, t, f)
+                logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].float(), -1)
+                alone.append(sum(logp[p, ids[p + 1]].item() for p in range(len(ids) - 1) if mask[p + 1]))
+    assert starts == [0, 3]
+    torch.testing.assert_close(packed, torch.tensor(alone), atol=1e-4, rtol=1e-5)
 
 
 def test_dpo_learns_the_preference(pretrained, tmp_path):

@@ -48,9 +48,11 @@ def test_all_pairs_of_a_prompt_in_one_batch_each_answer_forwarded_once(pretraine
     rows = [Ranking([{"role": "user", "content": "q1"}], ["a", "b", "c"], [1, 2, 3]),
             Ranking([{"role": "user", "content": "q2"}], ["d", "e", "f", "g"], [1, 2, 2, 4])]
     calls = []
-    model.model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    # Answers are packed into rows: count the sequences in each forward by their first (position 0) tokens.
+    model.model.register_forward_hook(lambda mod, inp, out: calls.append(int(((inp[2] == 0) & (inp[0] != tok.pad_id)).sum())))
     rewards, starts = forward_rankings(model, tok, rows, 64, torch.device("cpu"))
     assert calls == [7]  # one pass, 3 + 4 answers, each once
+    assert rewards.shape == (7,) and starts == [0, 3]
     b, w, _ = pair_tensors(rows, starts, 0.0, 0.0, torch.device("cpu"))
     assert len(b) == 3 + (6 - 1)  # C(3,2) + C(4,2) minus the one tie
     assert set(zip(b.tolist(), w.tolist())) == {(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (3, 6), (4, 6), (5, 6)}
