@@ -244,8 +244,10 @@ def fb_generate(args) -> int:
 
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p)
-    r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device)
-    print(f"feedback generate: {r['prompts']} prompts x {args.k} = {r['candidates']} candidates -> {args.db}")
+    r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device,
+                       rounds=args.rounds)
+    print(f"feedback generate: {r['prompts']} prompts x {args.k}" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
+          + f" = {r['candidates']} candidates -> {args.db}")
     return 0
 
 
@@ -375,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="the fine-tuned checkpoint that writes the candidates")
     g.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": ...} or {\"messages\": [...]}")
     g.add_argument("-k", type=int, default=4, help="candidates per prompt, 2 to 9 (default 4)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="answer every prompt this many times, K fresh candidates each, ranked separately (default 1)")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)

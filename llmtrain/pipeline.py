@@ -33,6 +33,7 @@ class FeedbackStageConfig:
     prompts: str = "data/sft/aristocrat.jsonl"  # its SFT-training side gives the prompts to rank
     max_prompts: int = 120  # 0: all of them
     k: int = 4
+    rounds: int = 1  # each prompt answered this many times (K fresh answers, ranked separately)
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
@@ -200,9 +201,10 @@ def _candidates(cfg, base, r):
     f = cfg.feedback
     s = SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p)
     tmp = r.feedback / "feedback.db.tmp"
-    res = generate_to_db(str(r.sft), str(r.prompts), str(tmp), f.k, s, seed=cfg.sft.run.seed)
+    res = generate_to_db(str(r.sft), str(r.prompts), str(tmp), f.k, s, seed=cfg.sft.run.seed, rounds=f.rounds)
     tmp.rename(r.db)
-    print(f"candidates: {res['prompts']} prompts x {f.k} answers from the SFT model -> {r.db}")
+    print(f"candidates: {res['prompts']} prompts x {f.k} answers" + (f" x {f.rounds} rounds" if f.rounds > 1 else "")
+          + f" from the SFT model -> {r.db}")
 
 
 def _candidates_done(r) -> bool:

@@ -5,9 +5,12 @@
 Prompts are JSONL lines {"prompt": ...} or {"messages": [...ending with a user turn]}. Each
 prompt is rendered with the shared chat template and repeated K times in one batched,
 KV-cached generation. The checkpoint and the sampling settings are recorded with them.
+
+With `rounds` R > 1 every prompt is answered R times over, K fresh samples each time, and
+each round is its own ranking task: an annotator ranks K answers at a time (K <= 9 fits the
+ranking page), and the reward model gets R x C(K,2) pairs per prompt instead of C(K,2).
 """
 from __future__ import annotations
-
 
 import torch
 
@@ -20,7 +23,7 @@ from llmtrain.tokenizer import Tokenizer, render_chat
 
 
 def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]], k: int, sampling: SamplingConfig,
-                      generator: torch.Generator | None = None, batch_prompts: int = 8) -> list[list[dict]]:
+                      generator: torch.Generator | None = None, batch_prompts: int = 32) -> list[list[dict]]:
     """-> per conversation, K candidates {"text", "finished", "n_tokens"}."""
     stops = (tok.end_id, tok.eos_id)
     s = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, stops)
@@ -40,9 +43,11 @@ def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]
 
 
 def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: SamplingConfig, seed: int = 0,
-                   device: str = "auto") -> dict:
+                   device: str = "auto", rounds: int = 1) -> dict:
     if not 2 <= k <= 9:
         raise ValueError(f"k must be between 2 and 9, got {k}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     ckpt_dir = checkpoint.resolve(ckpt)
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt_dir))
     model = Transformer(checkpoint.model_config(ckpt_dir))
@@ -50,14 +55,15 @@ def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: Samp
     model.to(dist.pick_device(device)).eval()
     convs = read_prompts(prompts_path)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    cands = sample_candidates(model, tok, convs, k, sampling, gen)
+    per_round = [sample_candidates(model, tok, convs, k, sampling, gen) for _ in range(rounds)]
     store = FeedbackStore(db)
     settings = {"checkpoint": str(ckpt_dir.resolve()), "step": checkpoint.read_meta(ckpt_dir).get("step"), "k": k,
-                "seed": seed, "prompts": str(prompts_path), "max_new_tokens": sampling.max_new_tokens,
+                "rounds": rounds, "seed": seed, "prompts": str(prompts_path), "max_new_tokens": sampling.max_new_tokens,
                 "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
     gid = store.add_generation(settings)
-    for conv, cs in zip(convs, cands):
-        prompt = next(m["content"] for m in reversed(conv) if m["role"] == "user")
-        store.add_prompt(prompt, cs, generation_id=gid, messages=conv)
+    for cands in per_round:
+        for conv, cs in zip(convs, cands):
+            prompt = next(m["content"] for m in reversed(conv) if m["role"] == "user")
+            store.add_prompt(prompt, cs, generation_id=gid, messages=conv)
     store.close()
-    return {"prompts": len(convs), "candidates": len(convs) * k, "generation_id": gid}
+    return {"prompts": len(convs), "rounds": rounds, "candidates": len(convs) * k * rounds, "generation_id": gid}

@@ -3,8 +3,9 @@ simulated annotator and the export, end to end through the CLI."""
 import json
 
 from conftest import write_jsonl
+
 from llmtrain.cli import main as cli_main
-from llmtrain.data.preference import read_rankings
+from llmtrain.data.preference import read_rankings, split_by_prompt
 from llmtrain.feedback.store import FeedbackStore
 
 
@@ -31,6 +32,24 @@ def test_generate_simulate_export(pretrained, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["feedback", "generate", str(pretrained), "--prompts", str(prompts), "-k", "12", "--db", db]) == 2
     assert "k must be between 2 and 9" in capsys.readouterr().err
+
+
+def test_rounds_answer_each_prompt_again_and_stay_on_one_side_of_the_split(pretrained, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about the garden {i}"} for i in range(8)])
+    db = str(tmp_path / "fb.db")
+    assert cli_main(["feedback", "generate", str(pretrained), "--prompts", str(prompts), "-k", "3", "--rounds", "2",
+                     "--db", db, "--max-new-tokens", "10"]) == 0
+    store = FeedbackStore(db)
+    ids = store.prompt_ids()
+    assert len(ids) == 16  # 8 prompts, 2 rankings each
+    first, second = store.prompt(ids[0]), store.prompt(ids[8])
+    assert first["prompt"] == second["prompt"] and store.generation(first["generation_id"])["rounds"] == 2
+    assert [c["text"] for c in first["candidates"]] != [c["text"] for c in second["candidates"]]  # fresh samples
+    assert cli_main(["feedback", "simulate", "--db", db, "--rule", "length"]) == 0
+    assert cli_main(["feedback", "export", "--db", db, "-o", str(tmp_path / "r.jsonl")]) == 0
+    rows, _ = read_rankings(tmp_path / "r.jsonl")
+    train, val = split_by_prompt(rows, 3)
+    assert len(rows) == 16 and not {r.prompt for r in train} & {r.prompt for r in val}
 
 
 def test_bad_prompts_file_names_the_line(pretrained, tmp_path, capsys):
