@@ -16,12 +16,7 @@ import torch
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import DPOConfig, to_dict
 from llmtrain.data.packing import pack
-from llmtrain.data.preference import (
-    Ranking,
-    RankingBatches,
-    load_pairs_data,
-    pair_tensors,
-)
+from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
