@@ -190,12 +190,19 @@ def cmd_reward_chitchat(argv: list[str]) -> int:
     return 0
 
 
-def cmd_ppo(args) -> int:
-    from llmtrain.config import PPOConfig, load_config
-    from llmtrain.stages import ppo
+def rl_command(algorithm: str):
+    """`llmtrain ppo|grpo|rloo`: the one RL stage (llmtrain/stages/ppo.py) with its algorithm set."""
+    def cmd(args) -> int:
+        from llmtrain.config import PPOConfig, load_config
+        from llmtrain.errors import ConfigError
+        from llmtrain.stages import ppo
 
-    ppo.main(load_config(PPOConfig, args.config, args.overrides))
-    return 0
+        cfg = load_config(PPOConfig, args.config, [f"algorithm={algorithm}", *args.overrides])
+        if cfg.algorithm != algorithm:
+            raise ConfigError(f"algorithm={cfg.algorithm} given to `llmtrain {algorithm}`; use `llmtrain {cfg.algorithm}`")
+        ppo.main(cfg)
+        return 0
+    return cmd
 
 
 def cmd_dpo(args) -> int:
@@ -343,7 +350,9 @@ COMMANDS = {
     "sft": (cmd_sft, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
     "classify": (cmd_classify, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
     "reward": (cmd_reward, "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`", True),
-    "ppo": (cmd_ppo, "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)", True),
+    "ppo": (rl_command("ppo"), "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)", True),
+    "grpo": (rl_command("grpo"), "stage 3b: critic-free RLHF, GRPO (G answers per prompt, no value model)", True),
+    "rloo": (rl_command("rloo"), "stage 3b: critic-free RLHF, RLOO (leave-one-out baseline, no value model)", True),
     "dpo": (cmd_dpo, "stage 3c: Direct Preference Optimization from the rankings (no reward model)", True),
     "evaluate": (cmd_evaluate, "compare two checkpoints: reward-model score, win rates (a=... b=...)", True),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
@@ -400,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("demo", "pipeline"):
         sub.choices[name].add_argument("--from", dest="from_stage", default="", metavar="STAGE",
                                        help="rerun from this stage on: tokenizer, prepare, pretrain, sft, candidates, "
-                                            "rankings, reward, ppo, dpo, evaluate, report")
+                                            "rankings, reward, ppo, grpo, rloo, dpo, evaluate, report")
         sub.choices[name].add_argument("--human", action="store_true",
                                        help="people rank the candidates in the web app instead of the simulated annotator")
     for name in ("generate", "chat"):

@@ -221,8 +221,13 @@ class RewardConfig:
 @dataclass
 class KLConfig:
     beta: float = 0.05  # initial (or fixed) KL coefficient
+    # Per-token KL estimate (llmtrain.rl.kl_estimate; both are logged) and where it acts: a
+    # penalty in the reward, or beta x mean k3 as a loss term. auto: GRPO k3 in the loss (as
+    # DeepSeekMath), PPO and RLOO k1 in the reward (as InstructGPT and RLOO).
+    estimator: Literal["auto", "k1", "k3"] = "auto"
+    placement: Literal["auto", "reward", "loss"] = "auto"
     adaptive: bool = False
-    target: float = 6.0  # adaptive: the KL (nats per response) to hold
+    target: float = 6.0  # the KL (nats per response) to stay under; adaptive: the one to hold
     horizon: int = 10000  # adaptive: how fast beta moves (in rollouts)
 
 
@@ -237,6 +242,9 @@ class LoRAConfig:
 
 @dataclass
 class PPOConfig:
+    """The RL stage: PPO (policy + value model, GAE) or critic-free GRPO / RLOO (G answers per
+    prompt, each judged against the others to the same prompt; no value model)."""
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
     reward_model: str = ""  # the reward-model checkpoint: scores, and the value head's start
     prompts: str = "data/sft/aristocrat.jsonl"  # JSONL prompts ({"prompt"} / {"messages"}; responses ignored)
@@ -244,12 +252,13 @@ class PPOConfig:
     eval_prompts: int = 32  # held-out prompts per evaluation (0: all)
     true_rule: str = ""  # a simulated annotator's rule, the "true" preference to watch for reward hacking
     rollout_batch: int = 16  # prompts per iteration per process
+    group_size: int = 4  # grpo / rloo: answers sampled per prompt (rollout_batch x group_size answers)
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     ppo_epochs: int = 2
-    minibatch: int = 8
+    minibatch: int = 8  # answers per update step per process (rollout answers must split evenly)
     clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.5

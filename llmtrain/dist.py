@@ -79,6 +79,22 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return x
 
 
+def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum of a tensor over all processes (itself when there is one)."""
+    if env.distributed:
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise largest value of a tensor over all processes."""
+    if env.distributed:
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU or CUDA for 'bf16'; a no-op context for 'fp32'."""
     if precision == "bf16":

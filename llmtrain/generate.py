@@ -41,21 +41,27 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,)."""
     if s.temperature <= 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / s.temperature, s.top_k, s.top_p)
-    return sample_from(torch.softmax(logits, dim=-1), generator)
+    return sample_from(torch.softmax(logits, dim=-1), generator, rows)
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One token per row of probs (B, V) by inverting the cumulative distribution: one uniform
     number per row. (`torch.multinomial` draws V exponential numbers per row on the CPU, which
     took a quarter of the time of sampling candidates with the demo's 2,048-token vocabulary.)
-    A token of probability 0 is never drawn: its cumulative value equals its predecessor's."""
+    A token of probability 0 is never drawn: its cumulative value equals its predecessor's.
+    rows=(first, total): these B rows are rows first.. of a global batch of `total` spread over
+    processes; the uniforms of all `total` rows are drawn and this slice taken, so a row gets
+    the same number whatever the number of processes."""
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    first, total = rows or (0, probs.shape[0])
+    u = torch.rand((total, 1), generator=generator, device=probs.device, dtype=cdf.dtype)[first:first + probs.shape[0]]
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
@@ -74,9 +80,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
-             on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[list[int]], None] | None = None, rows: tuple[int, int] | None = None
+             ) -> list[list[int]]:
     """Sample continuations of each prompt; returns the new tokens of each, ending with the
     stop token when one was produced. `on_token` receives each step's new ids (streaming).
+    `rows` (first, total): see `sample_from` (RL rollouts spread over processes).
     A model sharded by FSDP2 (every forward a collective) steps in lockstep with the other
     processes: it stops early only when all of them are done."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -109,7 +117,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         else:
             full = torch.cat([ids, out], dim=1)
             logits = model(full, attention_mask=mask, position_ids=torch.cat([positions, _tail_pos(positions, out)], 1))
-        tok = next_token(logits[:, -1], sampling, generator)
+        tok = next_token(logits[:, -1], sampling, generator, rows)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         out = torch.cat([out, tok[:, None]], dim=1)
         if on_token is not None:

@@ -7,6 +7,9 @@ logprobs[:, t] is log p(token t+1 | tokens <= t).
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,22 +40,88 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; with shift_mean=False the mean is kept."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor,
+                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked entries. With `all_reduce_sum` (summing a
+    tensor over processes) they are those of the masked entries of *all* processes, from
+    all-reduced sums (count and sum, then squared deviations from the global mean), so the
+    result does not depend on how many processes share the batch."""
+    m = mask.to(x.dtype)
+    reduce = all_reduce_sum or (lambda t: t)
+    n, total = reduce(torch.stack([m.sum(), (x * m).sum()])).unbind()
+    mean = total / n.clamp(min=1)
+    var = reduce(((x - mean) ** 2 * m).sum()) / (n - 1).clamp(min=1)
+    return mean, var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of all processes with `all_reduce_sum`, see
+    `masked_moments`); with shift_mean=False the mean is kept."""
+    mean, var = masked_moments(x, mask, all_reduce_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
+    return (out if shift_mean else out + mean) * mask.to(x.dtype)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman,
+    "Approximating KL divergence", 2020), with log r = log pi_ref - log pi:
+
+        k1 = -log r = log pi - log pi_ref          unbiased, can be negative, high variance
+        k3 = (r - 1) - log r                       unbiased, never negative, lower variance
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_r = ref_logp - logp
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
 
 
 def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,
-               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -beta * (log pi - log pi_ref) on every response token, plus the
+               beta: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * KL_t (estimator k1 or k3) on every response token, plus the
     reward model's score on the last response token. Returns (rewards, kl), both (B, T-1)."""
-    kl = (logp - ref_logp) * mask
+    kl = kl_estimate(logp, ref_logp, estimator) * mask
     rewards = -beta * kl
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)  # index of each row's last response token
     rewards[torch.arange(len(score)), last] += score
     return rewards * mask, kl
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """Critic-free advantages: each answer's reward against the other answers to its prompt.
+    `rewards` (N,) holds N / G groups of G consecutive answers to one prompt.
+
+        grpo:  A_i = (r_i - mean_g r) / (std_g r + 1e-4)     (Shao et al., 2024; unbiased std)
+        rloo:  A_i = r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean_g r)   (Ahmadian et al., 2024)
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size} (at least 2)")
+    r = rewards.view(-1, group_size).float()
+    mean = r.mean(1, keepdim=True)
+    if kind == "grpo":
+        return ((r - mean) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    if kind == "rloo":
+        return ((r - mean) * group_size / (group_size - 1)).flatten()
+    raise ValueError(f"unknown group advantage {kind!r} (grpo or rloo)")
+
+
+def minibatches(n_global: int, n_minibatches: int, seed: Sequence[int], rank: int = 0, world: int = 1
+                ) -> list[list[int]]:
+    """One epoch's minibatches as this process's local row indices, the same global partition
+    whatever the number of processes: the global rows (rank r holds rows r*n/world ..) are
+    cut into blocks of `n_minibatches` consecutive rows, and each block sends one row, drawn
+    at random, to each minibatch. Every process so holds the same share of every minibatch,
+    and 1 process computes exactly the minibatches that 2 compute together."""
+    if n_global % (world * n_minibatches):
+        raise ValueError(f"{n_global} rows do not split into {n_minibatches} minibatches on each of {world} processes")
+    rng = np.random.default_rng(list(seed))
+    assign = np.concatenate([rng.permutation(n_minibatches) for _ in range(n_global // n_minibatches)])
+    local = n_global // world
+    mine = assign[rank * local:(rank + 1) * local]
+    return [np.flatnonzero(mine == j).tolist() for j in range(n_minibatches)]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float

@@ -474,8 +474,8 @@ def _export_adapter(d: Path, out: Path, dtype: str, base: str, export_base: bool
     run's starting policy (exported to out/base with `export_base`); it is checked first to give
     back the saved (merged) policy with the adapters on."""
     conf = checkpoint.read_config(d)
-    if conf.get("stage") != "ppo":
-        raise CheckpointError(f"{d}: --adapter needs a PPO checkpoint trained with lora.enabled=true "
+    if conf.get("stage") not in ("ppo", "grpo", "rloo"):
+        raise CheckpointError(f"{d}: --adapter needs an RL (ppo, grpo, rloo) checkpoint trained with lora.enabled=true "
                               f"(this one is stage {conf.get('stage')!r})")
     run_cfg = conf.get("config") or {}
     lora = run_cfg.get("lora") or {}

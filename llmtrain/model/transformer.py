@@ -236,7 +236,7 @@ class Backbone(nn.Module):
             mask = build_mask(attention_mask, B, T, past, input_ids.device)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # RL trains in eval mode (no dropout)
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)

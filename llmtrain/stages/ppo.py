@@ -1,24 +1,36 @@
-"""Stage 3b, RLHF with PPO: the policy writes answers, the reward model scores them, the policy
-is updated to score better, held near the fine-tuned model by a KL penalty.
+"""Stage 3b, RLHF: the policy writes answers, the reward model scores them, the policy is
+updated to score better, held near the fine-tuned model by a KL penalty. Three algorithms:
 
-    llmtrain ppo -c configs/ppo.yaml policy=runs/sft reward_model=runs/reward
+    llmtrain ppo  policy=runs/sft reward_model=runs/reward      PPO: policy + value model, GAE
+    llmtrain grpo policy=runs/sft reward_model=runs/reward      GRPO: G answers per prompt, no value model
+    llmtrain rloo policy=runs/sft reward_model=runs/reward      RLOO: G answers per prompt, no value model
 
-Models: the policy (from the SFT checkpoint; all, some (freeze) or LoRA weights trained),
-the value model (from the reward model, as in InstructGPT), and, without gradients, the
-reference (the SFT model) and the reward model, optionally in bf16. With LoRA the frozen two
-are not copies: the reference is the policy with its adapters off, and the reward model is the
-value model's backbone with its adapters off under the reward model's own head, so two models
-sit in memory instead of four.
+PPO's models: the policy (from the SFT checkpoint; all, some (freeze) or LoRA weights
+trained), the value model (from the reward model, as in InstructGPT), and, without
+gradients, the reference (the SFT model) and the reward model, optionally in bf16. With LoRA
+the frozen two are not copies: the reference is the policy with its adapters off, and the
+reward model is the value model's backbone with its adapters off under the reward model's
+own head, so two models sit in memory instead of four.
+
+GRPO and RLOO (critic-free) sample G answers to each prompt and judge each answer against the
+others to the same prompt (llmtrain.rl.group_advantages); they hold no value model, so no
+second trainable model, its gradients or its optimizer state.
+
+Every model runs in eval mode throughout (no dropout; as TRL's PPO), and everything an
+iteration computes before its update (samples, old log-probs, values, reference, reward) runs
+under the same autocast as the update, in the same batches as the first epoch's minibatches:
+before the first update the new/old ratio is exactly 1 (logged as `ratio_dev`).
 
 Each iteration, in the numbered phases marked below:
- (1) rollouts   sample answers to a batch of prompts (batched, KV cache)
+ (1) rollouts   sample answers to a batch of prompts (batched, KV cache; G per prompt for GRPO/RLOO)
  (2) score      reward model on (prompt, answer), minus a penalty if cut off without an end
- (3) KL         per-token log-probs of policy and reference; reward_t = -beta (log pi - log pi_ref),
-                plus the score on the last answer token
- (4) advantage  values from the value head; GAE (gamma, lambda); whitened
- (5) update     several epochs of minibatches: clipped policy loss + clipped value loss
-                (+ PPO-ptx: a pretraining loss)
- (6) log        reward, KL, entropy, clip fraction, value loss, explained variance, lengths, samples
+ (3) log-probs  old log-probs (and values) of the policy, the reference's; per-token KL (k1 and k3)
+ (4) advantage  PPO: reward_t = -beta KL_t (+ score on the last token), GAE, whitened over all
+                processes. GRPO/RLOO: score (- beta sum KL), against its group. With kl.in_loss
+                the KL is a loss term instead (beta x mean k3).
+ (5) update     several epochs of minibatches: clipped policy loss (+ clipped value loss)
+                (+ KL term) (+ PPO-ptx: a pretraining loss)
+ (6) log        reward, KL, ratio before the update, entropy, clip fraction, value loss, lengths, samples
 """
 from __future__ import annotations
 
@@ -39,7 +51,8 @@ from llmtrain.metrics import Metrics, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.model.heads import ScoreModel
-from llmtrain.rl import AdaptiveKL, FixedKL, entropy_from_logits, gae, kl_rewards, masked_mean, token_logprobs, whiten
+from llmtrain.rl import (AdaptiveKL, FixedKL, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards,
+                         masked_mean, masked_moments, minibatches, token_logprobs, whiten)
 from llmtrain.scoring import evaluate_policy, load_reward_model, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import build_optimizer, count_params, optimizer_step
@@ -64,14 +77,16 @@ class AdaptersOffScore(torch.nn.Module):
 
 
 class ActorCritic(torch.nn.Module):
-    """Policy and value model under one module, so one DDP wrapper and one optimizer serve both."""
+    """Policy and value model (None for GRPO/RLOO) under one module, so one DDP wrapper and one
+    optimizer serve both."""
 
-    def __init__(self, policy: Transformer, value: ScoreModel):
+    def __init__(self, policy: Transformer, value: ScoreModel | None):
         super().__init__()
         self.policy, self.value = policy, value
 
     def forward(self, ids, mask, pos):
-        return self.policy(ids, mask, pos), self.value.forward_tokens(ids, mask, pos)[..., 0]
+        logits = self.policy(ids, mask, pos)
+        return logits, (self.value.forward_tokens(ids, mask, pos)[..., 0] if self.value is not None else None)
 
 
 def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
@@ -93,14 +108,41 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
     return ids, mask, pos, amask
 
 
+def check(cfg: PPOConfig) -> None:
+    """Settings that cannot work together, named before any model is loaded; "auto" KL
+    settings resolved for the algorithm."""
+    grpo = cfg.algorithm == "grpo"
+    if cfg.kl.estimator == "auto":
+        cfg.kl.estimator = "k3" if grpo else "k1"
+    if cfg.kl.placement == "auto":
+        cfg.kl.placement = "loss" if grpo else "reward"
+    if cfg.kl.placement == "loss" and cfg.kl.estimator != "k3":
+        raise ConfigError("kl.placement=loss takes kl.estimator=k3 (as a loss, k1's expected gradient is zero)")
+    if not cfg.policy or not cfg.reward_model:
+        raise ConfigError("set policy (the SFT checkpoint) and reward_model (the reward checkpoint)")
+    if cfg.run.compile:
+        raise ConfigError(f"run.compile is not used by {cfg.algorithm} (generation changes shapes every step); leave it false")
+    if cfg.algorithm != "ppo" and cfg.group_size < 2:
+        raise ConfigError(f"group_size={cfg.group_size}: {cfg.algorithm} needs at least 2 answers per prompt")
+    n = cfg.rollout_batch * (1 if cfg.algorithm == "ppo" else cfg.group_size)
+    if cfg.rollout_batch < 1 or cfg.minibatch < 1 or n % cfg.minibatch:
+        raise ConfigError(f"minibatch={cfg.minibatch} must divide the {n} answers of an iteration (rollout_batch="
+                          f"{cfg.rollout_batch}" + ("" if cfg.algorithm == "ppo" else f" x group_size={cfg.group_size}") + ")")
+    if cfg.ppo_epochs < 1:
+        raise ConfigError(f"ppo_epochs={cfg.ppo_epochs} must be at least 1")
+
+
 def main(cfg: PPOConfig) -> Path:
+    check(cfg)
     run = cfg.run
     env = dist.setup(run.device, run.threads)
     run_dir = Path(run.out_dir)
-    if not cfg.policy or not cfg.reward_model:
-        raise ConfigError("set policy (the SFT checkpoint) and reward_model (the reward checkpoint)")
     dev = env.device
+    critic = cfg.algorithm == "ppo"
+    G = 1 if critic else cfg.group_size
     frozen_dtype = torch.bfloat16 if cfg.frozen_precision == "bf16" else torch.float32
+    frozen_precision = "bf16" if cfg.frozen_precision == "bf16" else run.precision
+    reduce_sum = lambda t: dist.all_reduce_sum(t, env)  # noqa: E731
 
     # ---- models
     sft_ckpt = checkpoint.resolve(cfg.policy)
@@ -111,46 +153,52 @@ def main(cfg: PPOConfig) -> Path:
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
     checkpoint.load_weights(sft_ckpt, policy)
-    value, _, norm = load_reward_model(cfg.reward_model, dev)  # the value model starts as the reward model
+    value = None
+    if critic:
+        value, _, norm = load_reward_model(cfg.reward_model, dev)  # the value model starts as the reward model
 
     if cfg.lora.enabled:
         n = apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        apply_lora(value, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        rm_head = torch.nn.Linear(value.config.dim, 1, bias=False, device=dev)
-        rm_head.load_state_dict(value.score.state_dict())
-        rm_head.requires_grad_(False)
-        value.score.weight.requires_grad_(True)  # the value head itself is always trained
-        reward_model = AdaptersOffScore(value, rm_head)
+        if critic:
+            apply_lora(value, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+            rm_head = torch.nn.Linear(value.config.dim, 1, bias=False, device=dev)
+            rm_head.load_state_dict(value.score.state_dict())
+            rm_head.requires_grad_(False)
+            value.score.weight.requires_grad_(True)  # the value head itself is always trained
+            reward_model = AdaptersOffScore(value, rm_head)
+        else:
+            reward_model, _, norm = load_reward_model(cfg.reward_model, dev)
+            reward_model.requires_grad_(False)
+            reward_model.to(frozen_dtype)
 
         def reference(ids, mask, pos):
             with adapters_off(policy):
                 return policy(ids, mask, pos)
-        lora_note = f"LoRA r={cfg.lora.r} on {n} layers; reference and reward model share their base weights"
+        lora_note = f"LoRA r={cfg.lora.r} on {n} layers; the reference is the policy with its adapters off"
     else:
         reference = Transformer(mcfg)
         checkpoint.load_weights(sft_ckpt, reference)
         reference.requires_grad_(False)
         reference.to(dev, frozen_dtype).eval()
-        reward_model, _, _ = load_reward_model(cfg.reward_model, dev)
+        reward_model, _, norm = load_reward_model(cfg.reward_model, dev)
         reward_model.requires_grad_(False)
         reward_model.to(frozen_dtype)
         freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
-        freeze(value, cfg.freeze.patterns, cfg.freeze.first_layers)
+        if critic:
+            freeze(value, cfg.freeze.patterns, cfg.freeze.first_layers)
         lora_note = "no LoRA"
-    value.train()
-    ac = ActorCritic(policy, value).to(dev)
+    ac = ActorCritic(policy, value).to(dev).eval()  # eval mode throughout: no dropout in RL
     # ddp: one DDP wrapper over policy and value. fsdp: each sharded as its own root, so the
     # policy can also be called alone (rollouts, evaluation); reference and reward model are
     # replicated (frozen, no gradients, no optimizer state).
     sharded = run.strategy == "fsdp" and env.distributed
-    if run.compile:
-        raise ConfigError("run.compile is not used by ppo (generation changes shapes every step); leave it false")
     if sharded and cfg.lora.enabled:
-        raise ConfigError("ppo with lora.enabled runs under run.strategy=ddp (adapters are small; "
+        raise ConfigError(f"{cfg.algorithm} with lora.enabled runs under run.strategy=ddp (adapters are small; "
                           "LoRA shares the frozen models' weights, which FSDP would shard)")
     if sharded:
         for m in (policy, value):
-            dist.wrap(m, env, "fsdp", run.precision, run.activation_checkpointing)
+            if m is not None:
+                dist.wrap(m, env, "fsdp", run.precision, run.activation_checkpointing)
         train_ac = ac
     else:
         train_ac = dist.wrap(ac, env, "ddp", run.precision, run.activation_checkpointing)
@@ -175,10 +223,22 @@ def main(cfg: PPOConfig) -> Path:
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
     trainable, total = count_params(ac)
-    log.print(f"ppo: policy {sft_ckpt}, reward model {checkpoint.resolve(cfg.reward_model)}; {len(train_p)} train / "
-              f"{len(val_p)} held-out prompts; {trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy+value parameters "
-              f"trainable ({lora_note}); reward offset {norm.get('offset', 0):.3f}; {env.world} process(es) on {dev}")
-    log.log(start_it, "setup", trainable_params=trainable, total_params=total, lora=cfg.lora.enabled)
+    if critic:
+        model_note = f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy+value parameters trainable"
+    else:
+        # What PPO would also hold: a value model (the reward model's size; with LoRA its
+        # adapters and head) with its gradients and AdamW state, 16 bytes a parameter in fp32.
+        rm_params = sum(p.numel() for p in reward_model.parameters())
+        saved = 16 * ((trainable + mcfg.dim) if cfg.lora.enabled else rm_params)
+        model_note = (f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy parameters trainable; no value model: "
+                      f"{saved / 2**20:,.1f} MB of value weights, gradients and AdamW state not held")
+    log.print(f"{cfg.algorithm}: policy {sft_ckpt}, reward model {checkpoint.resolve(cfg.reward_model)}; "
+              f"{len(train_p)} train / {len(val_p)} held-out prompts; {cfg.rollout_batch} prompts x {G} answers per "
+              f"iteration per process; {model_note} ({lora_note}); KL {cfg.kl.estimator}"
+              f"{' as a loss term' if cfg.kl.placement == 'loss' else ' in the reward'}; reward offset {norm.get('offset', 0):.3f}; "
+              f"{env.world} process(es) on {dev}")
+    log.log(start_it, "setup", trainable_params=trainable, total_params=total, lora=cfg.lora.enabled,
+            algorithm=cfg.algorithm)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
 
     def evaluate(it: int) -> dict:
@@ -192,56 +252,94 @@ def main(cfg: PPOConfig) -> Path:
     if start_it == 0 and (env.is_main or sharded):  # sharded: every forward is a collective
         evaluate(0)
 
+    n_local = cfg.rollout_batch * G  # answers per iteration on this process
+    n_global = n_local * env.world
+    n_mb = n_local // cfg.minibatch
     t0 = time.time()
     for it in range(start_it, run.max_steps):
         t_it = time.time()
         rng = np.random.default_rng([run.seed, it])
-        pick = rng.choice(len(train_p), size=cfg.rollout_batch * env.world, replace=len(train_p) < cfg.rollout_batch * env.world)
-        convs = [train_p[i] for i in pick[env.rank * cfg.rollout_batch:(env.rank + 1) * cfg.rollout_batch]]
+        n_prompts = cfg.rollout_batch * env.world
+        pick = rng.choice(len(train_p), size=n_prompts, replace=len(train_p) < n_prompts)
+        mine = pick[env.rank * cfg.rollout_batch:(env.rank + 1) * cfg.rollout_batch]
+        convs = [train_p[i] for i in mine for _ in range(G)]  # GRPO/RLOO: a group of G rows per prompt
 
-        # (1) rollouts: the policy answers, sampled with the KV cache
+        # (1) rollouts: the policy answers, sampled with the KV cache. The random numbers are
+        # drawn for the global batch and sliced, so each answer is the same on any number of processes.
         prompt_ids = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
-        gen = torch.Generator(device=dev).manual_seed(run.seed * 100003 + it * 101 + env.rank)
+        gen = torch.Generator(device=dev).manual_seed(run.seed * 100003 + it * 101)
         with dist.autocast(dev, run.precision):
-            answers = generate(policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen)
+            answers = generate(policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen,
+                               rows=(env.rank * n_local, n_global))
         finished = torch.tensor([bool(a) and a[-1] in sampling.stop_ids for a in answers], dtype=torch.float32)
         texts = [tok.decode(a[:-1] if f else a, skip_special=True).strip() for a, f in zip(answers, finished.tolist())]
 
         # (2) score: the reward model on (prompt, answer); cut-off answers pay a penalty
-        with dist.autocast(dev, cfg.frozen_precision):
+        with dist.autocast(dev, frozen_precision):
             scores = torch.tensor(score_texts(reward_model, tok, list(zip(convs, texts, map(bool, finished.tolist()))),
                                               offset=norm.get("offset", 0.0)))
         rm_scores = scores.clone()
-        scores = scores - cfg.missing_eos_penalty * (1 - finished)
+        scores = (scores - cfg.missing_eos_penalty * (1 - finished)).to(dev)
 
+        # (3) old log-probs (and values) in the first epoch's minibatches, under the update's
+        # autocast, so the first update step sees exactly these numbers; the reference's.
         ids, mask, pos, amask = (t.to(dev) for t in pack(prompt_ids, answers, tok.pad_id))
+        first_epoch = minibatches(n_global, n_mb, [run.seed, it, 0], env.rank, env.world)
+        old_logp, ref_logp = torch.zeros_like(amask), torch.zeros_like(amask)
+        old_values, ent = torch.zeros_like(amask), torch.zeros_like(amask)
         with torch.no_grad():
-            # (3) log-probs of policy and reference; per-token KL penalty plus the score
-            logits, old_values = ac(ids, mask, pos)
-            old_logp = token_logprobs(logits, ids)
-            entropy = masked_mean(entropy_from_logits(logits[:, :-1]), amask)
-            with dist.autocast(dev, cfg.frozen_precision):
-                ref_logp = token_logprobs(reference(ids, mask, pos), ids)
-            rewards, kl = kl_rewards(old_logp, ref_logp.float(), amask, scores.to(dev), kl_ctl.value)
-            # (4) values and GAE advantages, whitened
-            old_values = old_values[:, :-1].float() * amask
-            adv, returns = gae(rewards, old_values, amask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = whiten(adv, amask)
+            for mb in first_epoch:
+                with dist.autocast(dev, run.precision):
+                    logits, v = ac(ids[mb], mask[mb], pos[mb])
+                old_logp[mb] = token_logprobs(logits, ids[mb])
+                ent[mb] = entropy_from_logits(logits[:, :-1])
+                if critic:
+                    old_values[mb] = v[:, :-1].float()
+                with dist.autocast(dev, frozen_precision):
+                    ref_logp[mb] = token_logprobs(reference(ids[mb], mask[mb], pos[mb]), ids[mb]).float()
+            old_values *= amask
+            kl_k1 = (kl_estimate(old_logp, ref_logp, "k1") * amask).sum(1)  # per answer, nats
+            kl_k3 = (kl_estimate(old_logp, ref_logp, "k3") * amask).sum(1)
+            beta = kl_ctl.value
+            # (4) advantages
+            penalty = 0.0 if cfg.kl.placement == "loss" else beta
+            if critic:
+                rewards, _ = kl_rewards(old_logp, ref_logp, amask, scores, penalty, cfg.kl.estimator)
+                adv, returns = gae(rewards, old_values, amask, cfg.gamma, cfg.lam)
+                if cfg.whiten_advantages:
+                    adv = whiten(adv, amask, all_reduce_sum=reduce_sum)
+            else:
+                seq_reward = scores - penalty * (kl_k1 if cfg.kl.estimator == "k1" else kl_k3)
+                adv = group_advantages(seq_reward, G, cfg.algorithm)[:, None] * amask
+                returns = None
 
-        # (5) several epochs of minibatch updates, clipped policy and value losses
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "ptx_loss": []}
-        n = len(convs)
+        # (5) several epochs of minibatch updates. Each process's loss is its share of the
+        # global token mean (DDP averages gradients), so any number of processes computes the
+        # same update.
+        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "ptx_loss": [], "kl_loss": []}
         for epoch in range(cfg.ppo_epochs):
-            order = np.random.default_rng([run.seed, it, epoch]).permutation(n)
-            for mb_i, s in enumerate(range(0, n, cfg.minibatch)):
-                mb = torch.tensor(order[s:s + cfg.minibatch], device=dev)
+            epoch_mbs = first_epoch if epoch == 0 else minibatches(n_global, n_mb, [run.seed, it, epoch], env.rank, env.world)
+            for mb_i, mb in enumerate(epoch_mbs):
+                m = amask[mb]
                 with dist.autocast(dev, run.precision):
                     logits, values = train_ac(ids[mb], mask[mb], pos[mb])
                 logp = token_logprobs(logits, ids[mb])
-                pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], amask[mb], cfg.clip)
-                vf_loss = ppo_value_loss(values[:, :-1].float(), old_values[mb], returns[mb], amask[mb], cfg.value_clip)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                share = env.world * m.sum() / reduce_sum(m.sum()).clamp(min=1)
+                pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
+                loss = pg_loss * share
+                if epoch == 0 and mb_i == 0:  # the ratio before any update: exactly 1 when all is right
+                    log_ratio = (logp - old_logp[mb]).detach()
+                    ratio_dev = float(dist.all_reduce_max(((log_ratio.exp() - 1).abs() * m).max(), env))
+                    approx_kl = float(reduce_sum(((log_ratio.exp() - 1 - log_ratio) * m).sum())
+                                      / reduce_sum(m.sum()).clamp(min=1))
+                if critic:
+                    vf_loss = ppo_value_loss(values[:, :-1].float(), old_values[mb], returns[mb], m, cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vf_loss * share
+                    stats["vf_loss"].append(float(vf_loss.detach()))
+                if cfg.kl.placement == "loss":
+                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[mb], "k3"), m)
+                    loss = loss + beta * kl_loss * share
+                    stats["kl_loss"].append(float(kl_loss.detach()))
                 if ptx is not None:
                     x, y = ptx.batch(it * 1000 + epoch * 100 + mb_i, cfg.ptx_batch, rank=env.rank, world=env.world)
                     with dist.autocast(dev, run.precision):
@@ -251,44 +349,51 @@ def main(cfg: PPOConfig) -> Path:
                 loss.backward()
                 optimizer_step(ac, optimizer, cfg.optim.grad_clip)
                 stats["pg_loss"].append(float(pg_loss.detach()))
-                stats["vf_loss"].append(float(vf_loss.detach()))
                 stats["clipfrac"].append(float(clipfrac.detach()))
 
-        # (6) log
-        seq_kl = (kl.sum(1)).mean()
-        mean_kl = float(dist.all_reduce_mean(seq_kl.detach(), env))
-        kl_ctl.update(mean_kl, cfg.rollout_batch * env.world)
-        var_ret = float(torch.var(returns[amask > 0]))
-        explained = 1 - float(torch.var((returns - old_values)[amask > 0])) / var_ret if var_ret > 0 else float("nan")
+        # (6) log: means over all processes
         mean = lambda x: float(dist.all_reduce_mean(torch.as_tensor(x, dtype=torch.float32, device=dev), env))  # noqa: E731
-        rec = {  # means over all processes (explained variance: this process's)
+        k1, k3 = mean(kl_k1.mean()), mean(kl_k3.mean())
+        mean_kl = k1 if cfg.kl.estimator == "k1" else k3
+        kl_ctl.update(mean_kl, n_global)
+        rec = {
             "reward": mean(rm_scores.mean()), "score_with_penalty": mean(scores.mean()), "kl": mean_kl,
-            "beta": kl_ctl.value, "entropy": mean(entropy), "clipfrac": mean(np.mean(stats["clipfrac"])),
-            "pg_loss": mean(np.mean(stats["pg_loss"])), "vf_loss": mean(np.mean(stats["vf_loss"])),
-            "explained_variance": explained, "response_length": mean(amask.sum(1).mean()),
-            "finished": mean(finished.mean()), "seconds": time.time() - t_it,
-            "peak_memory_mb": dist.peak_memory_mb(dev),
+            "kl_k1": k1, "kl_k3": k3, "beta": beta, "approx_kl": approx_kl, "ratio_dev": ratio_dev,
+            "entropy": float(reduce_sum((ent * amask).sum()) / reduce_sum(amask.sum()).clamp(min=1)),
+            "clipfrac": mean(np.mean(stats["clipfrac"])), "first_clipfrac": stats["clipfrac"][0],
+            "pg_loss": mean(np.mean(stats["pg_loss"])), "response_length": mean(amask.sum(1).mean()),
+            "finished": mean(finished.mean()), "seconds": time.time() - t_it, "peak_memory_mb": dist.peak_memory_mb(dev),
         }
-        if stats["ptx_loss"]:
-            rec["ptx_loss"] = float(np.mean(stats["ptx_loss"]))
+        if critic:
+            _, var_ret = masked_moments(returns, amask, reduce_sum)
+            _, var_err = masked_moments(returns - old_values, amask, reduce_sum)
+            rec["vf_loss"] = mean(np.mean(stats["vf_loss"]))
+            rec["explained_variance"] = 1 - float(var_err / var_ret) if var_ret > 0 else float("nan")
+        else:
+            rec["reward_std_in_group"] = mean(scores.view(-1, G).std(1).mean())
+        for k in ("ptx_loss", "kl_loss"):
+            if stats[k]:
+                rec[k] = mean(np.mean(stats[k]))
         d = it + 1
         log.log(d, "train", **rec)
         if d % run.log_every == 0 or d == run.max_steps:
             log.print(f"iter {d:>4}/{run.max_steps} | reward {rec['reward']:+.3f} | kl {rec['kl']:.3f} | beta {rec['beta']:.4f} "
-                      f"| entropy {rec['entropy']:.2f} | clip {rec['clipfrac']:.2f} | vf {rec['vf_loss']:.3f} "
-                      f"| ev {rec['explained_variance']:.2f} | len {rec['response_length']:.1f} | {rec['seconds']:.1f}s")
-            log.log(d, "samples", samples=[{"prompt": last_user(c), "answer": t} for c, t in list(zip(convs, texts))[:3]])
+                      f"| entropy {rec['entropy']:.2f} | clip {rec['clipfrac']:.2f} | ratio_dev {rec['ratio_dev']:.1e} "
+                      + (f"| vf {rec['vf_loss']:.3f} | ev {rec['explained_variance']:.2f} " if critic else "")
+                      + f"| len {rec['response_length']:.1f} | {rec['seconds']:.1f}s")
+            log.log(d, "samples", samples=[{"prompt": last_user(c), "answer": t} for c, t in list(zip(convs, texts))[:3 * G:G]])
         if (env.is_main or sharded) and ((run.eval_every and d % run.eval_every == 0) or d == run.max_steps):
             evaluate(d)
         if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
             lora_state = {k: v.detach().cpu() for k, v in ac.state_dict().items() if ".lora_" in k}
-            checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": "ppo", "config": to_dict(cfg)},
+            extra = {"lora": lora_state}
+            if critic:
+                extra["value"] = {} if sharded else value_state(value, cfg.lora.enabled)
+            checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": cfg.algorithm, "config": to_dict(cfg)},
                             meta={"tokens": 0, "beta": kl_ctl.value, "bases": bases, **rec}, tokenizer_path=str(tok_path),
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
-                            barrier=lambda: dist.barrier(env),
-                            extra_state={"value": {} if sharded else value_state(value, cfg.lora.enabled),
-                                         "lora": lora_state}, train_module=ac)
-    log.print(f"ppo done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
+                            barrier=lambda: dist.barrier(env), extra_state=extra, train_module=ac)
+    log.print(f"{cfg.algorithm} done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
               f"checkpoint in {run_dir / 'checkpoints'}")
     log.close()
     dist.teardown()
@@ -305,7 +410,7 @@ def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
 
 def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False,
            bases: dict | None = None) -> int:
-    """Continue from a PPO checkpoint: policy and value model, optimizer, KL coefficient. With
+    """Continue from an RL checkpoint: policy (and value model), optimizer, KL coefficient. With
     LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
     the run started from): only the adapters and the value head are restored, exactly. A
     sharded run's checkpoint holds policy, value and optimizer in dcp/."""
@@ -318,10 +423,12 @@ def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, 
         checkpoint.load_model_and_optimizer(step_dir, ac, optimizer, state)
     elif lora:
         ac.load_state_dict(state["extra"]["lora"], strict=False)
-        ac.value.score.weight.data.copy_(state["extra"]["value"]["score.weight"])
+        if ac.value is not None:
+            ac.value.score.weight.data.copy_(state["extra"]["value"]["score.weight"])
     else:
         checkpoint.load_weights(step_dir, ac.policy)
-        ac.value.load_state_dict(state["extra"]["value"], strict=False)
+        if ac.value is not None:
+            ac.value.load_state_dict(state["extra"]["value"], strict=False)
     if state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if state.get("rng"):

@@ -529,7 +529,7 @@ def test_ppo_lora_exports_as_a_peft_adapter(pretrained, rm_ckpt, tmp_path, monke
         want = load_ours(tmp_path / "ppo")(x)
     assert (want - base_logits).abs().max() > 1e-4  # the adapter matters
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    with pytest.raises(CheckpointError, match="needs a PPO checkpoint"):
+    with pytest.raises(CheckpointError, match="needs an RL \(ppo, grpo, rloo\) checkpoint"):
         export_hf(pretrained, tmp_path / "no", adapter=True)
 
 

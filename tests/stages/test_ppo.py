@@ -139,3 +139,45 @@ def test_lora_resume_equals_uninterrupted(pretrained, rm_ckpt, tmp_path, monkeyp
     bad.policy = str(other)
     with pytest.raises(CheckpointError, match="LoRA adapters sit on"):
         ppo.main(bad)
+
+
+@pytest.mark.parametrize("setting", ["bf16", "lora_dropout", "grpo_bf16"])
+def test_ratio_is_exactly_one_before_every_update(pretrained, rm_ckpt, tmp_path, monkeypatch, setting):
+    """Old log-probs are computed in eval mode (no dropout), under the update's autocast and in
+    the first epoch's minibatches, so the first update step of every iteration sees a ratio of
+    exactly 1: nothing is clipped that the policy did not change."""
+    tok, target = target_token(pretrained)
+    monkeypatch.setattr(ppo, "score_texts", scripted_reward(tok, target))
+    run = RunConfig(out_dir=str(tmp_path / "run"), max_steps=4, eval_every=0, log_every=1, threads=1,
+                    precision="fp32" if setting == "lora_dropout" else "bf16")
+    kw = {"lora": LoRAConfig(enabled=True, r=4, dropout=0.1, targets=["q_proj", "v_proj"])} if setting == "lora_dropout" else {}
+    if setting == "grpo_bf16":
+        kw.update(algorithm="grpo", rollout_batch=4, group_size=4)
+    ppo.main(ppo_config(pretrained, rm_ckpt, prompts_file(tmp_path), tmp_path / "run", run=run, **kw))
+    train = read_metrics(tmp_path / "run", "train")
+    assert len(train) == 4
+    assert [r["ratio_dev"] for r in train] == [0.0] * 4
+    assert [r["first_clipfrac"] for r in train] == [0.0] * 4
+    assert [r["approx_kl"] for r in train] == [0.0] * 4
+    assert train[-1]["kl_k3"] > 1e-4  # the policy did move: the ratio is 1 because it is computed right
+
+
+def test_grpo_and_rloo_raise_the_rewarded_tokens_frequency(pretrained, rm_ckpt, tmp_path, monkeypatch):
+    tok, target = target_token(pretrained)
+    monkeypatch.setattr(ppo, "score_texts", scripted_reward(tok, target))
+    prompts = prompts_file(tmp_path)
+    convs = [[{"role": "user", "content": f"Say something about the {w}"}] for w in WORDS[:8]]
+    before = frequency(pretrained, tok, target, convs)
+    for algorithm in ("grpo", "rloo"):
+        out = tmp_path / algorithm
+        ppo.main(ppo_config(pretrained, rm_ckpt, prompts, out, algorithm=algorithm, rollout_batch=4, group_size=4,
+                            run=RunConfig(out_dir=str(out), max_steps=20, eval_every=0, log_every=4, seed=0, threads=1)))
+        after = frequency(out, tok, target, convs)
+        train = read_metrics(out, "train")
+        print(f"{algorithm}: frequency of the rewarded token {before:.3f} -> {after:.3f}")
+        assert after > 3 * before and after > before + 0.04, (algorithm, before, after)
+        assert "vf_loss" not in train[0] and train[0]["reward_std_in_group"] > 0  # no value model; groups differ
+        setup = read_metrics(out, "setup")[0]
+        assert setup["algorithm"] == algorithm
+        if algorithm == "grpo":
+            assert "kl_loss" in train[0]  # GRPO's default: k3 as a loss term

@@ -38,6 +38,19 @@ def test_stop_token_ends_a_row(model):
     assert cut == free[: free.index(stop) + 1]
 
 
+def test_rows_of_a_global_batch_sample_as_the_whole_batch_does(model):
+    """RL rollouts spread over processes: each process samples its rows of the global batch
+    with the uniforms of those rows, so the answers do not depend on the split."""
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7], [1, 4]]
+    s = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    whole = generate(model, prompts, s, generator=torch.Generator().manual_seed(3))
+    halves = [generate(model, prompts[i:i + 2], s, generator=torch.Generator().manual_seed(3), rows=(i, 4))
+              for i in (0, 2)]
+    assert halves[0] + halves[1] == whole
+    alone = generate(model, prompts[2:], s, generator=torch.Generator().manual_seed(3))
+    assert alone != whole[2:]  # without `rows`, the second half would draw the first half's numbers
+
+
 def test_sampling_is_seeded(model):
     s = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=10, top_p=0.9)
     a = generate(model, PROMPTS, s, generator=torch.Generator().manual_seed(1))

@@ -8,7 +8,8 @@ from llmtrain.config import ModelConfig
 from llmtrain.losses import dpo_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import LoRALinear, apply_lora, merged_state_dict
-from llmtrain.rl import AdaptiveKL, gae, kl_rewards, masked_mean, token_logprobs, whiten
+from llmtrain.rl import (AdaptiveKL, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, minibatches,
+                         token_logprobs, whiten)
 
 
 def test_gae_three_steps_by_hand():
@@ -69,11 +70,85 @@ def test_adaptive_kl_moves_beta_the_right_way():
     assert c2.value == pytest.approx(0.1 * (1 - 0.2 * 10 / 100))
 
 
-def test_whiten():
+def test_whiten_by_hand():
+    # masked entries 1, 2, 3: mean 2, unbiased variance ((1)^2 + 0 + 1^2) / 2 = 1, so x - 2
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     m = torch.tensor([[1, 1, 1, 0]])
-    w = whiten(x, m)
-    assert masked_mean(w, m).abs().item() < 1e-6 and w[0, 3] == 0
+    torch.testing.assert_close(whiten(x, m), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(whiten(x, m, shift_mean=False), torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_whiten_over_processes_equals_whiten_over_the_whole_batch():
+    """Two halves of a batch, each whitened with the other's sums added (what the all-reduce
+    does), equal the whole batch whitened at once; each half alone does not."""
+    torch.manual_seed(0)
+    x, m = torch.randn(6, 5) * 3 + 1, (torch.rand(6, 5) > 0.3).float()
+    halves = [(x[:3], m[:3]), (x[3:], m[3:])]
+    # Sum-based moments, done by hand over both halves: count, sum, then squared deviations.
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / (n - 1)
+    expected = (x - mean) / var.sqrt() * m
+    for i, (xh, mh) in enumerate(halves):
+        xo, mo = halves[1 - i]
+
+        def reduce(t, xo=xo, mo=mo):
+            if t.numel() == 2:  # (count, sum)
+                return t + torch.stack([mo.sum(), (xo * mo).sum()])
+            return t + (((xo - mean) ** 2) * mo).sum()  # squared deviations from the global mean
+        got = whiten(xh, mh, all_reduce_sum=reduce)
+        torch.testing.assert_close(got, expected[3 * i:3 * i + 3], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(whiten(xh, mh), expected[3 * i:3 * i + 3], atol=1e-3)
+
+
+def test_kl_estimators_by_hand():
+    # log pi = log 0.5, log pi_ref = log 0.25: log r = log(0.25 / 0.5) = -log 2
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_estimate(logp, ref, "k1").item() == pytest.approx(math.log(2))  # -log r
+    assert kl_estimate(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))  # (r - 1) - log r
+    # k3 is never negative, k1 is when the sampled token is likelier under the reference
+    assert kl_estimate(ref, logp, "k1").item() == pytest.approx(-math.log(2))
+    assert kl_estimate(ref, logp, "k3").item() == pytest.approx(2 - 1 - math.log(2))
+    assert kl_estimate(logp, logp, "k3").item() == 0.0
+    with pytest.raises(ValueError, match="k2"):
+        kl_estimate(logp, ref, "k2")
+
+
+def test_kl_rewards_with_k3_penalise_every_answer_token():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.9]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5, 0.9]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards, kl = kl_rewards(logp, ref, mask, torch.tensor([2.0]), beta=0.1, estimator="k3")
+    k3 = 0.5 - 1 + math.log(2)
+    torch.testing.assert_close(kl, torch.tensor([[k3, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1 * k3, 2.0, 0.0]]))  # score on the last answer token
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])  # two groups of 4
+    # group 1: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3); group 2: mean 1, std sqrt(12/3) = 2
+    s1 = math.sqrt(14 / 3)
+    grpo = [(-2) / (s1 + 1e-4), -1 / (s1 + 1e-4), 0.0, 3 / (s1 + 1e-4), -1 / 2.0001, -1 / 2.0001, -1 / 2.0001, 3 / 2.0001]
+    torch.testing.assert_close(group_advantages(r, 4, "grpo"), torch.tensor(grpo), atol=1e-6, rtol=1e-6)
+    # RLOO: r_i minus the mean of the other three: 1 - (2+3+6)/3 = -8/3, 2 - 10/3, 3 - 3, 6 - 2; 0 - 4/3 (x3), 4 - 0
+    rloo = [-8 / 3, -4 / 3, 0.0, 4.0, -4 / 3, -4 / 3, -4 / 3, 4.0]
+    torch.testing.assert_close(group_advantages(r, 4, "rloo"), torch.tensor(rloo), atol=1e-6, rtol=1e-6)
+    # a group whose answers all score the same teaches nothing
+    assert group_advantages(torch.tensor([5.0, 5.0]), 2, "grpo").abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(r, 3, "grpo")
+
+
+def test_minibatches_are_the_same_partition_on_any_number_of_processes():
+    one = minibatches(16, 2, [7, 3, 1])
+    two = [minibatches(16, 2, [7, 3, 1], rank, 2) for rank in range(2)]
+    for j in range(2):  # minibatch j: process 1's local rows are global rows 8..15
+        assert sorted(one[j]) == sorted(two[0][j] + [8 + i for i in two[1][j]])
+        assert len(two[0][j]) == len(two[1][j]) == 4  # every process holds the same share
+    assert sorted(one[0] + one[1]) == list(range(16))  # a partition
+    assert minibatches(16, 2, [7, 3, 2]) != one  # another epoch, another draw
+    with pytest.raises(ValueError, match="do not split"):
+        minibatches(12, 4, [0], 0, 2)
 
 
 def test_dpo_loss_by_hand():
