@@ -9,6 +9,10 @@ from pathlib import Path
 
 from llmtrain.metrics import fmt_duration, read_metrics
 
+RL_METHODS = ("ppo", "grpo", "rloo")  # trained with the reward model; each has a training plot
+KNOWN_ORDER = ("ppo", "grpo", "rloo", "dpo")
+HACKING_GAP = 0.2  # a reward-model win rate this far above the true one is flagged as reward hacking
+
 
 def _metrics(d: Path, kind: str) -> list[dict]:
     p = Path(d) / "metrics.jsonl"
@@ -46,6 +50,78 @@ def _xy(recs: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def methods_of(ev: dict) -> list[str]:
+    """The methods compared with SFT in evaluation.json, in a fixed order (then any others)."""
+    names = [k for k, v in ev.items() if isinstance(v, dict) and "win_rate_b_by_reward_model" in v]
+    return sorted(names, key=lambda n: (KNOWN_ORDER.index(n) if n in KNOWN_ORDER else len(KNOWN_ORDER), names.index(n)))
+
+
+def method_dir(r, name: str) -> Path:
+    """A method's run folder: the Run's attribute when it has one, else root/name."""
+    d = getattr(r, name, None)
+    return d if isinstance(d, Path) else r.root / name
+
+
+def rule_sentence(cfg, ev: dict) -> str:
+    """The simulated annotator's rule in one sentence."""
+    from llmtrain import styles
+
+    texts = getattr(styles, "RULE_TEXT", {})
+    fb = getattr(cfg, "feedback", None)
+    rule = getattr(fb, "rule", "") or next((e["true_rule"] for e in ev.values() if isinstance(e, dict) and e.get("true_rule")), "")
+    if not rule:
+        return ""
+    out = f"The simulated annotator's rule ('{rule}'): {texts.get(rule, rule)}"
+    used = {e.get("true_rule") for e in ev.values() if isinstance(e, dict) and e.get("true_rule")} - {rule}
+    if used:
+        u = sorted(used)[0]
+        out += f" The evaluation's true rule is '{u}': {texts.get(u, u)}"
+    return out
+
+
+def _pct(x) -> str:
+    return f"{x:.0%}" if isinstance(x, (int, float)) else "—"
+
+
+def methods_table(ev: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """The RLHF methods side by side against SFT: header, rows (SFT's reference row first) and
+    warning lines (collapse; reward hacking)."""
+    header = ["method", "wins by the true rule", "wins by the reward model", "gap (hacking)", "KL to SFT (nats/answer)",
+              "distinct answers", "distinct-2", "mean words"]
+    names = methods_of(ev)
+    if not names:
+        return header, [], []
+    first = ev[names[0]]
+    rows = [["SFT (reference)", "—", "—", "—", "0", _pct(first.get("distinct_a")),
+             f"{first['distinct2_a']:.2f}" if "distinct2_a" in first else "—",
+             f"{first['mean_words_a']:.1f}" if "mean_words_a" in first else "—"]]
+    warnings = []
+    for n in names:
+        e = ev[n]
+        gap = e.get("hacking_gap")
+        if gap is None and "win_rate_b_by_true_rule" in e:
+            gap = e["win_rate_b_by_reward_model"] - e["win_rate_b_by_true_rule"]
+        rows.append([n.upper(), _pct(e.get("win_rate_b_by_true_rule")), _pct(e["win_rate_b_by_reward_model"]),
+                     f"{gap * 100:+.0f} points" if gap is not None else "—",
+                     f"{e['kl_b']:.3f}" if "kl_b" in e else "—", _pct(e.get("distinct_b")),
+                     f"{e['distinct2_b']:.2f}" if "distinct2_b" in e else "—",
+                     f"{e['mean_words_b']:.1f}" if "mean_words_b" in e else "—"])
+        if "distinct_b" in e and "distinct_a" in e and e["distinct_b"] < 0.5 * e["distinct_a"]:
+            warnings.append(f"collapse: {n.upper()} answers {e['distinct_b']:.0%} distinct vs SFT's {e['distinct_a']:.0%}")
+        if gap is not None and gap > HACKING_GAP:
+            warnings.append(f"reward hacking: {n.upper()} wins {e['win_rate_b_by_reward_model']:.0%} by the reward model "
+                            f"but {e['win_rate_b_by_true_rule']:.0%} by the true rule")
+    return header, rows, warnings
+
+
+METHODS_NOTE = ("Greedy answers of each model to the same held-out prompts, against the SFT model's. Win rates count "
+                "ties half; the gap is the reward-model win rate minus the true one: a method that games the reward "
+                "model wins by the reward model but not by the rule. KL to SFT is measured the same way for every "
+                "method, DPO included: on one answer per prompt sampled from the method at temperature 1, the sum "
+                "over its tokens of log pi - log pi_SFT. Distinct answers is the share of different answers over "
+                "the prompts; under half of SFT's is flagged as collapse (one answer for every prompt).")
+
+
 def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
     """Rows (figure, value, how to read it) and the raw numbers."""
     nums: dict = {}
@@ -76,11 +152,8 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
                      f"{rv[-1]['pairs']} pairs of prompts never trained on; 50% is chance"
                      + (f", always preferring the longer answer scores {base:.1%}" if base is not None else "")))
     ev = json.loads(r.evaluation.read_text()) if r.evaluation.is_file() else {}
-    ppo_train = _metrics(r.ppo, "train")
-    for name in ("ppo", "dpo"):
-        e = ev.get(name)
-        if not e:
-            continue
+    for name in methods_of(ev):
+        e = ev[name]
         nums[f"{name}_win_rm"] = e["win_rate_b_by_reward_model"]
         nums[f"{name}_reward"] = e["reward_b"]
         nums["sft_reward"] = e["reward_a"]
@@ -89,14 +162,29 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
         rows.append((f"{name.upper()} wins over SFT, by the reward model", f"{e['win_rate_b_by_reward_model']:.0%}", "ties count half"))
         if "win_rate_b_by_true_rule" in e:
             nums[f"{name}_win_true"] = e["win_rate_b_by_true_rule"]
+            nums[f"{name}_hacking_gap"] = e["win_rate_b_by_reward_model"] - e["win_rate_b_by_true_rule"]
             rows.append((f"{name.upper()} wins over SFT, by the true preference", f"{e['win_rate_b_by_true_rule']:.0%}",
                          f"the simulated annotator's rule '{e['true_rule']}'; a gap to the line above would be reward hacking"))
-    if ppo_train:
-        tail = ppo_train[-max(1, len(ppo_train) // 5):]
+        for k in ("distinct", "distinct2", "mean_words"):
+            if f"{k}_b" in e:
+                nums[f"{name}_{k}"] = e[f"{k}_b"]
+                nums[f"sft_{k}"] = e[f"{k}_a"]
+        if "kl_b" in e:
+            nums[f"{name}_kl_sft"] = e["kl_b"]
+            nums[f"{name}_kl_sft_k3"] = e["kl_b_k3"]
+    for name in RL_METHODS:
+        train = [x for x in _metrics(method_dir(r, name), "train") if isinstance(x.get("kl"), (int, float))]
+        if not train:
+            continue
+        tail = train[-max(1, len(train) // 5):]
         kl = sum(x["kl"] for x in tail) / len(tail)
-        nums.update(ppo_kl=kl, ppo_kl_target=cfg.ppo.kl.target)
-        rows.append(("PPO KL to the SFT model (last fifth of iterations)", f"{kl:.3f} nats",
-                     f"target {cfg.ppo.kl.target} ({'adaptive' if cfg.ppo.kl.adaptive else 'fixed'} beta)"))
+        nums[f"{name}_kl"] = kl
+        kc = getattr(getattr(cfg, name, None), "kl", None)
+        if kc is not None:
+            nums[f"{name}_kl_target"] = kc.target
+        rows.append((f"{name.upper()} KL to the SFT model (last fifth of iterations)", f"{kl:.3f} nats",
+                     f"target {kc.target} ({'adaptive' if kc.adaptive else 'fixed'} beta)" if kc is not None else
+                     "as logged in training"))
     dv = _metrics(r.dpo, "val")
     if dv:
         nums.update(dpo_accuracy=dv[-1]["accuracy"], dpo_margin=dv[-1]["margin"])
@@ -122,6 +210,13 @@ EXPLAIN = [
      "The fine-tuned model then practised: it answered prompts, the reward model scored the answers, and PPO nudged "
      "it towards higher scores, while a KL penalty kept it close to the fine-tuned model so it would not drift into "
      "nonsense. The true score is the annotator's own rule, which PPO never sees."),
+    ("RLHF with GRPO", "grpo.png",
+     "GRPO practised like PPO but without a value model: it sampled a group of answers to each prompt and pushed "
+     "each answer up or down by how its reward compared with the group's mean (in units of the group's spread), "
+     "with a KL penalty to the fine-tuned model in the loss."),
+    ("RLHF with RLOO", "rloo.png",
+     "RLOO (REINFORCE leave-one-out) also sampled several answers per prompt and used, as each answer's baseline, "
+     "the mean reward of the other answers to the same prompt, with no value model."),
     ("DPO", "dpo.png",
      "DPO learns from the same rankings without a reward model: it raises the probability of preferred answers "
      "relative to the fine-tuned model and lowers that of the others."),
@@ -141,23 +236,40 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
                             "step", "loss (nats/token)")
     made["reward.png"] = _plot(plots / "reward.png", "Reward model: held-out pairwise accuracy",
                                [("accuracy", *_xy(_metrics(r.reward, "val"), "accuracy"))], "step", "accuracy", (0.5, "chance"))
-    ppo_tr, ppo_ev = _metrics(r.ppo, "train"), _metrics(r.ppo, "eval")
-    made["ppo.png"] = _plot(plots / "ppo.png", "PPO", [("reward (rollouts)", *_xy(ppo_tr, "reward")),
-                                                       ("held-out reward", *_xy(ppo_ev, "reward")),
-                                                       ("held-out true score", *_xy(ppo_ev, "true_score")),
-                                                       ("KL to SFT", *_xy(ppo_tr, "kl"))], "iteration", "value")
+    for name in RL_METHODS:
+        d = method_dir(r, name)
+        m_tr, m_ev = _metrics(d, "train"), _metrics(d, "eval")
+        made[f"{name}.png"] = _plot(plots / f"{name}.png", name.upper(), [("reward (rollouts)", *_xy(m_tr, "reward")),
+                                                                          ("held-out reward", *_xy(m_ev, "reward")),
+                                                                          ("held-out true score", *_xy(m_ev, "true_score")),
+                                                                          ("KL to SFT", *_xy(m_tr, "kl"))], "iteration", "value")
     dv = _metrics(r.dpo, "val")
     made["dpo.png"] = _plot(plots / "dpo.png", "DPO (held-out pairs)", [("margin", *_xy(dv, "margin")),
                                                                         ("accuracy", *_xy(dv, "accuracy"))], "step", "value")
     rows, nums = headline(r, cfg)
     total = sum(timings.values())
+    ev = json.loads(r.evaluation.read_text()) if r.evaluation.is_file() else {}
+    ran = set(methods_of(ev))
+    sections = [(t, png, text) for t, png, text in EXPLAIN
+                if png[:-4] not in RL_METHODS or png[:-4] in ran or made.get(png)]
+    m_header, m_rows, warnings = methods_table(ev)
+    rule = rule_sentence(cfg, ev)
+    for w in warnings:
+        print(f"report: warning: {w}")
 
     md = [f"# {cfg.name}: pretraining, fine-tuning and RLHF of a small language model", "",
           f"Everything below was produced by one run in `{r.root}` in {fmt_duration(total)} "
           f"({', '.join(f'{k} {fmt_duration(v)}' for k, v in timings.items())}).", "",
           "## Headline figures", "", "| figure | value | how to read it |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    for title, png, text in EXPLAIN:
+    if m_rows or rule:
+        md += ["", "## RLHF methods against SFT on held-out prompts", ""]
+        md += [rule, ""] if rule else []
+        if m_rows:
+            md += [METHODS_NOTE, "", "| " + " | ".join(m_header) + " |", "|---" * len(m_header) + "|"]
+            md += ["| " + " | ".join(row) + " |" for row in m_rows]
+        md += [f"\n**Warning — {w}**" for w in warnings]
+    for title, png, text in sections:
         md += ["", f"## {title}", "", text]
         if made.get(png):
             md += ["", f"![{title}](plots/{png})"]
@@ -178,7 +290,16 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
          "<h2>Headline figures</h2><table><tr><th>figure</th><th>value</th><th>how to read it</th></tr>"]
     h += [f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>" for a, b, c in rows]
     h.append("</table>")
-    for title, png, text in EXPLAIN:
+    if m_rows or rule:
+        h.append("<h2>RLHF methods against SFT on held-out prompts</h2>")
+        if rule:
+            h.append(f"<p>{html.escape(rule)}</p>")
+        if m_rows:
+            h.append(f"<p>{html.escape(METHODS_NOTE)}</p><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in m_header) + "</tr>")
+            h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in m_rows]
+            h.append("</table>")
+        h += [f"<p style='color:#b00020'><strong>Warning — {html.escape(w)}</strong></p>" for w in warnings]
+    for title, png, text in sections:
         h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
         if made.get(png):
             h.append(f"<img src='plots/{png}' alt='{html.escape(title)}'>")

@@ -1,6 +1,7 @@
 """Scoring with the reward model, shared by the stages that need it (reward, PPO, DPO's
-batching aside, evaluation): encode (conversation, answer), score, load, and the greedy
-evaluation of a policy on held-out prompts."""
+batching aside, evaluation): encode (conversation, answer), score, load, the greedy
+evaluation of a policy on held-out prompts, its collapse figures, and the KL of one policy to
+another on answers sampled from the first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,7 @@ from llmtrain.errors import CheckpointError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
+from llmtrain.rl import kl_estimate, token_logprobs
 from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_answer, render_chat
 
@@ -88,12 +90,71 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreMode
                      "finished": bool(o) and o[-1] in s.stop_ids} for o in outs]
     rewards = score_texts(reward_model, tok, [(c, a["text"], a["finished"]) for c, a in zip(convs, answers)],
                           offset=norm.get("offset", 0.0))
-    out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards}
+    out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards,
+           **collapse_stats([a["text"] for a in answers])}
     if true_rule:
         true = [RULES[true_rule](last_user(c), a) for c, a in zip(convs, answers)]
         out["true_score"] = float(np.mean(true))
         out["true_scores"] = true
     return out
+
+
+def collapse_stats(texts: list[str]) -> dict:
+    """Signs of mode collapse in a model's answers to different prompts: `distinct`, the share
+    of distinct answer texts; `distinct2`, distinct word bigrams over all bigrams of all answers
+    (bigrams do not cross answers; 0 without any); `mean_words`, the mean number of words
+    (whitespace-separated)."""
+    if not texts:
+        return {"distinct": 0.0, "distinct2": 0.0, "mean_words": 0.0}
+    words = [t.split() for t in texts]
+    bigrams = [tuple(w[i:i + 2]) for w in words for i in range(len(w) - 1)]
+    return {"distinct": len(set(texts)) / len(texts),
+            "distinct2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+            "mean_words": float(np.mean([len(w) for w in words]))}
+
+
+def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+    """[left pad | prompt | answer | right pad] rows -> ids, attention mask, position ids, and
+    the answer mask over log-prob targets (B, T-1): 1 where the target token is an answer token."""
+    Lp = max(len(p) for p in prompts)
+    La = max(1, max(len(a) for a in answers))
+    ids = torch.full((len(prompts), Lp + La), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), Lp + La), dtype=torch.long)
+    amask = torch.zeros((len(prompts), Lp + La - 1), dtype=torch.float32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, Lp - len(p):Lp] = torch.tensor(p, dtype=torch.long)
+        mask[i, Lp - len(p):Lp + len(a)] = 1
+        if a:
+            ids[i, Lp:Lp + len(a)] = torch.tensor(a, dtype=torch.long)
+            amask[i, Lp - 1:Lp - 1 + len(a)] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), amask
+
+
+@torch.no_grad()
+def sampled_kl(policy: Transformer, reference: Transformer, tok: Tokenizer, convs: list[list[dict]], max_new_tokens: int,
+               seed: int = 0, batch_size: int = 32) -> dict:
+    """KL(policy || reference) in nats per answer, estimated on one answer per prompt sampled
+    from the policy at temperature 1 (seeded): the mean over prompts of the sum over answer
+    tokens (the stop token included) of log pi - log pi_ref (`kl`, estimator k1) and of
+    (r - 1) - log r, r = pi_ref / pi (`kl_k3`). Both models take the same rows, so a policy
+    identical to its reference gives exactly 0."""
+    s = SamplingConfig(max_new_tokens, 1.0, stop_ids=(tok.end_id, tok.eos_id))
+    g = torch.Generator().manual_seed(seed)
+    device = next(policy.parameters()).device
+    was = policy.training, reference.training
+    policy.eval(), reference.eval()
+    k1, k3 = [], []
+    for i in range(0, len(convs), batch_size):
+        prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + batch_size]]
+        answers = generate(policy, prompts, s, pad_id=tok.pad_id, generator=g)
+        ids, mask, pos, amask = (t.to(device) for t in answer_rows(prompts, answers, tok.pad_id))
+        logp = token_logprobs(policy(ids, mask, pos), ids)
+        ref_logp = token_logprobs(reference(ids, mask, pos), ids)
+        on = amask > 0  # where, not a product: nothing from a padding position can leak in
+        k1 += torch.where(on, kl_estimate(logp, ref_logp, "k1"), 0.0).sum(1).tolist()
+        k3 += torch.where(on, kl_estimate(logp, ref_logp, "k3"), 0.0).sum(1).tolist()
+    policy.train(was[0]), reference.train(was[1])
+    return {"kl": float(np.mean(k1)) if k1 else 0.0, "kl_k3": float(np.mean(k3)) if k3 else 0.0}
 
 
 def win_rate(b: list[float], a: list[float]) -> float:

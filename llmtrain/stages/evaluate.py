@@ -3,7 +3,15 @@
 For each held-out prompt both models answer greedily. Reported: the mean reward-model score
 of each, the win rate of b over a by the reward model (ties count half), and, with a
 simulated rule (`true_rule`), the win rate by that rule: the *true* preference. A policy
-that games the reward model shows a high reward-model win rate and a low true one.
+that games the reward model shows a high reward-model win rate and a low true one
+(`hacking_gap`, the first minus the second).
+
+Collapse shows in the greedy answers of each model: `distinct_*`, the share of distinct
+answers over the prompts, `distinct2_*`, distinct word bigrams over all bigrams, and
+`mean_words_*`. `kl_b` is KL(b || a) in nats per answer (a is the SFT model, the reference of
+every RL method): on one answer per prompt sampled from b at temperature 1, the mean of the sum
+of log pi_b - log pi_a over the answer's tokens; `kl_b_k3` the same with the k3 estimator. So
+every method, DPO too (which logs no KL), has one comparable figure.
 """
 from __future__ import annotations
 
@@ -16,20 +24,30 @@ from llmtrain.data.prompts import last_user, read_prompts
 from llmtrain.data.sft import split
 from llmtrain.errors import ConfigError
 from llmtrain.model import Transformer
-from llmtrain.scoring import evaluate_policy, load_reward_model, win_rate
+from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate
+
+
+def _load(path: str) -> tuple[Path, Transformer]:
+    ckpt = checkpoint.resolve(path)
+    model = Transformer(checkpoint.model_config(ckpt))
+    checkpoint.load_weights(ckpt, model)
+    return ckpt, model.eval()
 
 
 def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs: list[list[dict]], true_rule: str,
             max_new_tokens: int) -> dict[str, dict]:
-    """Each model answers once; every challenger is compared with the baseline."""
+    """Each model answers once (greedily); every challenger is compared with the baseline, and
+    its KL to the baseline measured on answers it samples (seeded, the same seed for each)."""
     rm, tok, norm = load_reward_model(reward_model)
-    res = {}
-    for name, path in {"a": baseline, **challengers}.items():
-        ckpt = checkpoint.resolve(path)
-        model = Transformer(checkpoint.model_config(ckpt))
-        checkpoint.load_weights(ckpt, model)
+    ckpt_a, model_a = _load(baseline)
+    res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, true_rule)}
+    res["a"]["checkpoint"] = str(ckpt_a)
+    for name, path in challengers.items():
+        ckpt, model = _load(path)
         res[name] = evaluate_policy(model, tok, rm, norm, convs, max_new_tokens, true_rule)
         res[name]["checkpoint"] = str(ckpt)
+        res[name]["kl"] = sampled_kl(model, model_a, tok, convs, max_new_tokens, seed=0)
+        del model
     out = {}
     for name in challengers:
         a, b = res["a"], res[name]
@@ -38,11 +56,17 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
         if true_rule:
             o.update(true_rule=true_rule, true_score_a=a["true_score"], true_score_b=b["true_score"],
                      win_rate_b_by_true_rule=win_rate(b["true_scores"], a["true_scores"]))
+            o["hacking_gap"] = o["win_rate_b_by_reward_model"] - o["win_rate_b_by_true_rule"]
+        for k in ("distinct", "distinct2", "mean_words"):
+            o[f"{k}_a"], o[f"{k}_b"] = a[k], b[k]
+        o["kl_b"], o["kl_b_k3"] = b["kl"]["kl"], b["kl"]["kl_k3"]
         o["samples"] = [{"prompt": last_user(c), "a": x["text"], "b": y["text"]}
                         for c, x, y in list(zip(convs, a["answers"], b["answers"]))[:8]]
         print(f"evaluate {name} against {Path(a['checkpoint']).parent.parent.name} on {len(convs)} held-out prompts: "
               f"reward {o['reward_a']:+.3f} -> {o['reward_b']:+.3f}; wins {o['win_rate_b_by_reward_model']:.0%} by the "
-              f"reward model" + (f", {o['win_rate_b_by_true_rule']:.0%} by the true rule '{true_rule}'" if true_rule else ""))
+              f"reward model" + (f", {o['win_rate_b_by_true_rule']:.0%} by the true rule '{true_rule}'" if true_rule else "")
+              + f"; distinct answers {o['distinct_a']:.0%} -> {o['distinct_b']:.0%}; KL to the baseline "
+              f"{o['kl_b']:.3f} nats/answer (k3 {o['kl_b_k3']:.3f})")
         out[name] = o
     return out
 

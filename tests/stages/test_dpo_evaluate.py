@@ -1,5 +1,6 @@
 """DPO on toy rankings raises held-out reward accuracy; evaluate compares two checkpoints."""
 import json
+import math
 
 import torch
 from conftest import write_jsonl
@@ -56,4 +57,28 @@ def test_evaluate_reports_win_rates(pretrained, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["prompts"] == 10 and r["reward_a"] == r["reward_b"]
     assert r["win_rate_b_by_reward_model"] == 0.5 and r["win_rate_b_by_true_rule"] == 0.5  # identical models tie
-    assert "wins 50% by the reward model" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wins 50% by the reward model" in printed and "distinct answers" in printed and "KL to the baseline" in printed
+    # Collapse figures: the same model gives the same figures on both sides.
+    for k in ("distinct", "distinct2", "mean_words"):
+        assert r[f"{k}_a"] == r[f"{k}_b"], k
+    assert 0 < r["distinct_b"] <= 1 and 0 <= r["distinct2_b"] <= 1 and r["mean_words_b"] >= 0
+    assert r["hacking_gap"] == 0.0
+    # KL of a model to itself on its own sampled answers: exactly zero, both estimators.
+    assert r["kl_b"] == 0.0 and r["kl_b_k3"] == 0.0
+
+
+def test_sampled_kl_of_a_changed_model(pretrained):
+    from llmtrain.scoring import sampled_kl
+
+    tok = Tokenizer.load(checkpoint.tokenizer_of(pretrained))
+    a, b = (Transformer(checkpoint.model_config(pretrained)).eval() for _ in range(2))
+    checkpoint.load_weights(pretrained, a)
+    checkpoint.load_weights(pretrained, b)
+    convs = [[{"role": "user", "content": f"Say hi {i}"}] for i in range(6)]
+    assert sampled_kl(b, a, tok, convs, 8) == {"kl": 0.0, "kl_k3": 0.0}
+    with torch.no_grad():
+        b.lm_head.weight.mul_(1.5)  # sharper next-token distributions: a different policy
+    kl = sampled_kl(b, a, tok, convs, 8, seed=0)
+    assert kl == sampled_kl(b, a, tok, convs, 8, seed=0)  # seeded
+    assert math.isfinite(kl["kl"]) and math.isfinite(kl["kl_k3"]) and kl["kl_k3"] > 0
