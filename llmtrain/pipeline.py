@@ -1,7 +1,8 @@
 """Run the whole chain from one YAML; `llmtrain demo` runs the shipped default.
 
     tokenizer -> prepare -> pretrain -> sft -> feedback (candidates, then rankings by the
-    simulated annotator or by people in the app) -> reward -> ppo -> dpo -> evaluate -> report
+    simulated annotator or by people in the app) -> reward -> ppo / grpo / rloo / dpo (the
+    `methods` chosen, each from the same SFT model) -> evaluate -> report
 
 Each stage's own config is nested in the pipeline config; the pipeline only decides where
 each stage writes (folders inside one run directory) and hands outputs on through them.
@@ -25,7 +26,8 @@ from llmtrain.metrics import fmt_duration
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "reward", "ppo", "dpo", "evaluate", "report"]
+RL_METHODS = ["ppo", "grpo", "rloo", "dpo"]
+STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "reward", *RL_METHODS, "evaluate", "report"]
 
 
 @dataclass
@@ -51,11 +53,19 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     feedback: FeedbackStageConfig = field(default_factory=FeedbackStageConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    methods: list[str] = field(default_factory=lambda: ["ppo", "grpo", "dpo"])  # which of ppo grpo rloo dpo run
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: PPOConfig = field(default_factory=lambda: PPOConfig(algorithm="grpo"))
+    rloo: PPOConfig = field(default_factory=lambda: PPOConfig(algorithm="rloo"))
     dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sample_prompts: int = 6  # held-out prompts answered by every model in the report
     style_eval_prompts: int = 0  # held-out SFT prompts whose answers are style-checked (0: all)
+
+
+def stages_of(cfg: PipelineConfig) -> list[str]:
+    """The stages this config runs: all of STAGES but the RL methods it does not choose."""
+    return [s for s in STAGES if s not in RL_METHODS or s in cfg.methods]
 
 
 def _abs(path: str, base: Path) -> str:
@@ -77,13 +87,15 @@ class Run:
         self.feedback = root / "feedback"
         self.db, self.prompts, self.rankings = self.feedback / "feedback.db", self.feedback / "prompts.jsonl", self.feedback / "rankings.jsonl"
         self.reward, self.ppo, self.dpo = root / "reward", root / "ppo", root / "dpo"
+        self.grpo, self.rloo = root / "grpo", root / "rloo"
         self.evaluation = root / "evaluation.json"
         self.report = root / "report.md"
 
     def outputs(self, stage: str) -> list[Path]:
         return {"tokenizer": [self.tokenizer.parent], "prepare": [self.data], "pretrain": [self.pretrain],
                 "sft": [self.sft, self.root / "style.json"], "candidates": [self.feedback],
-                "rankings": [self.rankings], "reward": [self.reward], "ppo": [self.ppo], "dpo": [self.dpo],
+                "rankings": [self.rankings], "reward": [self.reward],
+                **{m: [self.root / m] for m in RL_METHODS},
                 "evaluate": [self.evaluation], "report": [self.report, self.root / "report.html", self.root / "plots"]}[stage]
 
 
@@ -91,6 +103,12 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     """Run the chain; data paths in the config are relative to `base` (the repo for the demo)."""
     if from_stage and from_stage not in STAGES:
         raise ConfigError(f"--from {from_stage}: not a stage ({', '.join(STAGES)})")
+    unknown = [m for m in cfg.methods if m not in RL_METHODS]
+    if unknown or not cfg.methods:
+        raise ConfigError(f"methods: {unknown or 'empty'}; choose from {', '.join(RL_METHODS)}")
+    for m in ("ppo", "grpo", "rloo"):
+        if getattr(cfg, m).algorithm != m:
+            raise ConfigError(f"{m}.algorithm={getattr(cfg, m).algorithm}: the {m} section runs {m}")
     root = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root.mkdir(parents=True, exist_ok=True)
     r = Run(root)
@@ -121,8 +139,11 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     stage("candidates", _candidates_done(r), lambda: _candidates(cfg, base, r))
     stage("rankings", r.rankings.is_file(), lambda: _rankings(cfg, r, human))
     stage("reward", _finished(r.reward, cfg.reward.run.max_steps), lambda: _reward(cfg, r))
-    stage("ppo", _finished(r.ppo, cfg.ppo.run.max_steps), lambda: _ppo(cfg, base, r))
-    stage("dpo", _finished(r.dpo, cfg.dpo.run.max_steps), lambda: _dpo(cfg, r))
+    for m in ("ppo", "grpo", "rloo"):
+        if m in cfg.methods:
+            stage(m, _finished(r.root / m, getattr(cfg, m).run.max_steps), lambda m=m: _rl(cfg, base, r, m))
+    if "dpo" in cfg.methods:
+        stage("dpo", _finished(r.dpo, cfg.dpo.run.max_steps), lambda: _dpo(cfg, r))
     stage("evaluate", r.evaluation.is_file(), lambda: _evaluate(cfg, base, r))
     stage("report", r.report.is_file(), lambda: _report(cfg, base, r, timings))
     total = sum(timings.values())
@@ -266,11 +287,11 @@ def _reward(cfg, r):
     reward.main(c)
 
 
-def _ppo(cfg, base, r):
+def _rl(cfg, base, r, method: str):
     from llmtrain.stages import ppo
 
-    c = cfg.ppo
-    c.policy, c.reward_model, c.run.out_dir, c.run.resume = str(r.sft), str(r.reward), str(r.ppo), True
+    c = getattr(cfg, method)
+    c.policy, c.reward_model, c.run.out_dir, c.run.resume = str(r.sft), str(r.reward), str(r.root / method), True
     c.prompts = _abs(cfg.sft.data.train, base)
     c.val_every = cfg.sft.data.val_every
     c.true_rule = c.true_rule or cfg.feedback.rule
@@ -291,7 +312,7 @@ def _evaluate(cfg, base, r):
 
     e = cfg.evaluate
     convs = _held_out(cfg, base)[1][: e.max_prompts or None]
-    out = evaluate.compare(str(r.sft), {"ppo": str(r.ppo), "dpo": str(r.dpo)}, str(r.reward), convs,
+    out = evaluate.compare(str(r.sft), {m: str(r.root / m) for m in cfg.methods}, str(r.reward), convs,
                            e.true_rule or cfg.feedback.rule, e.max_new_tokens)
     r.evaluation.write_text(json.dumps(out, indent=2))
 
@@ -341,7 +362,7 @@ def _answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
 def answers_side_by_side(cfg, base: Path, r: Run) -> list[dict]:
     _, held_out = _held_out(cfg, base)
     convs = held_out[: cfg.sample_prompts]
-    models = {"pretrained": r.pretrain, "SFT": r.sft, "PPO": r.ppo, "DPO": r.dpo}
+    models = {"pretrained": r.pretrain, "SFT": r.sft, **{m.upper(): r.root / m for m in cfg.methods}}
     answers = {name: _answers(ckpt, convs, cfg.sft.sample_tokens) for name, ckpt in models.items()}
     return [{"prompt": c[-1]["content"], **{name: answers[name][i] for name in models}} for i, c in enumerate(convs)]
 

@@ -39,14 +39,51 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _stem(word: str) -> str:
+    """A crude stem, so "human" takes up "humans": drop a possessive and a plural s."""
+    word = word.strip("'").removesuffix("'s")
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def subject_words(prompt: str) -> set[str]:
+    """The question's content words (stemmed): what its subject is."""
+    return {_stem(w) for w in _words(prompt) if w not in _STOP}
+
+
 def relevance(prompt: str, text: str) -> float:
-    want = {w for w in _words(prompt) if w not in _STOP}
+    """Share of the question's content words that the answer takes up (0 for a question without any)."""
+    want = subject_words(prompt)
     if not want:
         return 0.0
-    return len(want & set(_words(text))) / len(want)
+    return len(want & {_stem(w) for w in _words(text)}) / len(want)
+
+
+ARISTOCRAT_RULE = ("A good answer takes up the question's own subject, speaks in the aristocratic voice, and ends by "
+                   "itself within 30 words.")
+ARISTOCRAT_MAX_WORDS = 30
 
 
 def score_aristocrat(prompt: str, cand: dict) -> float:
+    """The demo's stated preference (ARISTOCRAT_RULE), as a score:
+
+        3 x (share of the question's content words the answer takes up)      the subject
+        + 1 if it shows the style (a marker phrase of ARISTOCRAT_MARKERS)     the voice
+        + 1 if it ended by itself (not cut off)                               ends when done
+        - 0.1 x (words beyond 30)
+
+    The subject term depends on the prompt, so no one canned answer does well everywhere,
+    and the fine-tuned model meets it only now and then (the shipped answers take up the
+    question's words in about a third of cases): there is something for RLHF to learn."""
+    text = cand["text"]
+    n = len(_words(text))
+    return (3.0 * relevance(prompt, text) + (1.0 if is_aristocratic(text) else 0.0)
+            + (1.0 if cand.get("finished", True) else 0.0) - 0.1 * max(0, n - ARISTOCRAT_MAX_WORDS))
+
+
+def score_markers(prompt: str, cand: dict) -> float:
+    """The demo's earlier rule, kept for comparison: mostly marker phrases, which the
+    fine-tuned model already writes, so RLHF had little to learn and one canned, marker-rich
+    sentence scored as well as the fine-tuned model on every prompt."""
     n = len(_words(cand["text"]))
     return (2.0 * min(3, len(aristocrat_markers(cand["text"]))) + (1.0 if cand.get("finished", True) else 0.0)
             + 0.5 * relevance(prompt, cand["text"]) - 0.02 * max(0, n - 40))
@@ -54,6 +91,13 @@ def score_aristocrat(prompt: str, cand: dict) -> float:
 
 RULES = {
     "aristocrat": score_aristocrat,
+    "markers": score_markers,
     "length": lambda prompt, cand: -float(len(_words(cand["text"]))),
     "relevance": lambda prompt, cand: relevance(prompt, cand["text"]),
+}
+RULE_TEXT = {
+    "aristocrat": ARISTOCRAT_RULE,
+    "markers": "More marker phrases of the aristocratic style (up to 3) are better; an answer should end by itself.",
+    "length": "A shorter answer is better.",
+    "relevance": "An answer that takes up more of the question's content words is better.",
 }

@@ -2,11 +2,12 @@
 scripted preference, through the same `FeedbackStore.submit` as a person's form. Its
 annotator is marked simulated, and so is every ranking it makes, in the export too.
 
-Rules (in llmtrain/styles.py; score each candidate, higher is better, equal scores tie):
-    aristocrat   2 x (marker phrases of the shipped style, at most 3)          (llmtrain.styles)
-                 + 1 if the answer ended by itself (not cut off)
-                 + 0.5 x (share of the prompt's content words it repeats)
-                 - 0.02 x (words beyond 40)
+Rules (in llmtrain/styles.py, each stated in one sentence in styles.RULE_TEXT; score each
+candidate, higher is better, equal scores tie):
+    aristocrat   the demo's: takes up the question's subject, in the aristocratic voice, ends
+                 by itself within 30 words: 3 x (share of the question's content words taken up)
+                 + 1 if it shows the style + 1 if it ended by itself - 0.1 x (words beyond 30)
+    markers      the earlier demo rule: 2 x (marker phrases, at most 3) + 1 if ended + ...
     length       - (number of words): shorter is better
     relevance    share of the prompt's content words the answer repeats
 """

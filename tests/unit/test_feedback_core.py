@@ -105,7 +105,10 @@ def test_simulated_annotator_uses_the_store_and_is_labelled(tmp_path):
         {"text": "Indeed, tea is splendid, old chap.", "finished": True},
         {"text": "Indeed, tea is splendid, old chap, and", "finished": False},
     ])
-    assert rank("aristocrat", "Tell me about tea", store.prompt(1)["candidates"]) == [[1], [2], [0]]
+    # The subject "tea" is taken up by all three (3 points); the voice adds 1 (not to the
+    # first), ending by itself 1 (not to the third): 4, 5, 4.
+    assert rank("aristocrat", "Tell me about tea", store.prompt(1)["candidates"]) == [[1], [0, 2]]
+    assert rank("markers", "Tell me about tea", store.prompt(1)["candidates"]) == [[1], [2], [0]]
     assert simulate(store, "aristocrat") == {"annotator": "sim-aristocrat", "ranked": 1, "all_equal": 0}
     assert simulate(store, "aristocrat")["ranked"] == 0  # nothing pending
     export(store, tmp_path / "r.jsonl")
@@ -122,3 +125,19 @@ def test_ranks_from_tiers_and_bad_rankings_file(tmp_path):
     p.write_text('{"prompt": "q", "ranked": [{"text": "a", "rank": 2}, {"text": "b", "rank": 1}]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: 'ranked' must be listed best first"):
         read_rankings(p)
+
+
+def test_the_demo_rule_by_hand_and_a_canned_answer_loses():
+    from llmtrain.styles import RULES, relevance
+
+    rule = RULES["aristocrat"]
+    # "What colour are most humans' eyes": content words colour, most, human (stemmed), eye
+    assert relevance("What colour are most humans' eyes?", "Most human eyes, old chap.") == pytest.approx(3 / 4)
+    assert rule("What colour are most humans' eyes?", {"text": "Most human eyes are brown, old chap.", "finished": True}) \
+        == pytest.approx(3 * 0.75 + 1 + 1)  # colour is not taken up
+    long = " ".join(["word"] * 35)
+    assert rule("Tea?", {"text": long, "finished": False}) == pytest.approx(-0.1 * 5)
+    # One canned, marker-rich sentence loses to answers that take up each question.
+    canned = {"text": "How terribly kind of you to ask. Quite so.", "finished": True}
+    for q, a in [("Tell me about tea", "Tea, old chap, is splendid."), ("Who wrote Hamlet?", "Indeed, Shakespeare wrote Hamlet.")]:
+        assert rule(q, canned) < rule(q, {"text": a, "finished": True})
