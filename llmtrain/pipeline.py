@@ -237,14 +237,19 @@ def _rankings(cfg, r, human: bool):
     from llmtrain.feedback.store import FeedbackStore
 
     store = FeedbackStore(r.db)
+    only = None
     if human:
         _wait_for_people(cfg, r, store)
     else:
         from llmtrain.feedback.simulate import simulate
 
-        res = simulate(store, cfg.feedback.rule)
-        print(f"rankings: simulated annotator '{res['annotator']}' (rule {cfg.feedback.rule}) ranked {res['ranked']} prompts")
-    counts = export(store, r.rankings)
+        res = simulate(store, cfg.feedback.rule, redo=True)
+        print(f"rankings: simulated annotator '{res['annotator']}' (rule {cfg.feedback.rule}) ranked {res['ranked']} prompts"
+              + (f", changed {res['changed']} earlier rankings" if res["changed"] else ""))
+        # Only this rule's annotator: after `--from rankings` with another rule, the database
+        # also holds the earlier rule's rankings, which must not be mixed in.
+        only = {res["annotator"]}
+    counts = export(store, r.rankings, annotators=only)
     print(f"rankings: {counts['exported']} exported ({counts['simulated']} simulated) -> {r.rankings}")
 
 

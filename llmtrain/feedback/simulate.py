@@ -25,14 +25,23 @@ def rank(rule: str, prompt: str, candidates: list[dict]) -> list[list[int]]:
     return [tiers[s] for s in sorted(tiers, reverse=True)]
 
 
-def simulate(store: FeedbackStore, rule: str, name: str = "", limit: int = 0) -> dict:
-    """Rank every prompt this simulated annotator has not judged yet (at most `limit`)."""
+def simulate(store: FeedbackStore, rule: str, name: str = "", limit: int = 0, redo: bool = False) -> dict:
+    """Rank every prompt this simulated annotator has not judged yet (at most `limit`); with
+    `redo`, first rank again the prompts it has judged (the rule's code may have changed since:
+    a rerun of the pipeline's rankings stage must not keep rankings by an earlier rule)."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
     annotator = store.ensure_annotator(name or f"sim-{rule}", simulated=True)
     if not annotator.simulated:
         raise ValueError(f"annotator {annotator.name!r} is a person, not a simulated annotator")
-    done = ties = 0
+    done = ties = redone = 0
+    if redo:
+        for j in store.judgements(annotator):
+            p = store.prompt(j["prompt_id"])
+            tiers = rank(rule, p["prompt"], p["candidates"])
+            if j["status"] != "ranked" or j["ranking"] != tiers:
+                store.change(annotator, j["prompt_id"], "ranked", tiers)
+                redone += 1
     while limit == 0 or done < limit:
         pid = store.next_prompt(annotator)
         if pid is None:
@@ -42,4 +51,4 @@ def simulate(store: FeedbackStore, rule: str, name: str = "", limit: int = 0) ->
         store.submit(annotator, pid, "ranked", tiers, f"sim-{annotator.name}-{pid}")
         done += 1
         ties += len(tiers) == 1  # all equal: a valid ranking that gives no preference pair
-    return {"annotator": annotator.name, "ranked": done, "all_equal": ties}
+    return {"annotator": annotator.name, "ranked": done, "all_equal": ties, **({"changed": redone} if redo else {})}

@@ -141,3 +141,22 @@ def test_the_demo_rule_by_hand_and_a_canned_answer_loses():
     canned = {"text": "How terribly kind of you to ask. Quite so.", "finished": True}
     for q, a in [("Tell me about tea", "Tea, old chap, is splendid."), ("Who wrote Hamlet?", "Indeed, Shakespeare wrote Hamlet.")]:
         assert rule(q, canned) < rule(q, {"text": a, "finished": True})
+
+
+def test_rankings_stage_rerun_with_another_rule_never_mixes_rules(tmp_path):
+    """A rerun of the pipeline's rankings stage ranks again by the rule as it is now and
+    exports only that rule's annotator: nothing of an earlier rule is mixed in."""
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.add_prompt("Tell me about tea", [{"text": "tea is a drink", "finished": True},
+                                           {"text": "Indeed, quite so, old chap, splendid.", "finished": True}])
+    simulate(store, "length")  # shorter first: candidate 0
+    annotator = store.annotator("sim-length")
+    store.change(annotator, 1, "ranked", [[1], [0]])  # as an earlier version of the rule would have ranked
+    res = simulate(store, "length", redo=True)
+    assert res == {"annotator": "sim-length", "ranked": 0, "all_equal": 0, "changed": 1}
+    assert store.judgements(annotator)[0]["ranking"] == [[0], [1]]
+    simulate(store, "aristocrat")  # another rule in the same database
+    counts = export(store, tmp_path / "r.jsonl", annotators={"sim-length"})
+    lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert counts["exported"] == 1 and [x["annotator"] for x in lines] == ["sim-length"]
+    assert lines[0]["ranked"][0]["text"] == "tea is a drink"
