@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmtrain import pipeline  # noqa: E402
+from llmtrain.config import to_dict  # noqa: E402
 from llmtrain.stages import dpo, evaluate, ppo  # noqa: E402
 
 METHODS = ["ppo", "grpo", "rloo", "dpo"]
@@ -57,9 +58,14 @@ def train(cfg: pipeline.PipelineConfig, run: Path, method: str, seed: int, out: 
         c.val_every = cfg.sft.data.val_every
         c.true_rule = c.true_rule or cfg.feedback.rule
     c.run.seed, c.run.out_dir, c.run.resume = seed, str(out), True
+    settings = json.dumps(to_dict(c), sort_keys=True, default=str)
+    saved = out / "bench_config.json"
+    if saved.is_file() and saved.read_text() != settings:
+        raise SystemExit(f"{out} was trained with other settings ({saved}); give another --out, or delete it")
     if pipeline._finished(out, c.run.max_steps):
         return float(json.loads((out / "seconds.json").read_text())["seconds"]) if (out / "seconds.json").is_file() else 0.0
     out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(settings)
     t = time.time()
     with open(out / "stage.log", "a") as fh, contextlib.redirect_stdout(fh):
         (dpo.main if method == "dpo" else ppo.main)(c)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="", help="where the runs go (default RUN_DIR/seeds)")
     ap.add_argument("-c", "--config", default="", help="stage settings (default RUN_DIR/pipeline.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. grpo.kl.beta=0.2")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
     run = Path(a.run_dir)
     for need in ("sft", "reward", "feedback/rankings.jsonl"):
         if not (run / need).exists():

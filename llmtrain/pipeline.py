@@ -237,7 +237,7 @@ def _rankings(cfg, r, human: bool):
     from llmtrain.feedback.store import FeedbackStore
 
     store = FeedbackStore(r.db)
-    only = None
+    only = ""
     if human:
         _wait_for_people(cfg, r, store)
     else:
@@ -246,10 +246,10 @@ def _rankings(cfg, r, human: bool):
         res = simulate(store, cfg.feedback.rule, redo=True)
         print(f"rankings: simulated annotator '{res['annotator']}' (rule {cfg.feedback.rule}) ranked {res['ranked']} prompts"
               + (f", changed {res['changed']} earlier rankings" if res["changed"] else ""))
-        # Only this rule's annotator: after `--from rankings` with another rule, the database
-        # also holds the earlier rule's rankings, which must not be mixed in.
-        only = {res["annotator"]}
-    counts = export(store, r.rankings, annotators=only)
+        # Of the simulated annotators only this rule's: after `--from rankings` with another
+        # rule, the database also holds the earlier rule's rankings, which must not be mixed in.
+        only = res["annotator"]
+    counts = export(store, r.rankings, only_simulated=only)
     print(f"rankings: {counts['exported']} exported ({counts['simulated']} simulated) -> {r.rankings}")
 
 

@@ -10,18 +10,17 @@ from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
 from llmtrain.feedback.store import FeedbackStore
 
 
-def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, annotators: set[str] | None = None
-           ) -> dict:
-    """Write one line per (prompt, annotator) judgement that ranks (skips are left out), only
-    those of `annotators` when given. Written to a temporary file and renamed: a reader never
-    sees half a file."""
+def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, only_simulated: str = "") -> dict:
+    """Write one line per (prompt, annotator) judgement that ranks (skips are left out); with
+    `only_simulated`, of the simulated annotators only that one (people's rankings are always
+    kept). Written to a temporary file and renamed: a reader never sees half a file."""
     counts = {"ranked": 0, "all_bad": 0, "skipped": 0, "simulated": 0}
     lines = []
     cache: dict[int, dict] = {}
     for j in store.judgements():
         counts[j["status"]] += 1
         if j["status"] == "skipped" or (j["simulated"] and not include_simulated) or \
-                (annotators is not None and j["annotator"] not in annotators):
+                (only_simulated and j["simulated"] and j["annotator"] != only_simulated):
             continue
         p = cache.get(j["prompt_id"]) or cache.setdefault(j["prompt_id"], store.prompt(j["prompt_id"]))
         texts = [c["text"] for c in p["candidates"]]

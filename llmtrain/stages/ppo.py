@@ -112,10 +112,12 @@ def check(cfg: PPOConfig) -> None:
     """Settings that cannot work together, named before any model is loaded; "auto" KL
     settings resolved for the algorithm."""
     grpo = cfg.algorithm == "grpo"
-    if cfg.kl.estimator == "auto":
-        cfg.kl.estimator = "k3" if grpo else "k1"
-    if cfg.kl.placement == "auto":
-        cfg.kl.placement = "loss" if grpo else "reward"
+    est, place = cfg.kl.estimator, cfg.kl.placement
+    if est == "auto":  # from the placement when that is given, else the algorithm's default
+        est = "k3" if place == "loss" or (place == "auto" and grpo) else "k1"
+    if place == "auto":  # from the estimator when that is given, else the algorithm's default
+        place = "loss" if grpo and est == "k3" else "reward"
+    cfg.kl.estimator, cfg.kl.placement = est, place
     if cfg.kl.placement == "loss" and cfg.kl.estimator != "k3":
         raise ConfigError("kl.placement=loss takes kl.estimator=k3 (as a loss, k1's expected gradient is zero)")
     if not cfg.policy or not cfg.reward_model:
@@ -219,7 +221,7 @@ def main(cfg: PPOConfig) -> Path:
     start_it = 0
     steps = checkpoint.step_dirs(run_dir)
     if run.resume and steps:
-        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled, sharded, bases)
+        start_it = resume(steps[-1], ac, optimizer, kl_ctl, env, cfg.lora.enabled, sharded, bases, cfg.algorithm)
 
     log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
     trainable, total = count_params(ac)
@@ -298,8 +300,9 @@ def main(cfg: PPOConfig) -> Path:
                 with dist.autocast(dev, frozen_precision):
                     ref_logp[mb] = token_logprobs(reference(ids[mb], mask[mb], pos[mb]), ids[mb]).float()
             old_values *= amask
-            kl_k1 = (kl_estimate(old_logp, ref_logp, "k1") * amask).sum(1)  # per answer, nats
-            kl_k3 = (kl_estimate(old_logp, ref_logp, "k3") * amask).sum(1)
+            on = amask > 0  # where, not a product: k3 of a padding position may overflow to inf
+            kl_k1 = torch.where(on, kl_estimate(old_logp, ref_logp, "k1"), 0.0).sum(1)  # per answer, nats
+            kl_k3 = torch.where(on, kl_estimate(old_logp, ref_logp, "k3"), 0.0).sum(1)
             beta = kl_ctl.value
             # (4) advantages
             penalty = 0.0 if cfg.kl.placement == "loss" else beta
@@ -337,7 +340,7 @@ def main(cfg: PPOConfig) -> Path:
                     loss = loss + cfg.vf_coef * vf_loss * share
                     stats["vf_loss"].append(float(vf_loss.detach()))
                 if cfg.kl.placement == "loss":
-                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[mb], "k3"), m)
+                    kl_loss = masked_mean(torch.where(m > 0, kl_estimate(logp, ref_logp[mb], "k3"), 0.0), m)
                     loss = loss + beta * kl_loss * share
                     stats["kl_loss"].append(float(kl_loss.detach()))
                 if ptx is not None:
@@ -360,7 +363,7 @@ def main(cfg: PPOConfig) -> Path:
             "reward": mean(rm_scores.mean()), "score_with_penalty": mean(scores.mean()), "kl": mean_kl,
             "kl_k1": k1, "kl_k3": k3, "beta": beta, "approx_kl": approx_kl, "ratio_dev": ratio_dev,
             "entropy": float(reduce_sum((ent * amask).sum()) / reduce_sum(amask.sum()).clamp(min=1)),
-            "clipfrac": mean(np.mean(stats["clipfrac"])), "first_clipfrac": stats["clipfrac"][0],
+            "clipfrac": mean(np.mean(stats["clipfrac"])), "first_clipfrac": mean(stats["clipfrac"][0]),
             "pg_loss": mean(np.mean(stats["pg_loss"])), "response_length": mean(amask.sum(1).mean()),
             "finished": mean(finished.mean()), "seconds": time.time() - t_it, "peak_memory_mb": dist.peak_memory_mb(dev),
         }
@@ -390,7 +393,7 @@ def main(cfg: PPOConfig) -> Path:
             if critic:
                 extra["value"] = {} if sharded else value_state(value, cfg.lora.enabled)
             checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": cfg.algorithm, "config": to_dict(cfg)},
-                            meta={"tokens": 0, "beta": kl_ctl.value, "bases": bases, **rec}, tokenizer_path=str(tok_path),
+                            meta={"tokens": 0, "bases": bases, **rec, "beta": kl_ctl.value}, tokenizer_path=str(tok_path),
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
                             barrier=lambda: dist.barrier(env), extra_state=extra, train_module=ac)
     log.print(f"{cfg.algorithm} done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
@@ -409,11 +412,15 @@ def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
 
 
 def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False,
-           bases: dict | None = None) -> int:
+           bases: dict | None = None, algorithm: str = "ppo") -> int:
     """Continue from an RL checkpoint: policy (and value model), optimizer, KL coefficient. With
     LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
     the run started from): only the adapters and the value head are restored, exactly. A
     sharded run's checkpoint holds policy, value and optimizer in dcp/."""
+    stage = checkpoint.read_config(step_dir).get("stage")
+    if stage != algorithm:
+        raise CheckpointError(f"{step_dir}: a {stage} checkpoint, but this run is {algorithm}; "
+                              f"resume it with `llmtrain {stage}` or start {algorithm} in another run.out_dir")
     saved = checkpoint.read_meta(step_dir).get("bases")
     if lora and bases and saved and saved != bases:
         raise CheckpointError(f"{step_dir}: its LoRA adapters sit on {saved}, but this run starts from {bases}; "

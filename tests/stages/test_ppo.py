@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import WORDS, write_jsonl
 from llmtrain import checkpoint
-from llmtrain.errors import CheckpointError
+from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.config import LoRAConfig, OptimConfig, PPOConfig, RunConfig, FreezeConfig
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.metrics import read_metrics
@@ -181,3 +181,33 @@ def test_grpo_and_rloo_raise_the_rewarded_tokens_frequency(pretrained, rm_ckpt, 
         assert setup["algorithm"] == algorithm
         if algorithm == "grpo":
             assert "kl_loss" in train[0]  # GRPO's default: k3 as a loss term
+
+
+def test_kl_settings_resolve_from_each_other_and_a_checkpoint_of_another_algorithm_is_refused(pretrained, rm_ckpt,
+                                                                                              tmp_path, monkeypatch):
+    from llmtrain.config import KLConfig
+
+    def resolved(algorithm, **kl):
+        c = PPOConfig(algorithm=algorithm, policy="p", reward_model="r", kl=KLConfig(**kl))
+        ppo.check(c)
+        return c.kl.estimator, c.kl.placement
+
+    assert resolved("ppo") == ("k1", "reward") and resolved("rloo") == ("k1", "reward")
+    assert resolved("grpo") == ("k3", "loss")
+    assert resolved("ppo", placement="loss") == ("k3", "loss")  # a given setting decides the other
+    assert resolved("grpo", estimator="k1") == ("k1", "reward")
+    assert resolved("grpo", estimator="k3", placement="reward") == ("k3", "reward")
+    with pytest.raises(ConfigError, match="placement=loss takes kl.estimator=k3"):
+        resolved("ppo", estimator="k1", placement="loss")
+    with pytest.raises(ConfigError, match="must divide"):
+        ppo.check(PPOConfig(algorithm="grpo", policy="p", reward_model="r", rollout_batch=3, group_size=3, minibatch=2))
+
+    tok, target = target_token(pretrained)
+    monkeypatch.setattr(ppo, "score_texts", scripted_reward(tok, target))
+    out = tmp_path / "run"
+    run = RunConfig(out_dir=str(out), max_steps=1, eval_every=0, threads=1)
+    ppo.main(ppo_config(pretrained, rm_ckpt, prompts_file(tmp_path), out, rollout_batch=8, minibatch=8, run=run))
+    run2 = RunConfig(out_dir=str(out), max_steps=2, eval_every=0, threads=1, resume=True)
+    with pytest.raises(CheckpointError, match="a ppo checkpoint, but this run is grpo"):
+        ppo.main(ppo_config(pretrained, rm_ckpt, prompts_file(tmp_path), out, algorithm="grpo", rollout_batch=2,
+                            group_size=4, minibatch=8, run=run2))

@@ -156,7 +156,9 @@ def test_rankings_stage_rerun_with_another_rule_never_mixes_rules(tmp_path):
     assert res == {"annotator": "sim-length", "ranked": 0, "all_equal": 0, "changed": 1}
     assert store.judgements(annotator)[0]["ranking"] == [[0], [1]]
     simulate(store, "aristocrat")  # another rule in the same database
-    counts = export(store, tmp_path / "r.jsonl", annotators={"sim-length"})
+    person = store.ensure_annotator("alice")
+    store.submit(person, 1, "ranked", [[1], [0]], "alice-1")  # a person's ranking is always kept
+    counts = export(store, tmp_path / "r.jsonl", only_simulated="sim-length")
     lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert counts["exported"] == 1 and [x["annotator"] for x in lines] == ["sim-length"]
-    assert lines[0]["ranked"][0]["text"] == "tea is a drink"
+    assert counts["exported"] == 2 and sorted(x["annotator"] for x in lines) == ["alice", "sim-length"]
+    assert [x for x in lines if x["annotator"] == "sim-length"][0]["ranked"][0]["text"] == "tea is a drink"
