@@ -141,4 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from llmtrain.errors import LlmtrainError
+
+    try:
+        main()
+    except LlmtrainError as e:  # a wrong key, a damaged checkpoint: one line, no traceback
+        raise SystemExit(f"rlhf_seeds: {e}") from None

@@ -72,11 +72,8 @@ def barrier(env: DistEnv) -> None:
 
 
 def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        x = x.clone()
-        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
-        x /= env.world
-    return x
+    """The mean of a tensor over all processes (itself when there is one)."""
+    return all_reduce_sum(x, env) / env.world if env.distributed else x
 
 
 def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -14,6 +14,25 @@ import torch
 import torch.nn.functional as F
 
 
+def rollout_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+    """[left pad | prompt | answer | right pad] rows -> ids, attention mask, position ids, and
+    the answer mask over log-prob targets (B, T-1): 1 where the target token is an answer token."""
+    Lp = max(len(p) for p in prompts)
+    La = max(1, max(len(a) for a in answers))
+    B = len(prompts)
+    ids = torch.full((B, Lp + La), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, Lp + La), dtype=torch.long)
+    amask = torch.zeros((B, Lp + La - 1), dtype=torch.float32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, Lp - len(p):Lp] = torch.tensor(p, dtype=torch.long)
+        mask[i, Lp - len(p):Lp + len(a)] = 1
+        if a:
+            ids[i, Lp:Lp + len(a)] = torch.tensor(a, dtype=torch.long)
+            amask[i, Lp - 1:Lp - 1 + len(a)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos, amask
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """logits (B, T, V) at positions 0..T-1 and tokens (B, T) -> log p(tokens[:, t+1]) (B, T-1)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -31,13 +50,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance over the masked entries."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    return ((x - mean) ** 2 * mask).sum() / (n - 1)
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor,
@@ -77,6 +89,12 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
         log_r = ref_logp - logp
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """KL of each answer (B,): the per-token estimate summed over its answer tokens. Masked with
+    where, not a product: k3 of a padding position may overflow to inf, and inf x 0 is NaN."""
+    return torch.where(mask > 0, kl_estimate(logp, ref_logp, estimator), 0.0).sum(1)
 
 
 def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,

@@ -17,7 +17,7 @@ from llmtrain.errors import CheckpointError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
-from llmtrain.rl import kl_estimate, token_logprobs
+from llmtrain.rl import rollout_rows, sequence_kl, token_logprobs
 from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_answer, render_chat
 
@@ -113,23 +113,6 @@ def collapse_stats(texts: list[str]) -> dict:
             "mean_words": float(np.mean([len(w) for w in words]))}
 
 
-def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
-    """[left pad | prompt | answer | right pad] rows -> ids, attention mask, position ids, and
-    the answer mask over log-prob targets (B, T-1): 1 where the target token is an answer token."""
-    Lp = max(len(p) for p in prompts)
-    La = max(1, max(len(a) for a in answers))
-    ids = torch.full((len(prompts), Lp + La), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), Lp + La), dtype=torch.long)
-    amask = torch.zeros((len(prompts), Lp + La - 1), dtype=torch.float32)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, Lp - len(p):Lp] = torch.tensor(p, dtype=torch.long)
-        mask[i, Lp - len(p):Lp + len(a)] = 1
-        if a:
-            ids[i, Lp:Lp + len(a)] = torch.tensor(a, dtype=torch.long)
-            amask[i, Lp - 1:Lp - 1 + len(a)] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), amask
-
-
 @torch.no_grad()
 def sampled_kl(policy: Transformer, reference: Transformer, tok: Tokenizer, convs: list[list[dict]], max_new_tokens: int,
                seed: int = 0, batch_size: int = 32) -> dict:
@@ -147,12 +130,11 @@ def sampled_kl(policy: Transformer, reference: Transformer, tok: Tokenizer, conv
     for i in range(0, len(convs), batch_size):
         prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + batch_size]]
         answers = generate(policy, prompts, s, pad_id=tok.pad_id, generator=g)
-        ids, mask, pos, amask = (t.to(device) for t in answer_rows(prompts, answers, tok.pad_id))
+        ids, mask, pos, amask = (t.to(device) for t in rollout_rows(prompts, answers, tok.pad_id))
         logp = token_logprobs(policy(ids, mask, pos), ids)
         ref_logp = token_logprobs(reference(ids, mask, pos), ids)
-        on = amask > 0  # where, not a product: nothing from a padding position can leak in
-        k1 += torch.where(on, kl_estimate(logp, ref_logp, "k1"), 0.0).sum(1).tolist()
-        k3 += torch.where(on, kl_estimate(logp, ref_logp, "k3"), 0.0).sum(1).tolist()
+        k1 += sequence_kl(logp, ref_logp, amask, "k1").tolist()
+        k3 += sequence_kl(logp, ref_logp, amask, "k3").tolist()
     policy.train(was[0]), reference.train(was[1])
     return {"kl": float(np.mean(k1)) if k1 else 0.0, "kl_k3": float(np.mean(k3)) if k3 else 0.0}
 

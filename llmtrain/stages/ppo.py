@@ -52,7 +52,7 @@ from llmtrain.model import Transformer
 from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import (AdaptiveKL, FixedKL, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards,
-                         masked_mean, masked_moments, minibatches, token_logprobs, whiten)
+                         masked_mean, masked_moments, minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
 from llmtrain.scoring import evaluate_policy, load_reward_model, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import build_optimizer, count_params, optimizer_step
@@ -87,25 +87,6 @@ class ActorCritic(torch.nn.Module):
     def forward(self, ids, mask, pos):
         logits = self.policy(ids, mask, pos)
         return logits, (self.value.forward_tokens(ids, mask, pos)[..., 0] if self.value is not None else None)
-
-
-def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
-    """[left pad | prompt | answer | right pad] rows -> ids, attention mask, position ids, and
-    the answer mask over log-prob targets (B, T-1): 1 where the target token is an answer token."""
-    Lp = max(len(p) for p in prompts)
-    La = max(1, max(len(a) for a in answers))
-    B = len(prompts)
-    ids = torch.full((B, Lp + La), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, Lp + La), dtype=torch.long)
-    amask = torch.zeros((B, Lp + La - 1), dtype=torch.float32)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, Lp - len(p):Lp] = torch.tensor(p)
-        mask[i, Lp - len(p):Lp + len(a)] = 1
-        if a:
-            ids[i, Lp:Lp + len(a)] = torch.tensor(a)
-            amask[i, Lp - 1:Lp - 1 + len(a)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos, amask
 
 
 def check(cfg: PPOConfig) -> None:
@@ -285,7 +266,7 @@ def main(cfg: PPOConfig) -> Path:
 
         # (3) old log-probs (and values) in the first epoch's minibatches, under the update's
         # autocast, so the first update step sees exactly these numbers; the reference's.
-        ids, mask, pos, amask = (t.to(dev) for t in pack(prompt_ids, answers, tok.pad_id))
+        ids, mask, pos, amask = (t.to(dev) for t in rollout_rows(prompt_ids, answers, tok.pad_id))
         first_epoch = minibatches(n_global, n_mb, [run.seed, it, 0], env.rank, env.world)
         old_logp, ref_logp = torch.zeros_like(amask), torch.zeros_like(amask)
         old_values, ent = torch.zeros_like(amask), torch.zeros_like(amask)
@@ -300,9 +281,8 @@ def main(cfg: PPOConfig) -> Path:
                 with dist.autocast(dev, frozen_precision):
                     ref_logp[mb] = token_logprobs(reference(ids[mb], mask[mb], pos[mb]), ids[mb]).float()
             old_values *= amask
-            on = amask > 0  # where, not a product: k3 of a padding position may overflow to inf
-            kl_k1 = torch.where(on, kl_estimate(old_logp, ref_logp, "k1"), 0.0).sum(1)  # per answer, nats
-            kl_k3 = torch.where(on, kl_estimate(old_logp, ref_logp, "k3"), 0.0).sum(1)
+            kl_k1 = sequence_kl(old_logp, ref_logp, amask, "k1")  # per answer, nats
+            kl_k3 = sequence_kl(old_logp, ref_logp, amask, "k3")
             beta = kl_ctl.value
             # (4) advantages
             penalty = 0.0 if cfg.kl.placement == "loss" else beta
@@ -327,14 +307,14 @@ def main(cfg: PPOConfig) -> Path:
                 with dist.autocast(dev, run.precision):
                     logits, values = train_ac(ids[mb], mask[mb], pos[mb])
                 logp = token_logprobs(logits, ids[mb])
-                share = env.world * m.sum() / reduce_sum(m.sum()).clamp(min=1)
+                n_tokens = reduce_sum(m.sum()).clamp(min=1)  # this minibatch's answer tokens, all processes
+                share = env.world * m.sum() / n_tokens
                 pg_loss, clipfrac = ppo_policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
                 loss = pg_loss * share
                 if epoch == 0 and mb_i == 0:  # the ratio before any update: exactly 1 when all is right
                     log_ratio = (logp - old_logp[mb]).detach()
                     ratio_dev = float(dist.all_reduce_max(((log_ratio.exp() - 1).abs() * m).max(), env))
-                    approx_kl = float(reduce_sum(((log_ratio.exp() - 1 - log_ratio) * m).sum())
-                                      / reduce_sum(m.sum()).clamp(min=1))
+                    approx_kl = float(reduce_sum(((log_ratio.exp() - 1 - log_ratio) * m).sum()) / n_tokens)
                 if critic:
                     vf_loss = ppo_value_loss(values[:, :-1].float(), old_values[mb], returns[mb], m, cfg.value_clip)
                     loss = loss + cfg.vf_coef * vf_loss * share

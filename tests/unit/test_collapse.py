@@ -3,7 +3,8 @@ evaluation's KL is measured on."""
 import pytest
 import torch
 
-from llmtrain.scoring import answer_rows, collapse_stats
+from llmtrain.rl import rollout_rows
+from llmtrain.scoring import collapse_stats
 
 
 def test_collapse_figures_by_hand():
@@ -25,21 +26,13 @@ def test_collapse_figures_edge_cases():
     assert collapse_stats([]) == {"distinct": 0.0, "distinct2": 0.0, "mean_words": 0.0}
 
 
-def test_answer_rows():
-    ids, mask, pos, amask = answer_rows([[1, 2, 3], [4]], [[5, 6], []], pad_id=0)
+def test_rollout_rows():
+    ids, mask, pos, amask = rollout_rows([[1, 2, 3], [4]], [[5, 6], []], pad_id=0)
     assert ids.tolist() == [[1, 2, 3, 5, 6], [0, 0, 4, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
     assert pos.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
     # Targets 1..4: the answer tokens of row 0 are targets 3 and 4 (mask positions 2, 3).
     assert amask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
-
-
-def test_answer_rows_match_ppo_pack():
-    from llmtrain.stages.ppo import pack
-
-    args = ([[7, 8], [1, 2, 3, 4], [9]], [[3], [5, 6, 2], []], 0)
-    for x, y in zip(answer_rows(*args), pack(*args)):
-        assert torch.equal(x, y)
 
 
 def test_report_methods_table_flags_collapse_and_hacking():
