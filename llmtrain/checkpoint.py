@@ -300,7 +300,7 @@ def load_train_state(ckpt: str | Path, rank: int = 0) -> dict:
             rp = d / f"rng_rank{rank}.pt"
             state["rng"] = torch.load(rp, map_location="cpu", weights_only=True) if rp.is_file() else None
     except Exception as e:  # an unpickling error is refused, not executed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused or unreadable ({first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: damaged, expected a dict of training state, got {type(state).__name__}")
