@@ -156,6 +156,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
     remove(tmp)
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     n_doc = 0
+    bar = None
     try:
         with _term_raises():
             tmp.mkdir(parents=True)
@@ -204,6 +205,8 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
             fsync_dir(out.parent)
             remove(old)
     except BaseException as e:
+        if bar is not None:
+            bar.close()  # its line ends, so an error message gets a line of its own
         current = next((w.current for w in writers.values() if w.failed), tmp / "meta.json")
         for w in writers.values():
             w.abandon()
