@@ -321,3 +321,39 @@ def test_killed_prepare_leaves_nothing_or_is_cleaned_by_the_next(corpus_file, to
         assert f"prepare: removed {tmp_path / left[0]}, the temp folder of an interrupted earlier run" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert tree_bytes(out) == tree_bytes(prepared)
+
+
+# ------------------------------------------------------------------- a real full file system
+
+REAL_DISK = textwrap.dedent("""
+    set -u
+    mount -t tmpfs -o size=1200k tmpfs "$DISK" || exit 99
+    "$PY" -m llmtrain "$@" > "$OUT/out1" 2> "$OUT/err1"; echo $? > "$OUT/rc1"
+    ls -a "$DISK/run/checkpoints" > "$OUT/ls1"
+    mount -o remount,size=20m "$DISK"
+    "$PY" -m llmtrain "$@" run.resume=true > "$OUT/out2" 2> "$OUT/err2"; echo $? > "$OUT/rc2"
+    cp -r "$DISK/run" "$OUT/run"
+""")
+
+
+def test_real_full_tmpfs_during_checkpoint_then_resume(shards, full, tmp_path):
+    """The same on a real 1.2 MB tmpfs (in a private mount namespace): torch.save's own error on
+    a full disk. Needs `unshare` and permission to mount; elsewhere the injected cases above
+    stand in for it."""
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", str(disk)],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs unshare and user namespaces)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DISK=str(disk), OUT=str(out), PY=sys.executable)
+    args = run_args(shards, disk / "run")
+    proc = subprocess.run(["unshare", "-rm", "bash", "-c", REAL_DISK, "bash", *args], env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "rc1").read_text().strip() == "2", (out / "err1").read_text()
+    line = one_line((out / "err1").read_text())
+    assert f"no space left on device while writing {disk / 'run' / 'checkpoints' / 'step_0000004.tmp'}/" in line
+    assert (out / "ls1").read_text().split() == [".", "..", "step_0000002"]  # the partial folder was removed
+    assert (out / "rc2").read_text().strip() == "0", (out / "err2").read_text()
+    assert "resumed from" in (out / "out2").read_text()
+    assert_equals_uninterrupted(out / "run", full)
