@@ -259,7 +259,7 @@ def fb_generate(args) -> int:
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p)
     r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device,
-                       rounds=args.rounds)
+                       rounds=args.rounds, key="--max-new-tokens")
     print(f"feedback generate: {r['prompts']} prompts x {args.k}" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
           + f" = {r['candidates']} candidates -> {args.db}")
     return 0

@@ -66,7 +66,7 @@ def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: Samp
     if not convs:
         raise DataError(f"{prompts_path}: none of its {n_all} prompts fits: each may have at most {room} tokens (the "
                         f"context window of {model.config.max_seq_len} tokens of {ckpt_dir} less {key}="
-                        f"{sampling.max_new_tokens}); the shortest has {min(long)}")
+                        f"{sampling.max_new_tokens}); the shortest has {min(long)} tokens")
     if long:
         print(f"feedback generate: {len(long)} of {n_all} prompts in {prompts_path} longer than {room} tokens skipped "
               f"(context window {model.config.max_seq_len} - {key} {sampling.max_new_tokens})")

@@ -146,7 +146,7 @@ def main(cfg: PPOConfig) -> Path:
     if not train_p:
         raise DataError(f"{cfg.prompts}: none of its {n_train} training prompts fits: each may have at most {room} tokens "
                         f"(the policy's context window of {mcfg.max_seq_len} tokens, max_seq_len of {sft_ckpt}, "
-                        f"less max_new_tokens={cfg.max_new_tokens}); the shortest has {min(long_train)}")
+                        f"less max_new_tokens={cfg.max_new_tokens}); the shortest has {min(long_train)} tokens")
     val_p = val_p[: cfg.eval_prompts or None]
     long_note = (f"{cfg.algorithm}: {len(long_train)} of {n_train} training and {len(long_val)} of {n_val} held-out prompts "
                  f"in {cfg.prompts} longer than {room} tokens skipped (context window {mcfg.max_seq_len} - max_new_tokens "

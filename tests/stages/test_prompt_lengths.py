@@ -199,7 +199,8 @@ def test_feedback_generate_skips_long_prompts(pretrained, tmp_path, capsys):
     assert cli_main(["feedback", "generate", str(pretrained), "--prompts", str(prompts), "-k", "2", "--db", str(db),
                      "--max-new-tokens", "16"]) == 0
     got = capsys.readouterr()
-    assert f"feedback generate: 1 of 5 prompts in {prompts} longer than 48 tokens skipped" in got.out and no_traceback(got)
+    assert (f"feedback generate: 1 of 5 prompts in {prompts} longer than 48 tokens skipped (context window 64 - "
+            "--max-new-tokens 16)") in got.out and no_traceback(got)
     store = FeedbackStore(str(db))
     assert [store.prompt(i)["prompt"] for i in store.prompt_ids()] == [short(i) for i in (0, 1, 3, 4)]
 
@@ -216,7 +217,7 @@ def test_feedback_generate_no_room_is_one_line_and_writes_nothing(pretrained, tm
     if case == "all-long":
         assert f"{prompts}: none of its 3 prompts fits: each may have at most 48 tokens" in line
     else:
-        assert f"max_new_tokens={max_new} leaves no room for a prompt in the context window of 64 tokens" in line
+        assert f"--max-new-tokens={max_new} leaves no room for a prompt in the context window of 64 tokens" in line
     assert no_traceback(got) and not db.exists()
 
 
