@@ -19,9 +19,14 @@ from llmtrain.tokenizer import Tokenizer, render_chat
 @pytest.fixture(scope="module")
 def rm_ckpt(pretrained, tmp_path_factory):
     """A reward-model checkpoint (random head on the pretrained backbone); the tests replace
-    its scores with a scripted reward, but PPO loads it and starts its value head from it."""
+    its scores with a scripted reward, but PPO loads it and starts its value head from it.
+    The head is drawn from its own seed, not from whatever the tests before left in torch's
+    global generator: that head steers PPO's first advantages, and a draw that depended on
+    test order made the frequency test pass alone and fail after other tests."""
     out = tmp_path_factory.mktemp("rm") / "run"
-    model = ScoreModel(checkpoint.model_config(pretrained), 1)
+    with torch.random.fork_rng(devices=[]):  # seeded here, and the global generator left as it was
+        torch.manual_seed(0)
+        model = ScoreModel(checkpoint.model_config(pretrained), 1)
     checkpoint.load_weights(pretrained, model, new_head=("score.",))
     checkpoint.save(out, 1, model, config={"model": vars(model.config), "stage": "reward", "reward": {"offset": 0.0, "std": 1.0}},
                     meta={"tokens": 0}, tokenizer_path=str(checkpoint.tokenizer_of(pretrained)))
