@@ -80,7 +80,12 @@ def test_ppo_raises_the_rewarded_tokens_frequency(pretrained, rm_ckpt, tmp_path,
     prompts = prompts_file(tmp_path)
     convs = [[{"role": "user", "content": f"Say something about the {w}"}] for w in WORDS[:8]]
     before = frequency(pretrained, tok, target, convs)
-    ppo.main(ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "ppo"))
+    cfg = ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "ppo")
+    # 30 iterations, not 20: after 20 the frequency ranged 0.037-0.112 over random value heads
+    # (0.008 before), too near the bar of 0.048; after 30 it ranged 0.089-0.225 over ten heads
+    # and five run seeds.
+    cfg.run.max_steps = 30
+    ppo.main(cfg)
     after = frequency(tmp_path / "ppo", tok, target, convs)
     train = read_metrics(tmp_path / "ppo", "train")
     print(f"frequency of the rewarded token: {before:.3f} -> {after:.3f}")
