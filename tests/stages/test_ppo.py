@@ -19,9 +19,14 @@ from llmtrain.tokenizer import Tokenizer, render_chat
 @pytest.fixture(scope="module")
 def rm_ckpt(pretrained, tmp_path_factory):
     """A reward-model checkpoint (random head on the pretrained backbone); the tests replace
-    its scores with a scripted reward, but PPO loads it and starts its value head from it."""
+    its scores with a scripted reward, but PPO loads it and starts its value head from it.
+    The head is drawn from its own seed, not from whatever the tests before left in torch's
+    global generator: that head steers PPO's first advantages, and a draw that depended on
+    test order made the frequency test pass alone and fail after other tests."""
     out = tmp_path_factory.mktemp("rm") / "run"
-    model = ScoreModel(checkpoint.model_config(pretrained), 1)
+    with torch.random.fork_rng(devices=[]):  # seeded here, and the global generator left as it was
+        torch.manual_seed(0)
+        model = ScoreModel(checkpoint.model_config(pretrained), 1)
     checkpoint.load_weights(pretrained, model, new_head=("score.",))
     checkpoint.save(out, 1, model, config={"model": vars(model.config), "stage": "reward", "reward": {"offset": 0.0, "std": 1.0}},
                     meta={"tokens": 0}, tokenizer_path=str(checkpoint.tokenizer_of(pretrained)))
@@ -75,7 +80,12 @@ def test_ppo_raises_the_rewarded_tokens_frequency(pretrained, rm_ckpt, tmp_path,
     prompts = prompts_file(tmp_path)
     convs = [[{"role": "user", "content": f"Say something about the {w}"}] for w in WORDS[:8]]
     before = frequency(pretrained, tok, target, convs)
-    ppo.main(ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "ppo"))
+    cfg = ppo_config(pretrained, rm_ckpt, prompts, tmp_path / "ppo")
+    # 30 iterations, not 20: after 20 the frequency ranged 0.037-0.112 over random value heads
+    # (0.008 before), too near the bar of 0.048; after 30 it ranged 0.089-0.225 over ten heads
+    # and five run seeds.
+    cfg.run.max_steps = 30
+    ppo.main(cfg)
     after = frequency(tmp_path / "ppo", tok, target, convs)
     train = read_metrics(tmp_path / "ppo", "train")
     print(f"frequency of the rewarded token: {before:.3f} -> {after:.3f}")
