@@ -439,6 +439,7 @@ def _wait_for_people(cfg, r, store):
     prompt has been judged by a person (ranked, all unacceptable or skipped: a skip leaves the
     prompt out), when an admin closes the round at /admin, or when Enter is pressed with at
     least one ranking. Says which prompts are still open whenever that changes."""
+    import secrets
     import select
     import sys
 
@@ -447,8 +448,9 @@ def _wait_for_people(cfg, r, store):
     r.cleanup.callback(store.reopen_round)  # registered first: runs after the app has stopped
     port = _start_app(r.db, cfg.feedback.port, r.cleanup)  # a busy port: an error before anything is written
     store.reopen_round()
-    admin = store.add_annotator(f"admin-{int(time.time())}", is_admin=True)
-    person = store.add_annotator(f"annotator-{int(time.time())}")
+    tag = f"{int(time.time())}-{secrets.token_hex(2)}"  # a rerun within the same second makes new names too
+    admin = store.add_annotator(f"admin-{tag}", is_admin=True)
+    person = store.add_annotator(f"annotator-{tag}")
     total = len(store.prompt_ids())
     interactive = sys.stdin is not None and sys.stdin.isatty()
     print(f"\nThe ranking app is at http://127.0.0.1:{port}/\n  annotator token: {person}\n"

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
 
 import pytest
 

@@ -324,7 +324,7 @@ def test_admin_page_lists_open_prompts_and_its_form_closes_the_round(tmp_path):
     app = create_app(str(tmp_path / "f.db"))
     admin, csrf = login(app, tokens["root"])
     page = admin.get("/admin").text
-    assert f"2 of 3 prompts still open" in page and f"#{ids[1]}, #{ids[2]}" in page and 'id="close-round"' in page
+    assert "2 of 3 prompts still open" in page and f"#{ids[1]}, #{ids[2]}" in page and 'id="close-round"' in page
     assert admin.post("/admin/close", data={}, follow_redirects=False).status_code == 403  # no CSRF token
     ann, ann_csrf = login(app, tokens["ann"])
     assert ann.post("/admin/close", data={"csrf": ann_csrf}, follow_redirects=False).status_code == 403  # not an admin
