@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmtrain.config import (DPOConfig, EvaluateConfig, PPOConfig, PrepareConfig, PretrainConfig, RewardConfig,
                              SFTConfig, TokenizerConfig, load_config, to_dict)
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.errors import ConfigError, DataError, LlmtrainError
 from llmtrain.metrics import fmt_duration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,8 +395,9 @@ def _bind(port: int):
     return sock
 
 
-def _start_app(db: Path, port: int, cleanup: contextlib.ExitStack) -> int:
-    """Start the ranking app in a thread on its own socket; return the port it listens on.
+def _start_app(db: Path, port: int, cleanup: contextlib.ExitStack) -> tuple[int, "threading.Thread"]:
+    """Start the ranking app in a thread on its own socket; return the port it listens on and
+    the thread (alive while the app serves).
     Stopped when `cleanup` closes (the end of the run). A server that does not come up is an
     error at once, never a wait."""
     import threading
@@ -431,7 +432,7 @@ def _start_app(db: Path, port: int, cleanup: contextlib.ExitStack) -> int:
             why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"not up after {APP_START_TIMEOUT:g} s"
             raise ConfigError(f"feedback.port={port}: the ranking app did not start ({why})")
         time.sleep(0.02)
-    return sock.getsockname()[1]
+    return sock.getsockname()[1], thread
 
 
 def _wait_for_people(cfg, r, store):
@@ -446,7 +447,7 @@ def _wait_for_people(cfg, r, store):
     # The round is closed only while this run goes on (pages then say it is over); a later
     # run, or `llmtrain feedback serve`, finds it open, with what was judged kept.
     r.cleanup.callback(store.reopen_round)  # registered first: runs after the app has stopped
-    port = _start_app(r.db, cfg.feedback.port, r.cleanup)  # a busy port: an error before anything is written
+    port, app = _start_app(r.db, cfg.feedback.port, r.cleanup)  # a busy port: an error before anything is written
     store.reopen_round()
     tag = f"{int(time.time())}-{secrets.token_hex(2)}"  # a rerun within the same second makes new names too
     admin = store.add_annotator(f"admin-{tag}", is_admin=True)
@@ -477,6 +478,9 @@ def _wait_for_people(cfg, r, store):
         if not open_ids:
             store.close_round()  # the page now says the round is over
             return
+        if not app.is_alive():  # nobody can rank any more: say so rather than wait
+            raise LlmtrainError(f"rankings: the ranking app on port {port} stopped; run the same command again to "
+                                "reopen the round (what was judged is kept)")
         if not interactive:
             time.sleep(1.0)
         elif select.select([sys.stdin], [], [], 1.0)[0]:

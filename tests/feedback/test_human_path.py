@@ -57,7 +57,14 @@ class Stage:
         self.tokens = {"person": self.store.add_annotator("person"), "boss": self.store.add_annotator("boss", is_admin=True)}
         self.ports: list[int] = []
         start = pipeline._start_app
-        monkeypatch.setattr(pipeline, "_start_app", lambda *a: self.ports.append(start(*a)) or self.ports[-1])
+        self.apps: list[threading.Thread] = []
+
+        def start_app(*a):
+            port, app = start(*a)
+            self.ports.append(port)
+            self.apps.append(app)
+            return port, app
+        monkeypatch.setattr(pipeline, "_start_app", start_app)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -227,6 +234,21 @@ def test_a_server_that_fails_to_start_is_an_error_not_a_wait(tmp_path, monkeypat
         pipeline._rankings(st.cfg, st.r, True)
     assert time.monotonic() - t < 5
     st.close()
+
+
+def test_a_server_that_dies_while_people_rank_is_an_error_not_a_wait(tmp_path, monkeypatch):
+    st = Stage(tmp_path, monkeypatch).start()
+    try:
+        st.judge(st.ids[0])
+        t = time.monotonic()
+        st.r.cleanup.close()  # stops the app (as a crash would) while the stage still waits
+        st.finish(timeout=10)
+        assert time.monotonic() - t < 10
+    finally:
+        st.close()
+    assert type(st.error).__name__ == "LlmtrainError"
+    assert str(st.error).startswith(f"rankings: the ranking app on port {st.ports[0]} stopped;")
+    assert not st.r.rankings.exists()
 
 
 def test_a_server_that_never_comes_up_is_an_error_after_the_timeout(tmp_path, monkeypatch):
