@@ -62,16 +62,67 @@ def method_dir(r, name: str) -> Path:
     return d if isinstance(d, Path) else r.root / name
 
 
-def rule_sentence(cfg, ev: dict) -> str:
-    """The simulated annotator's rule in one sentence."""
+def ranking_sources(r) -> dict:
+    """Who made the rankings the reward model and DPO learnt from (the lines of rankings.jsonl):
+    {"people": n, "rule": n, "annotators": people's names, "rules": the simulated annotators}."""
+    out = {"people": 0, "rule": 0, "annotators": [], "rules": []}
+    path = getattr(r, "rankings", None)
+    if not isinstance(path, Path) or not path.is_file():
+        return out
+    people, rules = set(), set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if obj.get("simulated"):
+            out["rule"] += 1
+            rules.add(str(obj.get("annotator", "")))
+        else:
+            out["people"] += 1
+            people.add(str(obj.get("annotator", "")))
+    out["annotators"], out["rules"] = sorted(people), sorted(rules)
+    return out
+
+
+def sources_sentence(src: dict, rule: str) -> str:
+    """Where the rankings came from, in one sentence: how many from people, how many from a rule."""
+    n_people = len(src["annotators"])
+    by_people = (f"{src['people']} by people ({n_people} annotator{'s' if n_people != 1 else ''}, in the browser with "
+                 f"`llmtrain demo --human`)")
+    by_rule = f"{src['rule']} by a simulated annotator following the rule '{rule}'"
+    if src["people"] and src["rule"]:
+        return f"The rankings: {by_people} and {by_rule}."
+    if src["people"]:
+        return f"The rankings: {by_people}; none by a rule."
+    if src["rule"]:
+        return (f"The rankings: {by_rule} (so the demo runs unattended); none by people (`llmtrain demo --human` "
+                "lets people rank them in the browser).")
+    return ("An annotator ranked them (a simulated one with a stated rule, or people in the browser with "
+            "`llmtrain demo --human`).")
+
+
+def _rule_of(cfg, ev: dict) -> str:
+    fb = getattr(cfg, "feedback", None)
+    return getattr(fb, "rule", "") or next((e["true_rule"] for e in ev.values() if isinstance(e, dict) and e.get("true_rule")), "")
+
+
+def rule_sentence(cfg, ev: dict, src: dict | None = None) -> str:
+    """The rule in one sentence: the simulated annotator's, or, when people ranked, the stated
+    rule the evaluation scores by (a yardstick, not what the people were asked)."""
     from llmtrain import styles
 
     texts = getattr(styles, "RULE_TEXT", {})
-    fb = getattr(cfg, "feedback", None)
-    rule = getattr(fb, "rule", "") or next((e["true_rule"] for e in ev.values() if isinstance(e, dict) and e.get("true_rule")), "")
+    rule = _rule_of(cfg, ev)
     if not rule:
         return ""
-    out = f"The simulated annotator's rule ('{rule}'): {texts.get(rule, rule)}"
+    if src and src["people"] and not src["rule"]:
+        out = (f"The rankings came from people; the true score below is the stated rule '{rule}', a yardstick the "
+               f"people were not asked to follow: {texts.get(rule, rule)}")
+    else:
+        out = f"The simulated annotator's rule ('{rule}'): {texts.get(rule, rule)}"
     used = {e.get("true_rule") for e in ev.values() if isinstance(e, dict) and e.get("true_rule")} - {rule}
     if used:
         u = sorted(used)[0]
@@ -126,6 +177,8 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
     """Rows (figure, value, how to read it) and the raw numbers."""
     nums: dict = {}
     rows = []
+    src = ranking_sources(r)
+    from_people = src["people"] and not src["rule"]
     pv = _metrics(r.pretrain, "val")
     vocab = json.loads((r.data / "meta.json").read_text())["vocab_size"] if (r.data / "meta.json").is_file() else 0
     if pv:
@@ -144,6 +197,10 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
         nums.update(style_pretrain=st["pretrain"]["rate"], style_sft=st["sft"]["rate"])
         rows.append(("Held-out answers in the aristocratic style", f"{st['pretrain']['rate']:.0%} → {st['sft']['rate']:.0%}",
                      f"pretrained → fine-tuned, {st['sft']['n']} prompts (llmtrain/styles.py marker check)"))
+    if src["people"] or src["rule"]:
+        nums.update(rankings_by_people=src["people"], rankings_by_rule=src["rule"])
+        rows.append(("Rankings learnt from", f"{src['people']} by people, {src['rule']} by a rule",
+                     "people in the ranking app (`--human`); a simulated annotator's stated rule"))
     rv = _metrics(r.reward, "val")
     if rv:
         nums.update(rm_accuracy=rv[-1]["accuracy"], rm_pairs=rv[-1]["pairs"])
@@ -164,7 +221,9 @@ def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
             nums[f"{name}_win_true"] = e["win_rate_b_by_true_rule"]
             nums[f"{name}_hacking_gap"] = e["win_rate_b_by_reward_model"] - e["win_rate_b_by_true_rule"]
             rows.append((f"{name.upper()} wins over SFT, by the true preference", f"{e['win_rate_b_by_true_rule']:.0%}",
-                         f"the simulated annotator's rule '{e['true_rule']}'; a gap to the line above would be reward hacking"))
+                         (f"the stated rule '{e['true_rule']}' (the people ranked by their own judgement)" if from_people
+                          else f"the simulated annotator's rule '{e['true_rule']}'")
+                         + "; a gap to the line above would be reward hacking"))
         for k in ("distinct", "distinct2", "mean_words"):
             if f"{k}_b" in e:
                 nums[f"{name}_{k}"] = e[f"{k}_b"]
@@ -202,14 +261,13 @@ EXPLAIN = [
      "The pretrained model was then shown question → answer pairs whose answers speak like a member of the British "
      "aristocracy, and learnt only from the answers. The held-out loss is measured on pairs it never saw."),
     ("Human feedback and the reward model", "reward.png",
-     "The fine-tuned model wrote several answers to each of a set of prompts; an annotator ranked them (here a "
-     "simulated one with a stated rule, so the demo runs unattended; `llmtrain demo --human` lets people rank them "
-     "in the browser). A copy of the model with a single-number head, the reward model, learnt to score answers so "
+     "The fine-tuned model wrote several answers to each of a set of prompts, and they were ranked. {sources} "
+     "A copy of the model with a single-number head, the reward model, learnt to score answers so "
      "that better-ranked ones score higher. Its accuracy is on prompts it never saw."),
     ("RLHF with PPO", "ppo.png",
      "The fine-tuned model then practised: it answered prompts, the reward model scored the answers, and PPO nudged "
      "it towards higher scores, while a KL penalty kept it close to the fine-tuned model so it would not drift into "
-     "nonsense. The true score is the annotator's own rule, which PPO never sees."),
+     "nonsense. The true score is the stated rule of the evaluation, which PPO never sees."),
     ("RLHF with GRPO", "grpo.png",
      "GRPO practised like PPO but without a value model: it sampled a group of answers to each prompt and pushed "
      "each answer up or down by how its reward compared with the group's mean (in units of the group's spread), "
@@ -250,10 +308,12 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
     total = sum(timings.values())
     ev = json.loads(r.evaluation.read_text()) if r.evaluation.is_file() else {}
     ran = set(methods_of(ev))
-    sections = [(t, png, text) for t, png, text in EXPLAIN
+    src = ranking_sources(r)
+    sources = sources_sentence(src, _rule_of(cfg, ev))
+    sections = [(t, png, text.replace("{sources}", sources)) for t, png, text in EXPLAIN
                 if png[:-4] not in RL_METHODS or png[:-4] in ran or made.get(png)]
     m_header, m_rows, warnings = methods_table(ev)
-    rule = rule_sentence(cfg, ev)
+    rule = rule_sentence(cfg, ev, src)
     for w in warnings:
         print(f"report: warning: {w}")
 

@@ -216,8 +216,10 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         msgs = p["messages"]
         context = msgs[:-1] if msgs and msgs[-1].get("role") == "user" else msgs
         text = msgs[-1]["content"] if msgs and msgs[-1].get("role") == "user" else p["prompt"]
+        n, of = store.round_of(p["id"])
         return {"id": p["id"], "prompt": text, "context": [{"role": m["role"], "content": m["content"]} for m in context],
-                "candidates": [dict(p["candidates"][i], label=LABELS[pos]) for pos, i in enumerate(order)]}
+                "candidates": [dict(p["candidates"][i], label=LABELS[pos]) for pos, i in enumerate(order)],
+                "round": {"n": n, "of": of}}
 
     def progress_of(annotator: Annotator) -> dict:
         c = store.status_counts(annotator)
@@ -227,8 +229,10 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         return next((j for j in store.judgements(annotator) if j["prompt_id"] == prompt_id), None)
 
     def next_view(annotator: Annotator) -> dict:
-        pid = store.next_prompt(annotator)
-        return {"prompt": prompt_view(annotator, pid) if pid is not None else None, "progress": progress_of(annotator)}
+        closed = store.round_closed()  # an admin closed the round: nothing more is asked
+        pid = None if closed else store.next_prompt(annotator)
+        return {"prompt": prompt_view(annotator, pid) if pid is not None else None, "progress": progress_of(annotator),
+                "closed": closed}
 
     def validate(data: dict, need_sid: bool) -> tuple[int, str, list | None, str]:
         pid, status, ranking, sid = data.get("prompt_id"), data.get("status"), data.get("ranking"), data.get("submission_id")
@@ -327,7 +331,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
   <div class="progress-row"><span id="progress" aria-live="polite">Loading…</span>
     <div class="bar" aria-hidden="true"><div id="bar-fill"></div></div></div>
   <section class="prompt" aria-labelledby="prompt-h">
-    <h1 id="prompt-h">Prompt <span id="prompt-id" class="muted"></span></h1>
+    <h1 id="prompt-h">Prompt <span id="prompt-id" class="muted"></span> <span id="prompt-round" class="round" hidden></span></h1>
+    <p id="round-note" class="round-note" hidden></p>
     <div id="context" class="context"></div>
     <div id="prompt-text" class="text prompt-text"></div>
   </section>
@@ -343,6 +348,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
   </div>
   <section id="done" class="card-plain" hidden><h2>All done</h2>
     <p>You have judged every prompt. Thank you! You can revise your judgements under <a href="/mine">My rankings</a>.</p></section>
+  <section id="closed" class="card-plain" hidden><h2>This round is closed</h2>
+    <p>An admin has closed the round: the rankings made so far go on to training. Thank you!</p></section>
   <aside class="keys" aria-label="Keyboard shortcuts"><h2>Keyboard</h2><dl>{keys_html}</dl></aside>
 </div>"""
         return HTMLResponse(layout("Rank", annotator, token, body, scripts=["rank.js"], active="rank"))
@@ -387,7 +394,9 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
             per[j["annotator"]][j["status"]] += 1
         for p in per.values():
             p["done"] = sum(p[s] for s in STATUSES)
-        return {"progress": list(per.values()), "agreement": summarize(judgements)}
+        open_ids = store.open_prompts()
+        return {"progress": list(per.values()), "agreement": summarize(judgements),
+                "round": {"closed": store.round_closed(), "prompts": total, "open": open_ids}}
 
     def fmt(x) -> str:
         return "–" if x is None else f"{x:.3f}"
@@ -407,7 +416,19 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
             f'<tr><td>{html.escape(a["a"])}</td><td>{html.escape(a["b"])}</td><td class="num">{a["shared_prompts"]}</td>'
             f'<td class="num">{fmt(a["pairwise_agreement"])}</td><td class="num">{fmt(a["kendall_tau"])}</td></tr>'
             for a in d["agreement"]["pairs"]) or '<tr><td colspan="5" class="muted">No prompt ranked by two annotators yet.</td></tr>'
-        body = (f'<h1>Admin</h1><h2>Progress</h2><table class="grid" id="progress-table"><thead><tr><th>Annotator</th>'
+        rnd = d["round"]
+        if rnd["closed"]:
+            state = '<p id="round-state"><strong>The round is closed.</strong> The pipeline goes on with what people ranked.</p>'
+        else:
+            ids = rnd["open"]
+            still = (f'<strong>{len(ids)} of {rnd["prompts"]} prompts still open</strong> (no one has ranked, skipped or '
+                     f'marked them yet): ' + ", ".join(f"#{i}" for i in ids[:50]) + (" …" if len(ids) > 50 else "")
+                     if ids else f'Every one of the {rnd["prompts"]} prompts has been judged.')
+            state = (f'<p id="round-state">{still}</p><form method="post" action="/admin/close" class="close-round">'
+                     f'<input type="hidden" name="csrf" value="{csrf_for(token)}"><button type="submit" class="warn" '
+                     f'id="close-round">Close the round</button> <span class="muted">The pipeline then goes on with the '
+                     f'prompts people have ranked; the open ones are left out.</span></form>')
+        body = (f'<h1>Admin</h1><h2>Round</h2>{state}<h2>Progress</h2><table class="grid" id="progress-table"><thead><tr><th>Annotator</th>'
                 f'<th>Done</th><th>Ranked</th><th>All unacceptable</th><th>Skipped</th></tr></thead><tbody>{prog}</tbody></table>'
                 f'<h2>Agreement on shared prompts</h2><p class="muted">Pairwise agreement: share of candidate pairs both '
                 f'ordered strictly that they ordered the same way. Kendall τ-b: mean over shared prompts (−1 … 1).</p>'
@@ -478,6 +499,21 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
             return JSONResponse({"error": "admins only"}, status_code=403)
         return JSONResponse(admin_data())
 
+    def close_round(annotator: Annotator) -> Response | None:
+        if not annotator.is_admin:
+            return JSONResponse({"error": "admins only"}, status_code=403)
+        with write_lock:
+            store.close_round()
+        return None
+
+    @endpoint(page=True, write=True, body="form")
+    def admin_close(request, annotator, token, form) -> Response:
+        return close_round(annotator) or RedirectResponse("/admin", status_code=303)
+
+    @endpoint(write=True)
+    def api_admin_close(request, annotator, token, _=None) -> Response:
+        return close_round(annotator) or JSONResponse({"ok": True, "closed": True})
+
     routes = [
         Route("/login", login_get, methods=["GET"]),
         Route("/login", login_post, methods=["POST"]),
@@ -494,6 +530,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         Route("/api/submit", api_submit, methods=["POST"]),
         Route("/api/change", api_change, methods=["POST"]),
         Route("/api/admin", api_admin, methods=["GET"]),
+        Route("/admin/close", admin_close, methods=["POST"]),
+        Route("/api/admin/close", api_admin_close, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes)

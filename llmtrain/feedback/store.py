@@ -258,6 +258,36 @@ class FeedbackStore:
         counts["total"] = con.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
         return counts
 
+    # ---- the round: which prompts still wait for a person, and the admin's "close the round"
+
+    def open_prompts(self) -> list[int]:
+        """Prompts no person has judged yet (ranked, all unacceptable or skipped): a skip settles
+        a prompt too, it is left out of the rankings. Simulated annotators do not count."""
+        return [r[0] for r in self._con().execute(
+            "SELECT p.id FROM prompts p WHERE NOT EXISTS (SELECT 1 FROM rankings r JOIN annotators a "
+            "ON a.id = r.annotator_id WHERE r.prompt_id = p.id AND a.simulated = 0) ORDER BY p.id")]
+
+    def round_closed(self) -> bool:
+        """True once an admin has closed the round: the pipeline goes on with what people ranked."""
+        return self._con().execute("SELECT 1 FROM meta WHERE key='round_closed'").fetchone() is not None
+
+    def close_round(self) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('round_closed', ?)", (str(time.time()),))
+
+    def reopen_round(self) -> None:
+        with self._tx() as con:
+            con.execute("DELETE FROM meta WHERE key='round_closed'")
+
+    def round_of(self, prompt_id: int) -> tuple[int, int]:
+        """(n, of): this prompt row is the n-th of `of` asked with the same conversation in its
+        generation (with `rounds` R > 1 each prompt is asked R times, K fresh answers each)."""
+        row = self._con().execute(
+            "SELECT (SELECT COUNT(*) FROM prompts q WHERE q.generation_id IS p.generation_id AND q.messages = p.messages "
+            "AND q.id <= p.id), (SELECT COUNT(*) FROM prompts q WHERE q.generation_id IS p.generation_id "
+            "AND q.messages = p.messages) FROM prompts p WHERE p.id = ?", (prompt_id,)).fetchone()
+        return (row[0], row[1]) if row else (1, 1)
+
     def close(self) -> None:
         con = getattr(self._local, "con", None)
         if con is not None:

@@ -70,14 +70,26 @@ class LiveServer:
                 self.proc.wait()
 
 
+_SHARED: dict = {"users": 0}
+
+
 @pytest.fixture(scope="session")
 def chromium():
-    """One headless Chromium for the session (the `browser` tests skip where it is absent)."""
+    """One headless Chromium for the session (the `browser` tests skip where it is absent).
+    Every test module that imports this fixture gets its own fixture to pytest, so the one
+    Playwright is shared here: a second one in the same thread would refuse to start."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs Debian's Chromium at {CHROMIUM} (apt-get install -y chromium; CI installs it)")
-    from playwright.sync_api import sync_playwright
+    if not _SHARED["users"]:
+        from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+        _SHARED["pw"] = sync_playwright().start()
+        _SHARED["browser"] = _SHARED["pw"].chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    _SHARED["users"] += 1
+    try:
+        yield _SHARED["browser"]
+    finally:
+        _SHARED["users"] -= 1
+        if not _SHARED["users"]:
+            _SHARED.pop("browser").close()
+            _SHARED.pop("pw").stop()

@@ -118,6 +118,8 @@
     return li;
   }
 
+  // An answer's place is its tier (best = 1; tied answers share a place): the number on its
+  // badge, in its aria-label and in the status line alike.
   function refresh() {
     const cs = cards();
     let tier = 0;
@@ -125,6 +127,7 @@
       if (i === 0) c.dataset.tie = "0";
       const tied = c.dataset.tie === "1";
       if (!tied) tier += 1;
+      c.dataset.place = String(tier);
       c.querySelector(".pos").textContent = String(tier);
       c.classList.toggle("tied", tied);
       const tie = c.querySelector(".tie");
@@ -132,14 +135,16 @@
       tie.disabled = i === 0;
       c.querySelector(".up").disabled = i === 0;
       c.querySelector(".down").disabled = i === cs.length - 1;
-      c.setAttribute("aria-label", `Answer ${c.dataset.label}, place ${i + 1} of ${cs.length}` +
+      c.setAttribute("aria-label", `Answer ${c.dataset.label}, place ${tier}` +
         (tied ? `, tied with answer ${cs[i - 1].dataset.label}` : ""));
     });
   }
 
   function announce(card) {
-    const i = cards().indexOf(card);
-    say(`Answer ${card.dataset.label} is now at place ${i + 1}` + (card.dataset.tie === "1" ? " (tied with the one above)." : "."));
+    const cs = cards();
+    const i = cs.indexOf(card);
+    say(`Answer ${card.dataset.label} is now at place ${card.dataset.place}` +
+      (card.dataset.tie === "1" ? ` (tied with answer ${cs[i - 1].dataset.label}).` : "."));
   }
 
   function moveTo(card, pos) {
@@ -254,6 +259,12 @@
     submissionId = uuid4();
     editing = !!judgement;
     $("prompt-id").textContent = "#" + view.id;
+    const rnd = view.round || { n: 1, of: 1 };  // the same prompt asked again with fresh answers
+    $("prompt-round").hidden = rnd.of <= 1;
+    $("prompt-round").textContent = rnd.of > 1 ? `round ${rnd.n} of ${rnd.of}` : "";
+    $("round-note").hidden = rnd.n <= 1;
+    $("round-note").textContent = rnd.n > 1 ? `You may have seen this prompt before: this is round ${rnd.n}, with ` +
+      "fresh answers. Rank these answers on their own." : "";
     const ctx = $("context");
     ctx.replaceChildren();
     for (const m of view.context) {
@@ -283,18 +294,18 @@
     if (made[0]) made[0].focus({ preventScroll: true });
   }
 
-  function showDone(p) {
+  function showDone(p, closed) {
     current = null;
     showProgress(p);
     for (const sel of [".prompt", "#hint", "#cands", ".actions"]) root.querySelector(sel).hidden = true;
-    $("done").hidden = false;
+    $(closed && p && p.done < p.total ? "closed" : "done").hidden = false;  // judged them all: "All done"
   }
 
   async function loadNext() {
     const d = await withRetry(() => api("GET", "/api/next"));
     showProgress(d.progress);
     if (d.prompt) render(d.prompt, null);
-    else showDone(d.progress);
+    else showDone(d.progress, d.closed);
   }
 
   async function loadOne(id) {
