@@ -89,7 +89,7 @@ def check_ranking(ranking, k: int) -> list[list[int]]:
     seen = []
     for tier in ranking:
         if not isinstance(tier, list) or not tier or not all(isinstance(i, int) and not isinstance(i, bool) for i in tier):
-            raise StoreError("each tier must be a non-empty list of candidate indices")
+            raise StoreError("ranking: each tier must be a non-empty list of candidate indices")
         seen += tier
     if sorted(seen) != list(range(k)):
         raise StoreError(f"ranking must name each of the {k} candidates exactly once")
