@@ -272,7 +272,7 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
         return _error(msg, 429, **{"Retry-After": str(wait)})
 
     def _set_session_cookie(request: Request, r: Response, sid: str) -> None:
-        r.set_cookie(cookie_name(request), sid, max_age=int(session_ttl), path="/", httponly=True, samesite="strict",
+        r.set_cookie(cookie_name(request), sid, max_age=max(1, int(session_ttl)), path="/", httponly=True, samesite="strict",
                      secure=request.url.scheme == "https")
 
     def _delete_session_cookie(request: Request, r: Response) -> None:
@@ -695,6 +695,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
         try:
             pid, status, ranking, sid = validate(data, need_sid=True)
             recorded = submit(annotator, pid, status, ranking, sid)
+        except StoreBusy:
+            raise  # 503 (run_write)
         except StoreError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse({"ok": True, "recorded": recorded, "duplicate": not recorded, "submission_id": sid})
@@ -707,6 +709,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
                 return JSONResponse({"error": f"you have no judgement of prompt {pid} to change"}, status_code=404)
             with write_lock:
                 store.change(annotator, pid, status, ranking)
+        except StoreBusy:
+            raise  # 503 (run_write)
         except StoreError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse({"ok": True})

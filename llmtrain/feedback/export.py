@@ -36,7 +36,7 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
                     {"db": str(Path(store.path).name), "prompt_id": p["id"], "candidate_ids": order,
                      "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
                      "imported": j["imported"]})
-        lines.append(json.dumps(r.to_json(), ensure_ascii=False))
+        lines.append(_one_line(json.dumps(r.to_json(), ensure_ascii=False)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -84,6 +84,12 @@ def _import_one(store: FeedbackStore, r: Ranking, known: dict) -> bool:
     annotator = store.ensure_annotator(r.annotator or "imported", simulated=r.simulated)
     ranking = [tiers[k] for k in sorted(tiers)] if r.status == "ranked" else None
     return store.submit(annotator, pid, r.status, ranking, f"import-{key}", imported=True)
+
+
+def _one_line(line: str) -> str:
+    """Escape the characters JSON leaves raw that some readers take for line breaks (str.splitlines,
+    editors): a line of model text stays one line everywhere. They occur only inside strings."""
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def _prompt_key(messages: list[dict], texts: list[str]) -> str:
