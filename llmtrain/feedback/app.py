@@ -478,7 +478,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
                 f'<header class="top"><div class="brand">llmtrain <span>feedback</span></div>{nav}</header>'
                 f'<main>{body}</main></body></html>')
 
-    def login_page(request: Request, error: str = "", nxt: str = "/", status: int = 200, headers: dict | None = None) -> HTMLResponse:
+    def login_page(request: Request, error: str = "", nxt: str = "/", status: int = 200,
+                   headers: dict | None = None) -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
         err = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
         body = (f'<section class="login card-plain"><h1>Sign in</h1>'

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from llmtrain.data.preference import read_rankings
 from llmtrain.feedback.app import create_app
 from llmtrain.feedback.export import export, import_rankings
 from llmtrain.feedback.store import FeedbackStore
