@@ -534,7 +534,11 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
             _set_session_cookie(request, r, sid)
             r.delete_cookie(login_cookie, path="/login", httponly=True, samesite="strict")
             return r
-        return await write_in_thread(new_session)
+        r = await write_in_thread(new_session)
+        if r.status_code == 503:
+            return login_page(request, "The database is busy; please sign in again in a moment.", nxt, status=503,
+                              headers={"Retry-After": RETRY_AFTER})
+        return r
 
     @endpoint(page=True, write=True, body="form")
     def logout(request, annotator, token, form) -> Response:
