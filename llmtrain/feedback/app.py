@@ -361,7 +361,9 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
 
     def endpoint(page: bool = False, write: bool = False, body: str | None = None):
         """Wrap a handler fn(request, annotator, token, data) -> Response that runs in the threadpool,
-        token lookup included (one thread hop per request), behind authentication and CSRF checks.
+        behind authentication and CSRF checks; `token` is the session id (cookie) or the Bearer token.
+        A read authenticates and runs fn in one thread hop; a request with a body is authenticated
+        before its body is read, and a write runs under the write lock (503 when the database is busy).
         body: None, "json" or "form" (read here, capped at MAX_BODY)."""
         def wrap(fn):
             def run(request: Request, token: str, bearer: bool) -> tuple[bool, Response]:
