@@ -274,6 +274,24 @@ def fb_add_annotator(args) -> int:
     return 0
 
 
+def fb_revoke_annotator(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    n = FeedbackStore(args.db).revoke_annotator(args.name)
+    print(f"annotator {args.name} revoked: their token no longer works, {n} signed-in session(s) ended "
+          f"(their rankings stay; `llmtrain feedback rotate-token {args.name}` re-admits them)")
+    return 0
+
+
+def fb_rotate_token(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    token = FeedbackStore(args.db).rotate_token(args.name)
+    print(f"annotator {args.name}: new secret token (shown once; the old one and its sessions no longer work):")
+    print(token)
+    return 0
+
+
 def fb_export(args) -> int:
     from llmtrain.feedback.export import export
     from llmtrain.feedback.store import FeedbackStore
@@ -312,6 +330,8 @@ def fb_serve(args) -> int:
 FEEDBACK = {
     "generate": (fb_generate, "write K sampled answers per prompt into the feedback database"),
     "add-annotator": (fb_add_annotator, "add an annotator and print their secret token"),
+    "revoke-annotator": (fb_revoke_annotator, "disable an annotator: their token and signed-in sessions stop working"),
+    "rotate-token": (fb_rotate_token, "give an annotator a new token; the old one and its sessions stop working"),
     "serve": (fb_serve, "start the ranking web app"),
     "simulate": (fb_simulate, "rank pending prompts by a scripted rule (demo and tests only)"),
     "export": (fb_export, "write rankings.jsonl for the reward model and DPO"),
@@ -403,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     fb.choices["add-annotator"].add_argument("name")
     fb.choices["add-annotator"].add_argument("--admin", action="store_true", help="may see everyone's progress and agreement")
+    fb.choices["revoke-annotator"].add_argument("name")
+    fb.choices["rotate-token"].add_argument("name")
     fb.choices["serve"].add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     fb.choices["serve"].add_argument("--port", type=int, default=8000)
     fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")

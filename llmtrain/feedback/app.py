@@ -3,14 +3,24 @@
     llmtrain feedback serve --db feedback.db [--host 127.0.0.1] [--port 8000]
     python -m llmtrain.feedback.app --db feedback.db            (the same, without the CLI)
 
-Security model
-- Every page and every API call needs an annotator token (`llmtrain feedback add-annotator NAME`;
-  the store keeps only its hash). The login page sets it as an HttpOnly, SameSite=Strict cookie;
-  scripts send `Authorization: Bearer <token>` instead.
+Security model (docs/feedback-app.md says what holds on http and on https)
+- Every page and every API call needs an annotator: a browser signs in once with the annotator's
+  token (`llmtrain feedback add-annotator NAME`; the store keeps only its hash) and gets a
+  server-side session: a random session id whose hash is stored with an expiry. The cookie
+  (HttpOnly, SameSite=Strict, Path=/, named after the port: `llmtrain_session_<port>`, on https
+  `__Host-llmtrain_session_<port>` and Secure) holds only that id, never the token. Logging out
+  deletes the session; `feedback revoke-annotator` and `feedback rotate-token` end all of an
+  annotator's sessions. Scripts send `Authorization: Bearer <token>` instead.
+- Failed token checks (sign-in form, Bearer) are throttled per client address and overall: 429
+  with Retry-After.
 - A write made with the cookie must carry a CSRF token (header X-CSRF-Token, or form field
-  `csrf`): an HMAC of the session token under a per-process secret, so a page from another site
+  `csrf`): an HMAC of the session id under a per-process secret, so a page from another site
   can neither read nor forge it. Bearer calls skip it (a browser never adds that header by itself).
   After a server restart the page fetches a fresh CSRF token from /api/session and retries.
+- Who is asking is settled before a request body is read; bodies are capped, JSON depth is
+  capped, and every malformed input is a 4xx with a one-line reason (never a traceback). A
+  database locked by another program makes writes answer 503 with Retry-After after a short
+  wait, while reads go on (WAL; writes queue on one lock and take at most a few threads).
 - Everything is scoped to the signed-in annotator: no URL names another annotator, so their
   rankings are never returned; changing a judgement one has not made is a 404.
 - Model text is only ever set with textContent (static/rank.js) or html.escape (pages here);
@@ -27,27 +37,39 @@ import hmac
 import html
 import json
 import random
+import re
 import secrets
+import sqlite3
 import string
 import threading
 import time
 import urllib.parse
+from collections import deque
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from llmtrain.feedback.agreement import summarize
-from llmtrain.feedback.store import STATUSES, Annotator, FeedbackStore, StoreError
+from llmtrain.feedback.store import MAX_ID, STATUSES, Annotator, FeedbackStore, StoreBusy, StoreError, is_busy
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "llmt_session"
-LOGIN_COOKIE = "llmt_login"  # double-submit token of the login form (there is no session yet)
+COOKIE = "llmtrain_session"  # + "_<port>" (cookies are not port-isolated; see cookie_name)
+LOGIN_COOKIE = "llmtrain_login"  # + "_<port>": double-submit token of the login form (there is no session yet)
+SESSION_TTL = 12 * 3600  # seconds a session lives (absolute; sign in again after)
+BUSY_TIMEOUT = 2.0  # seconds a write waits for the database before 503
+RETRY_AFTER = "2"
+MAX_WRITERS = 16  # writes waiting or running at once (of the 40 threads); the rest answer 503 at once
+FAILED_LOGINS = (10, 100, 300)  # failed token checks per client address, overall, within this many seconds
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 8  # JSON nesting a request body may have (a submission needs 3)
+SUBMIT_FIELDS = ("prompt_id", "status", "ranking", "submission_id")
+_DIGITS = re.compile(r"[0-9]{1,19}")
 LABELS = string.ascii_uppercase
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -87,6 +109,88 @@ class _Refused(Exception):
         self.response = response
 
 
+def _error(message: str, status: int, **headers) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _busy() -> JSONResponse:
+    return _error("the database is busy (another program is writing to it); try again in a moment", 503,
+                  **{"Retry-After": RETRY_AFTER})
+
+
+def _shown(s: str, n: int = 40) -> str:
+    """A client's string as a message may quote it: ASCII only, at most n characters."""
+    s = ascii(s)[1:-1]
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def parse_id(s: str | None) -> int | None:
+    """A prompt id as sent in a URL: ASCII digits only, at most 2**63-1 (else None)."""
+    if not s or not _DIGITS.fullmatch(s):
+        return None
+    n = int(s)
+    return n if 1 <= n <= MAX_ID else None
+
+
+def same_secret(a: str, b: str) -> bool:
+    """Constant-time comparison of two strings of any characters (hmac refuses non-ASCII str)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
+def cookie_name(request: Request, base: str = COOKIE) -> str:
+    """`<base>_<port>`: browsers send a host's cookies to every port of it, so two apps (or two
+    llmtrain servers) on one host must not share a name; on https `__Host-<base>_<port>`, which
+    a browser accepts only with Secure, Path=/ and no Domain (no http page can set it)."""
+    server = request.scope.get("server") or (None, None)
+    port = server[1] if len(server) > 1 and server[1] else (request.url.port or 0)
+    prefix = "__Host-" if request.url.scheme == "https" and base == COOKIE else ""
+    return f"{prefix}{base}_{port}"
+
+
+class _Throttle:
+    """Failed token checks within a window, per client address and overall."""
+
+    def __init__(self, per_address: int, overall: int, window: float):
+        self.per_address, self.overall, self.window = per_address, overall, window
+        self.by_address: dict[str, deque] = {}
+        self.all: deque = deque()
+        self.lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        cut = now - self.window
+        while self.all and self.all[0] < cut:
+            self.all.popleft()
+        for addr in list(self.by_address):
+            q = self.by_address[addr]
+            while q and q[0] < cut:
+                q.popleft()
+            if not q:
+                del self.by_address[addr]
+
+    def retry_after(self, addr: str) -> int:
+        """0 if this address may try a token now, else the seconds to wait."""
+        now = time.monotonic()
+        with self.lock:
+            self._prune(now)
+            waits = []
+            q = self.by_address.get(addr)
+            if q and len(q) >= self.per_address:
+                waits.append(q[-self.per_address] + self.window - now)
+            if len(self.all) >= self.overall:
+                waits.append(self.all[-self.overall] + self.window - now)
+            return max(1, int(max(waits)) + 1) if waits else 0
+
+    def failed(self, addr: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.by_address.setdefault(addr, deque()).append(now)
+            self.all.append(now)
+
+    def succeeded(self, addr: str) -> None:
+        with self.lock:
+            self.by_address.pop(addr, None)
+
+
 def display_order(annotator_id: int, prompt_id: int, k: int) -> list[int]:
     """The order an annotator sees a prompt's candidates in: shuffled, but the same on every
     reload (seeded by a hash of annotator and prompt), and different between annotators."""
@@ -96,37 +200,91 @@ def display_order(annotator_id: int, prompt_id: int, k: int) -> list[int]:
     return order
 
 
-def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
+def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = BUSY_TIMEOUT,
+               session_ttl: float = SESSION_TTL, failed_logins: tuple[int, int, float] = FAILED_LOGINS) -> Starlette:
     """The ranking app over the feedback database at db_path. `secret` keys the CSRF tokens
-    (default: random per process; pages fetch a fresh token after a restart)."""
-    store = FeedbackStore(db_path)
+    (default: random per process; pages fetch a fresh token after a restart). busy_timeout:
+    seconds a write waits for the database before answering 503. failed_logins: (per client
+    address, overall, window in seconds) of failed token checks before 429."""
+    store = FeedbackStore(db_path, busy_timeout=busy_timeout)
     key = secret or secrets.token_bytes(32)
+    throttle = _Throttle(*failed_logins)
     # One writer at a time inside this process: threads queue on a Python lock (woken at once)
     # instead of racing for SQLite's write lock, whose busy handler sleeps for milliseconds.
-    write_lock = threading.Lock()
+    # A write waits at most busy_timeout for it, and at most MAX_WRITERS wait at all, so writes
+    # stuck behind another program's lock never take the threads that reads need.
+    write_lock = threading.RLock()
+    writers = [0]
+    writers_lock = threading.Lock()
 
     def submit(*args) -> bool:
         with write_lock:
             return store.submit(*args)
 
+    def run_write(fn, *args) -> Response:
+        """fn(*args) under the write lock, in this worker thread; 503 when the database is busy."""
+        if not write_lock.acquire(timeout=busy_timeout):
+            return _busy()
+        try:
+            return fn(*args)
+        except StoreBusy:
+            return _busy()
+        except sqlite3.OperationalError as e:
+            if is_busy(e):
+                return _busy()
+            raise
+        finally:
+            write_lock.release()
+
+    async def write_in_thread(fn, *args) -> Response:
+        with writers_lock:
+            if writers[0] >= MAX_WRITERS:
+                return _busy()
+            writers[0] += 1
+        try:
+            return await run_in_threadpool(run_write, fn, *args)
+        finally:
+            with writers_lock:
+                writers[0] -= 1
+
     def csrf_for(token: str) -> str:
-        return hmac.new(key, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(key, b"csrf:" + token.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
     # ---- authentication
 
     def _token(request: Request) -> tuple[str | None, bool]:
-        """(token, via_bearer)."""
+        """(session id or token, via_bearer)."""
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             return auth[7:].strip(), True
-        return request.cookies.get(COOKIE), False
+        return request.cookies.get(cookie_name(request)), False
+
+    def authenticate(token: str, bearer: bool) -> Annotator | None:
+        return store.annotator_by_token(token) if bearer else store.session_annotator(token)
+
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def too_many(request: Request, wait: int, page: bool) -> Response:
+        msg = f"too many failed sign-ins; try again in {wait} s"
+        if page:
+            return login_page(request, msg[0].upper() + msg[1:] + ".", status=429, headers={"Retry-After": str(wait)})
+        return _error(msg, 429, **{"Retry-After": str(wait)})
+
+    def _set_session_cookie(request: Request, r: Response, sid: str) -> None:
+        r.set_cookie(cookie_name(request), sid, max_age=max(1, int(session_ttl)), path="/", httponly=True, samesite="strict",
+                     secure=request.url.scheme == "https")
+
+    def _delete_session_cookie(request: Request, r: Response) -> None:
+        r.delete_cookie(cookie_name(request), path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
 
     def _refuse_unauthenticated(request: Request, page: bool) -> Response:
         if page:
             nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             r = RedirectResponse("/login?" + urllib.parse.urlencode({"next": nxt}), status_code=303)
-            if request.cookies.get(COOKIE):
-                r.delete_cookie(COOKIE, httponly=True, samesite="strict")
+            if request.cookies.get(cookie_name(request)):
+                _delete_session_cookie(request, r)
             return r
         return JSONResponse({"error": "a valid annotator token is required (log in, or send Authorization: Bearer <token>)"},
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -141,30 +299,60 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
 
     def _csrf_ok(request: Request, token: str, form: dict | None = None) -> bool:
         sent = request.headers.get("x-csrf-token") or (form or {}).get("csrf", "")
-        return _same_origin(request) and bool(sent) and hmac.compare_digest(sent, csrf_for(token))
+        return _same_origin(request) and bool(sent) and same_secret(sent, csrf_for(token))
 
     CSRF_REFUSED = {"error": "missing or invalid CSRF token (reload the page)", "csrf": True}
 
     async def read_body(request: Request) -> bytes:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            raise _Refused(JSONResponse({"error": "request body too large"}, status_code=413))
+        length = request.headers.get("content-length") or "0"
+        if not length.isascii() or not length.isdigit():
+            raise _Refused(_error("the Content-Length header is not a number", 400))
+        if len(length) > 12 or int(length) > MAX_BODY:
+            raise _Refused(_error(f"request body too large (at most {MAX_BODY} bytes)", 413))
         chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > MAX_BODY:
-                raise _Refused(JSONResponse({"error": "request body too large"}, status_code=413))
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > MAX_BODY:
+                    raise _Refused(_error(f"request body too large (at most {MAX_BODY} bytes)", 413))
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing to log
+            raise _Refused(_error("the client disconnected", 400)) from None
         return b"".join(chunks)
+
+    def check_json(obj, where: str = "", depth: int = 0) -> None:
+        """No lone surrogates (SQLite cannot store them) and at most MAX_DEPTH levels."""
+        if depth > MAX_DEPTH:
+            raise _Refused(_error(f"the JSON body is nested too deeply (more than {MAX_DEPTH} levels)", 400))
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Refused(_error(f"{where or 'the body'} is not valid Unicode text (a lone surrogate)", 400)) from None
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                check_json(k, f"the field name {_shown(k)}", depth + 1)
+                check_json(v, where or _shown(k), depth + 1)
+        elif isinstance(obj, list):
+            for v in obj:
+                check_json(v, where, depth + 1)
 
     async def read_json(request: Request) -> dict:
         if "application/json" not in request.headers.get("content-type", ""):
-            raise _Refused(JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415))
+            raise _Refused(_error("send JSON (Content-Type: application/json)", 415))
+        raw = await read_body(request)
         try:
-            obj = json.loads(await read_body(request))
-        except (ValueError, UnicodeDecodeError):
-            raise _Refused(JSONResponse({"error": "the body is not valid JSON"}, status_code=400)) from None
+            obj = json.loads(raw)
+        except RecursionError:
+            raise _Refused(_error(f"the JSON body is nested too deeply (more than {MAX_DEPTH} levels)", 400)) from None
+        except UnicodeDecodeError:
+            raise _Refused(_error("the body is not valid UTF-8", 400)) from None
+        except ValueError as e:
+            why = "a number in it has too many digits" if "digits" in str(e) else str(e).split(":")[0]
+            raise _Refused(_error(f"the body is not valid JSON ({why})", 400)) from None
         if not isinstance(obj, dict):
-            raise _Refused(JSONResponse({"error": "the body must be a JSON object"}, status_code=400))
+            raise _Refused(_error("the body must be a JSON object", 400))
+        check_json(obj)
         return obj
 
     async def read_form(request: Request) -> dict:
@@ -173,19 +361,42 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
 
     def endpoint(page: bool = False, write: bool = False, body: str | None = None):
         """Wrap a handler fn(request, annotator, token, data) -> Response that runs in the threadpool,
-        token lookup included (one thread hop per request), behind authentication and CSRF checks.
+        behind authentication and CSRF checks; `token` is the session id (cookie) or the Bearer token.
+        A read authenticates and runs fn in one thread hop; a request with a body is authenticated
+        before its body is read, and a write runs under the write lock (503 when the database is busy).
         body: None, "json" or "form" (read here, capped at MAX_BODY)."""
         def wrap(fn):
-            def run(request: Request, token: str, data) -> Response:
-                annotator = store.annotator_by_token(token)
+            def run(request: Request, token: str, bearer: bool) -> tuple[bool, Response]:
+                """A read: authentication and fn in one thread hop. -> (authenticated, response)."""
+                annotator = authenticate(token, bearer)
                 if annotator is None:
-                    return _refuse_unauthenticated(request, page)
-                return fn(request, annotator, token, data)
+                    return False, _refuse_unauthenticated(request, page)
+                return True, fn(request, annotator, token, None)
 
             async def handler(request: Request) -> Response:
                 token, bearer = _token(request)
                 if not token:
                     return _refuse_unauthenticated(request, page)
+                addr = client_address(request)
+                if bearer and (wait := throttle.retry_after(addr)):
+                    return too_many(request, wait, page)
+                try:
+                    if body is None and not write:
+                        ok, response = await run_in_threadpool(run, request, token, bearer)
+                    else:  # who is asking is settled before the body is read
+                        annotator = await run_in_threadpool(authenticate, token, bearer)
+                        ok = annotator is not None
+                        response = None if ok else _refuse_unauthenticated(request, page)
+                except sqlite3.OperationalError as e:
+                    if is_busy(e):
+                        return _busy()
+                    raise
+                if not ok:
+                    if bearer:
+                        throttle.failed(addr)
+                    return response
+                if response is not None:
+                    return response
                 try:
                     data = None
                     if write and not bearer and body != "form" and not _csrf_ok(request, token):
@@ -197,11 +408,10 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                         if write and not bearer and not _csrf_ok(request, token, data):
                             raise _Refused(JSONResponse(CSRF_REFUSED, status_code=403))
                 except _Refused as r:
-                    # a refusal for a token that is not valid at all is a 401, not a 403 or 400
-                    if await run_in_threadpool(store.annotator_by_token, token) is None:
-                        return _refuse_unauthenticated(request, page)
                     return r.response
-                return await run_in_threadpool(run, request, token, data)
+                if write:
+                    return await write_in_thread(fn, request, annotator, token, data)
+                return await run_in_threadpool(fn, request, annotator, token, data)
             handler.__name__ = fn.__name__
             return handler
         return wrap
@@ -235,9 +445,16 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                 "closed": closed}
 
     def validate(data: dict, need_sid: bool) -> tuple[int, str, list | None, str]:
+        unknown = [k for k in data if k not in SUBMIT_FIELDS]
+        if unknown:
+            raise StoreError(f"unknown field {_shown(unknown[0])} (the fields are {', '.join(SUBMIT_FIELDS)})")
         pid, status, ranking, sid = data.get("prompt_id"), data.get("status"), data.get("ranking"), data.get("submission_id")
         if isinstance(pid, bool) or not isinstance(pid, int):
             raise StoreError("prompt_id must be an integer")
+        if not 1 <= pid <= MAX_ID:
+            raise StoreError(f"prompt_id must be an integer from 1 to {MAX_ID}")
+        if not isinstance(status, str):
+            raise StoreError(f"status must be a string, one of {', '.join(STATUSES)}")
         if status not in STATUSES:
             raise StoreError(f"status must be one of {', '.join(STATUSES)}")
         if status == "ranked" and not isinstance(ranking, list):
@@ -267,7 +484,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                 f'<header class="top"><div class="brand">llmtrain <span>feedback</span></div>{nav}</header>'
                 f'<main>{body}</main></body></html>')
 
-    def login_page(error: str = "", nxt: str = "/", status: int = 200) -> HTMLResponse:
+    def login_page(request: Request, error: str = "", nxt: str = "/", status: int = 200,
+                   headers: dict | None = None) -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
         err = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
         body = (f'<section class="login card-plain"><h1>Sign in</h1>'
@@ -277,45 +495,72 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                 f'<label for="token">Annotator token</label>'
                 f'<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>'
                 f'<button type="submit" class="primary">Sign in</button></form></section>')
-        r = HTMLResponse(layout("Sign in", None, None, body), status_code=status)
-        r.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict", path="/login")
+        r = HTMLResponse(layout("Sign in", None, None, body), status_code=status, headers=headers)
+        r.set_cookie(cookie_name(request, LOGIN_COOKIE), nonce, max_age=3600, httponly=True, samesite="strict",
+                     path="/login", secure=request.url.scheme == "https")
         return r
 
     def safe_next(nxt: str | None) -> str:
         return nxt if nxt and nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
 
     async def login_get(request: Request) -> Response:
-        return login_page(nxt=safe_next(request.query_params.get("next")))
+        return login_page(request, nxt=safe_next(request.query_params.get("next")))
 
     async def login_post(request: Request) -> Response:
+        login_cookie = cookie_name(request, LOGIN_COOKIE)
+        addr = client_address(request)
+        if wait := throttle.retry_after(addr):  # before the form is even read
+            return too_many(request, wait, page=True)
         try:
             form = await read_form(request)
         except _Refused as r:
             return r.response
         nxt = safe_next(form.get("next"))
-        nonce = request.cookies.get(LOGIN_COOKIE, "")
-        if not nonce or not hmac.compare_digest(nonce, form.get("csrf", "")) or not _same_origin(request):
-            return login_page("The sign-in form expired; please try again.", nxt, status=403)
+        nonce = request.cookies.get(login_cookie, "")
+        if not nonce or not same_secret(nonce, form.get("csrf", "")) or not _same_origin(request):
+            return login_page(request, "The sign-in form expired; please try again.", nxt, status=403)
         token = form.get("token", "").strip()
-        annotator = await run_in_threadpool(store.annotator_by_token, token) if token else None
+        try:
+            annotator = await run_in_threadpool(store.annotator_by_token, token) if token else None
+        except sqlite3.OperationalError as e:
+            if is_busy(e):
+                return _busy()
+            raise
         if annotator is None:
-            return login_page("That token is not valid.", nxt, status=401)
-        r = RedirectResponse(nxt, status_code=303)
-        r.set_cookie(COOKIE, token, max_age=30 * 24 * 3600, httponly=True, samesite="strict",
-                     secure=request.url.scheme == "https")
-        r.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict")
+            throttle.failed(addr)
+            return login_page(request, "That token is not valid.", nxt, status=401)
+        throttle.succeeded(addr)
+        old = request.cookies.get(cookie_name(request))
+
+        def new_session() -> Response:
+            if old:  # whatever session this browser had (perhaps one planted on it) ends here
+                store.revoke_session(old)
+            sid = store.create_session(annotator, session_ttl)
+            r = RedirectResponse(nxt, status_code=303)
+            _set_session_cookie(request, r, sid)
+            r.delete_cookie(login_cookie, path="/login", httponly=True, samesite="strict")
+            return r
+        r = await write_in_thread(new_session)
+        if r.status_code == 503:
+            return login_page(request, "The database is busy; please sign in again in a moment.", nxt, status=503,
+                              headers={"Retry-After": RETRY_AFTER})
         return r
 
     @endpoint(page=True, write=True, body="form")
     def logout(request, annotator, token, form) -> Response:
+        store.revoke_session(token)  # the session ends on the server, not only in this browser
         r = RedirectResponse("/login", status_code=303)
-        r.delete_cookie(COOKIE, httponly=True, samesite="strict")
+        _delete_session_cookie(request, r)
         return r
 
     @endpoint(page=True)
     def rank_page(request, annotator, token, _=None) -> Response:
-        edit = request.query_params.get("prompt", "")
-        mode = f' data-prompt="{int(edit)}"' if edit.isdigit() else ""
+        edit = request.query_params.get("prompt") or None
+        if edit is not None and parse_id(edit) is None:
+            return HTMLResponse(layout("Bad request", annotator, token,
+                                       f'<h1>Bad request</h1><p class="error" role="alert">?prompt= must be a prompt number '
+                                       f'(1 to {MAX_ID}), not {html.escape(_shown(edit))}</p>'), status_code=400)
+        mode = f' data-prompt="{parse_id(edit)}"' if edit is not None else ""
         keys = [(["Tab", "↑", "↓"], "go from answer to answer"),
                 (["Alt+↑", "Alt+↓"], "move the focused answer up or down (Shift works too)"),
                 (["1", "–", "9"], "move the focused answer to that place"),
@@ -452,10 +697,11 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
 
     @endpoint()
     def api_prompt(request, annotator, token, _=None) -> Response:
-        pid = request.path_params["prompt_id"]
-        view = prompt_view(annotator, pid)
+        pid = parse_id(request.path_params["prompt_id"])
+        view = prompt_view(annotator, pid) if pid is not None else None
         if view is None:
-            return JSONResponse({"error": f"no prompt with id {pid}"}, status_code=404)
+            return _error(f"no prompt with id {_shown(request.path_params['prompt_id'])} "
+                          f"(prompt ids are whole numbers from 1 to {MAX_ID})", 404)
         j = my_judgement(annotator, pid)
         mine = {k: j[k] for k in ("status", "ranking", "created")} if j else None
         return JSONResponse({"prompt": view, "judgement": mine, "progress": progress_of(annotator)})
@@ -466,10 +712,10 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
 
     @endpoint()
     def api_judgement(request, annotator, token, _=None) -> Response:
-        pid = request.path_params["prompt_id"]
-        j = my_judgement(annotator, pid)
+        pid = parse_id(request.path_params["prompt_id"])
+        j = my_judgement(annotator, pid) if pid is not None else None
         if j is None:
-            return JSONResponse({"error": f"you have no judgement of prompt {pid}"}, status_code=404)
+            return _error(f"you have no judgement of prompt {_shown(request.path_params['prompt_id'])}", 404)
         return JSONResponse({k: j[k] for k in ("prompt_id", "status", "ranking", "created")})
 
     @endpoint(write=True, body="json")
@@ -477,6 +723,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         try:
             pid, status, ranking, sid = validate(data, need_sid=True)
             recorded = submit(annotator, pid, status, ranking, sid)
+        except StoreBusy:
+            raise  # 503 (run_write)
         except StoreError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse({"ok": True, "recorded": recorded, "duplicate": not recorded, "submission_id": sid})
@@ -489,6 +737,8 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
                 return JSONResponse({"error": f"you have no judgement of prompt {pid} to change"}, status_code=404)
             with write_lock:
                 store.change(annotator, pid, status, ranking)
+        except StoreBusy:
+            raise  # 503 (run_write)
         except StoreError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse({"ok": True})
@@ -524,9 +774,9 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         Route("/api/session", api_session, methods=["GET"]),
         Route("/api/next", api_next, methods=["GET"]),
         Route("/api/progress", api_progress, methods=["GET"]),
-        Route("/api/prompt/{prompt_id:int}", api_prompt, methods=["GET"]),
+        Route("/api/prompt/{prompt_id}", api_prompt, methods=["GET"]),
         Route("/api/mine", api_mine, methods=["GET"]),
-        Route("/api/judgement/{prompt_id:int}", api_judgement, methods=["GET"]),
+        Route("/api/judgement/{prompt_id}", api_judgement, methods=["GET"]),
         Route("/api/submit", api_submit, methods=["POST"]),
         Route("/api/change", api_change, methods=["POST"]),
         Route("/api/admin", api_admin, methods=["GET"]),
@@ -534,10 +784,30 @@ def create_app(db_path: str, secret: bytes | None = None) -> Starlette:
         Route("/api/admin/close", api_admin_close, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
     app.add_middleware(_SecurityHeaders)
     app.state.store = store
     return app
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, wrong method): one line, JSON under /api/."""
+    what = {404: "no such page", 405: f"{request.method} is not allowed here"}.get(exc.status_code, exc.detail)
+    msg = f"{what}: {_shown(request.url.path, 80)}"
+    headers = dict(exc.headers or {})
+    if request.url.path.startswith("/api/"):
+        return _error(msg, exc.status_code, **headers)
+    return PlainTextResponse(msg, status_code=exc.status_code, headers=headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: 500 with the security headers (this answer is made outside the middleware; the
+    server still logs the traceback, which is what a bug needs)."""
+    r = _error("internal error (the server log has the details)", 500)
+    for k, v in SECURITY_HEADERS:
+        r.headers[k.decode()] = v.decode()
+    r.headers["cache-control"] = "no-store"
+    return r
 
 
 def serve(db_path: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

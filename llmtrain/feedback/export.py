@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
-from llmtrain.feedback.store import FeedbackStore
+from llmtrain.errors import DataError
+from llmtrain.feedback.store import FeedbackStore, StoreError
 
 
 def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, only_simulated: str = "") -> dict:
@@ -35,7 +36,7 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
                     {"db": str(Path(store.path).name), "prompt_id": p["id"], "candidate_ids": order,
                      "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
                      "imported": j["imported"]})
-        lines.append(json.dumps(r.to_json(), ensure_ascii=False))
+        lines.append(_one_line(json.dumps(r.to_json(), ensure_ascii=False)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -46,32 +47,49 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
 
 
 def import_rankings(store: FeedbackStore, path: str | Path) -> dict:
-    """Load rankings made elsewhere (same format) into the store; importing twice adds nothing."""
-    rankings, _ = read_rankings(path)
-    known = {}  # (messages, sorted candidate texts) -> prompt id, read once
-    for pid in store.prompt_ids():
-        p = store.prompt(pid)
-        known[_prompt_key(p["messages"], [c["text"] for c in p["candidates"]])] = pid
+    """Load rankings made elsewhere (same format) into the store; importing twice adds nothing.
+    All or nothing: the whole file is one transaction, and a line the store refuses is an
+    error naming the file and line, with nothing of the file written."""
+    rankings, _ = read_rankings(path)  # a malformed line is a DataError naming FILE:LINE, before any write
     added = dup = 0
-    for r in rankings:
-        key = hashlib.sha256(json.dumps([r.messages, sorted(r.texts), r.annotator]).encode()).hexdigest()[:32]
-        pk = _prompt_key(r.messages, r.texts)
-        if pk not in known:
-            known[pk] = store.add_prompt(r.prompt, [{"text": t, "finished": f} for t, f in zip(r.texts, r.finished_flags)],
-                                         messages=r.messages)
-        pid = known[pk]
-        p = store.prompt(pid)
-        index = {c["text"]: c["idx"] for c in p["candidates"]}
-        tiers: dict[int, list[int]] = {}
-        for t, rank in zip(r.texts, r.ranks):
-            tiers.setdefault(rank, []).append(index[t])
-        annotator = store.ensure_annotator(r.annotator or "imported", simulated=r.simulated)
-        status = r.status if len(tiers) > 1 or r.status == "all_bad" else "all_bad"
-        ok = store.submit(annotator, pid, status, [tiers[k] for k in sorted(tiers)] if status == "ranked" else None,
-                          f"import-{key}", imported=True)
-        added += ok
-        dup += not ok
+    with store.transaction():
+        known = {}  # (messages, sorted candidate texts) -> prompt id, read once
+        for pid in store.prompt_ids():
+            p = store.prompt(pid)
+            known[_prompt_key(p["messages"], [c["text"] for c in p["candidates"]])] = pid
+        for r in rankings:
+            try:
+                ok = _import_one(store, r, known)
+            except StoreError as e:
+                raise DataError(f"{r.where}: {e}") from None  # leaving the transaction rolls the file back
+            added += ok
+            dup += not ok
     return {"read": len(rankings), "added": added, "already_there": dup}
+
+
+def _import_one(store: FeedbackStore, r: Ranking, known: dict) -> bool:
+    key = hashlib.sha256(json.dumps([r.messages, sorted(r.texts), r.annotator]).encode()).hexdigest()[:32]
+    pk = _prompt_key(r.messages, r.texts)
+    if pk not in known:
+        known[pk] = store.add_prompt(r.prompt, [{"text": t, "finished": f} for t, f in zip(r.texts, r.finished_flags)],
+                                     messages=r.messages)
+    pid = known[pk]
+    p = store.prompt(pid)
+    index: dict[str, list[int]] = {}  # text -> candidate indices (two answers may read the same)
+    for c in p["candidates"]:
+        index.setdefault(c["text"], []).append(c["idx"])
+    tiers: dict[int, list[int]] = {}
+    for t, rank in zip(r.texts, r.ranks):
+        tiers.setdefault(rank, []).append(index[t].pop(0))
+    annotator = store.ensure_annotator(r.annotator or "imported", simulated=r.simulated)
+    ranking = [tiers[k] for k in sorted(tiers)] if r.status == "ranked" else None
+    return store.submit(annotator, pid, r.status, ranking, f"import-{key}", imported=True)
+
+
+def _one_line(line: str) -> str:
+    """Escape the characters JSON leaves raw that some readers take for line breaks (str.splitlines,
+    editors): a line of model text stays one line everywhere. They occur only inside strings."""
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def _prompt_key(messages: list[dict], texts: list[str]) -> str:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ranked", "skipped", "all_bad")
 
 SCHEMA = """
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     PRIMARY KEY (prompt_id, idx));
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE,
-    is_admin INTEGER NOT NULL DEFAULT 0, simulated INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+    is_admin INTEGER NOT NULL DEFAULT 0, simulated INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rankings (
     id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
@@ -46,9 +47,23 @@ CREATE TABLE IF NOT EXISTS rankings (
 CREATE INDEX IF NOT EXISTS rankings_by_annotator ON rankings(annotator_id, status);
 """
 
+# Version 2: annotators can be disabled, and the app's logins are server-side sessions (only the
+# hash of a session id is stored; the cookie holds the id, never the annotator's token).
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY, annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    created REAL NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_by_annotator ON sessions(annotator_id);
+"""
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no row
+
 
 class StoreError(ValueError):
     """A request the store refuses (unknown prompt, malformed ranking, ...)."""
+
+
+class StoreBusy(StoreError):
+    """Another program holds the database's write lock for longer than the busy timeout."""
 
 
 @dataclass
@@ -60,7 +75,11 @@ class Annotator:
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def is_busy(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
 
 
 def check_ranking(ranking, k: int) -> list[list[int]]:
@@ -70,25 +89,51 @@ def check_ranking(ranking, k: int) -> list[list[int]]:
     seen = []
     for tier in ranking:
         if not isinstance(tier, list) or not tier or not all(isinstance(i, int) and not isinstance(i, bool) for i in tier):
-            raise StoreError("each tier must be a non-empty list of candidate indices")
+            raise StoreError("ranking: each tier must be a non-empty list of candidate indices")
         seen += tier
     if sorted(seen) != list(range(k)):
         raise StoreError(f"ranking must name each of the {k} candidates exactly once")
     return [list(t) for t in ranking]
 
 
+def _check_id(prompt_id) -> None:
+    if isinstance(prompt_id, bool) or not isinstance(prompt_id, int) or not -MAX_ID - 1 <= prompt_id <= MAX_ID:
+        raise StoreError("prompt_id must be an integer from 1 to 2**63-1")
+
+
+def _check_text(s: str, what: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
 class FeedbackStore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
+        """busy_timeout: seconds a write waits for another program's write lock before StoreBusy
+        (the web app uses a short one and answers 503; commands wait longer)."""
         self.path = str(path)
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
-        con = self._con()
-        with con:
-            con.executescript(SCHEMA)
-            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"{path}: schema version {row[0]}, this llmtrain reads version {SCHEMA_VERSION}")
+        try:
+            con = self._con()
+            with self._tx():
+                for stmt in (SCHEMA + SCHEMA_V2).split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if row is None:
+                    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif row[0] == "1":  # version 1 -> 2: the `disabled` flag (the sessions table is made above)
+                    con.execute("ALTER TABLE annotators ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+                    con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+                elif row[0] != str(SCHEMA_VERSION):
+                    raise StoreError(f"{path}: schema version {row[0]}, this llmtrain reads version {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            self.close()
+            if isinstance(e, sqlite3.OperationalError) and is_busy(e):
+                raise StoreBusy(f"{path}: the database is locked by another program (tried for {busy_timeout:g} s)") from None
+            raise StoreError(f"{path}: not a feedback database ({e})") from None
 
     def _con(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections are not shared across threads)."""
@@ -98,7 +143,7 @@ class FeedbackStore:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed transaction survives a killed process
             con.execute("PRAGMA foreign_keys=ON")
-            con.execute("PRAGMA busy_timeout=30000")
+            con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             con.row_factory = sqlite3.Row
             self._local.con = con
         return con
@@ -106,6 +151,10 @@ class FeedbackStore:
     def _tx(self):
         con = self._con()
         return _Tx(con)
+
+    def transaction(self):
+        """One all-or-nothing write transaction around several store calls (on this thread)."""
+        return self._tx()
 
     # ---- generations, prompts, candidates
 
@@ -163,9 +212,10 @@ class FeedbackStore:
         return token
 
     def annotator_by_token(self, token: str | None) -> Annotator | None:
+        """The enabled annotator whose token this is (None for a wrong, rotated or revoked one)."""
         if not token:
             return None
-        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE token_hash=?",
+        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE token_hash=? AND disabled=0",
                                   (hash_token(token),)).fetchone()
         return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
 
@@ -183,6 +233,55 @@ class FeedbackStore:
     def annotators(self) -> list[Annotator]:
         return [Annotator(r[0], r[1], bool(r[2]), bool(r[3]))
                 for r in self._con().execute("SELECT id, name, is_admin, simulated FROM annotators ORDER BY id")]
+
+    def _named(self, con: sqlite3.Connection, name: str) -> int:
+        row = con.execute("SELECT id FROM annotators WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise StoreError(f"no annotator named {name!r} in {self.path}")
+        return row[0]
+
+    def revoke_annotator(self, name: str) -> int:
+        """Disable an annotator: their token stops working and their sessions end at once (their
+        rankings stay). Returns the number of sessions ended. `rotate_token` re-admits them."""
+        with self._tx() as con:
+            aid = self._named(con, name)
+            con.execute("UPDATE annotators SET disabled=1 WHERE id=?", (aid,))
+            return con.execute("DELETE FROM sessions WHERE annotator_id=?", (aid,)).rowcount
+
+    def rotate_token(self, name: str) -> str:
+        """Issue a new token (returned; only its hash is stored): the old token and every session
+        made with it stop working. Re-enables a revoked annotator."""
+        token = secrets.token_urlsafe(24)
+        with self._tx() as con:
+            aid = self._named(con, name)
+            con.execute("UPDATE annotators SET token_hash=?, disabled=0 WHERE id=?", (hash_token(token), aid))
+            con.execute("DELETE FROM sessions WHERE annotator_id=?", (aid,))
+        return token
+
+    # ---- sessions (the web app's logins)
+
+    def create_session(self, annotator: Annotator, ttl: float) -> str:
+        """A new random session id for this annotator, valid for ttl seconds; only its hash is stored."""
+        sid = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._tx() as con:
+            con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+            con.execute("INSERT INTO sessions (id_hash, annotator_id, created, expires) VALUES (?, ?, ?, ?)",
+                        (hash_token(sid), annotator.id, now, now + ttl))
+        return sid
+
+    def session_annotator(self, session_id: str | None) -> Annotator | None:
+        """The enabled annotator of a live (unexpired, unrevoked) session; None otherwise. A read."""
+        if not session_id:
+            return None
+        row = self._con().execute(
+            "SELECT a.id, a.name, a.is_admin, a.simulated FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
+            "WHERE s.id_hash=? AND s.expires > ? AND a.disabled=0", (hash_token(session_id), time.time())).fetchone()
+        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
+
+    def revoke_session(self, session_id: str) -> bool:
+        with self._tx() as con:
+            return con.execute("DELETE FROM sessions WHERE id_hash=?", (hash_token(session_id),)).rowcount == 1
 
     # ---- rankings
 
@@ -203,8 +302,10 @@ class FeedbackStore:
         """
         if status not in STATUSES:
             raise StoreError(f"status must be one of {', '.join(STATUSES)}")
-        if not submission_id or len(submission_id) > 100:
+        if not isinstance(submission_id, str) or not submission_id or len(submission_id) > 100:
             raise StoreError("a submission id (1-100 characters) is required")
+        _check_text(submission_id, "submission_id")
+        _check_id(prompt_id)
         with self._tx() as con:
             k = con.execute("SELECT COUNT(*) FROM candidates WHERE prompt_id=?", (prompt_id,)).fetchone()[0]
             if k == 0:
@@ -223,6 +324,7 @@ class FeedbackStore:
 
     def change(self, annotator: Annotator, prompt_id: int, status: str, ranking: list[list[int]] | None) -> None:
         """An annotator revises their own judgement of a prompt."""
+        _check_id(prompt_id)
         with self._tx() as con:
             k = con.execute("SELECT COUNT(*) FROM candidates WHERE prompt_id=?", (prompt_id,)).fetchone()[0]
             tiers = check_ranking(ranking, k) if status == "ranked" else []
@@ -296,14 +398,36 @@ class FeedbackStore:
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error): one write transaction."""
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error): one write transaction. Nested inside
+    another on the same connection it is a savepoint, so `FeedbackStore.transaction()` can make
+    several store calls one all-or-nothing transaction. A write lock held by another program
+    for longer than the busy timeout is StoreBusy."""
 
     def __init__(self, con: sqlite3.Connection):
         self.con = con
 
     def __enter__(self) -> sqlite3.Connection:
-        self.con.execute("BEGIN IMMEDIATE")
+        self.nested = self.con.in_transaction
+        try:
+            self.con.execute("SAVEPOINT nested" if self.nested else "BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if is_busy(e):
+                raise StoreBusy("the database is locked by another program; try again in a moment") from None
+            raise
         return self.con
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.nested:
+            if exc_type:
+                self.con.execute("ROLLBACK TO nested")
+            self.con.execute("RELEASE nested")
+        elif exc_type:
+            self.con.execute("ROLLBACK")
+        else:
+            try:
+                self.con.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self.con.execute("ROLLBACK")
+                if is_busy(e):
+                    raise StoreBusy("the database is locked by another program; try again in a moment") from None
+                raise

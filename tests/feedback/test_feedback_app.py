@@ -28,7 +28,8 @@ def env(tmp_path):
     prompts = [store.add_prompt(f"prompt {i}", [{"text": f"answer {i}.{j}"} for j in range(k)])
                for i, k in enumerate([3, 4, 2])]
     tokens = {n: store.add_annotator(n, is_admin=n == "root") for n in ("alice", "bob", "root")}
-    return SimpleNamespace(db=db, store=store, prompts=prompts, tokens=tokens, app=create_app(str(db)))
+    return SimpleNamespace(db=db, store=store, prompts=prompts, tokens=tokens,
+                           app=create_app(str(db), failed_logins=(1000, 1000, 300)))  # throttling: test_app_sessions.py
 
 
 def bearer(env, name: str) -> TestClient:
@@ -53,7 +54,7 @@ def body(pid, ranking=None, status="ranked", sid=None):
 
 
 def test_requests_without_a_valid_token_are_refused(env):
-    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Cookie": "llmt_session=not-a-token"}):
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Cookie": "llmtrain_session_8000=not-a-token"}):
         c = TestClient(env.app, base_url=BASE)
         for path in API_GETS:
             r = c.get(path, headers=headers)
@@ -79,13 +80,13 @@ def test_login_sets_a_strict_httponly_cookie_and_refuses_bad_tokens(env):
     r = c.post("/login", data={"csrf": nonce, "token": env.tokens["alice"], "next": "//evil.example/"},
                follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/"  # no open redirect
-    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("llmt_session="))
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("llmtrain_session_8000="))
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert c.get("/api/session").json()["annotator"] == "alice"
     # the login form itself is CSRF-protected (double submit): no nonce, no session
     fresh = TestClient(env.app, base_url=BASE)
     r = fresh.post("/login", data={"token": env.tokens["bob"]}, follow_redirects=False)
-    assert r.status_code == 403 and "llmt_session" not in r.headers.get("set-cookie", "")
+    assert r.status_code == 403 and "llmtrain_session" not in r.headers.get("set-cookie", "")
 
 
 def test_cookie_writes_need_the_csrf_token(env):

@@ -71,8 +71,10 @@
       try {
         return await fn();
       } catch (e) {
-        if (!(e instanceof TypeError) || i >= waits.length) throw e;
-        say(`Cannot reach the server; trying again (${i + 1}/${waits.length})…`, true);
+        const busyDb = e.status === 503;  // the database is busy: the same request again shortly
+        if (!(e instanceof TypeError || busyDb) || i >= waits.length) throw e;
+        say(busyDb ? `The server is busy; trying again (${i + 1}/${waits.length})…`
+          : `Cannot reach the server; trying again (${i + 1}/${waits.length})…`, true);
         await new Promise((res) => setTimeout(res, waits[i]));
       }
     }
