@@ -26,7 +26,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("run:\n  max_steps: many\n", [], "'run.max_steps' must be an integer"),
     ("run:\n  resume: 1\n", [], "'run.resume' must be true or false"),
     ("run:\n  precision: fp16\n", [], "'run.precision' must be one of fp32, bf16"),
-    ("model: [1, 2]\n", [], "model must be a mapping"),
+    ("model: [1, 2]\n", [], "'model' must be a mapping"),
     ("run:\n  max_steps: [1\n", [], "not valid YAML"),
     ("", ["novalue"], "not of the form key=value"),
 ])
