@@ -364,9 +364,11 @@ def fb_export(args) -> int:
 
 
 def fb_import(args) -> int:
+    from llmtrain.data.preference import read_rankings
     from llmtrain.feedback.export import import_rankings
     from llmtrain.feedback.store import FeedbackStore
 
+    read_rankings(args.input)  # a bad file is reported before the database is opened (or created)
     r = import_rankings(FeedbackStore(args.db), args.input)
     print(f"feedback import: {r['read']} read, {r['added']} added, {r['already_there']} already there -> {args.db}")
     return 0

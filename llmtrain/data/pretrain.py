@@ -90,7 +90,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     n_doc = 0
     try:
-        bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0)
+        bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0, delay=1.0)  # delay: an early error stays one line
         buf: list[str] = []
 
         def flush():
