@@ -114,7 +114,6 @@ def check(default, rule: Rule):
     return field(default=default, metadata={"check": rule})
 
 
-
 @dataclass
 class ModelConfig:
     """A Llama-style decoder. Field names are short; `hf_config()` maps them to HF names."""
