@@ -8,8 +8,11 @@ A run directory holds `checkpoints/step_NNNNNNN/` folders, each complete or abse
     train_state.pt      optimizer state, RNG state of rank 0 (rng_rank{r}.pt for other ranks), and
                         what else a stage needs to resume (e.g. PPO's value model and LoRA adapters)
 
-Everything is written into `step_NNNNNNN.tmp*` and renamed into place, so a kill at any moment
-leaves the previous checkpoint whole. Training state is read with `weights_only=True`, so
+Everything is written into `step_NNNNNNN.tmp`, fsynced (files, then the folder), and renamed
+into place (then the parent folder is fsynced), so a kill or power cut at any moment leaves the
+previous checkpoint whole. Old steps are pruned by renaming them to `.trash-step_NNNNNNN` before
+deleting them; leftovers of either kind are removed at the next save and never resolved. A full
+disk is a one-line DiskFullError naming the file, and the partial folder is removed. Training state is read with `weights_only=True`, so
 loading a checkpoint never runs code from a pickle.
 
 "The checkpoint" handed from stage to stage may be a step folder or a run directory; a run
@@ -30,8 +33,10 @@ from safetensors.torch import save_file
 from llmtrain.config import ModelConfig, from_dict
 from llmtrain.dist import is_sharded
 from llmtrain.errors import CheckpointError
+from llmtrain.files import disk_full, fsync_dir, fsync_file, fsync_tree, is_disk_full, remove
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+TRASH = ".trash-"  # prefix of a step folder renamed away before it is deleted
 
 
 def step_dirs(run_dir: str | Path) -> list[Path]:
@@ -80,37 +85,83 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    current = tmp
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            _clear_leftovers(root)
+            tmp.mkdir()
+        barrier()
+        sharded = is_sharded(model)
+        if sharded:
+            current = tmp / "dcp"
+            weights = _save_sharded(model, train_module or model, optimizer, current)
+            optimizer = None  # its state is in dcp/
+        if rank != 0 and rng is not None:
+            current = tmp / f"rng_rank{rank}.pt"
+            torch.save(rng, current)
+            fsync_file(current)
+        if rank == 0:
+            current = tmp / "model.safetensors"
+            save_file(weights if sharded else model_state(model), str(current), metadata={"format": "pt"})
+            current = tmp / "config.json"
+            current.write_text(json.dumps(config, indent=2))
+            current = tmp / "meta.json"
+            current.write_text(json.dumps({"step": step, **meta}, indent=2))
+            if tokenizer_path:
+                current = tmp / "tokenizer.json"
+                shutil.copyfile(tokenizer_path, current)
+            if optimizer is not None or sharded:
+                current = tmp / "train_state.pt"
+                torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng,
+                            "extra": extra_state or {}, "sharded": sharded}, current)
+            current = tmp
+            fsync_tree(tmp)  # every byte on disk before the rename makes the checkpoint visible
+    except BaseException as e:
+        full = is_disk_full(e, current)  # asked before the partial files go: they are what filled it
+        if rank == 0:
+            remove(tmp)
+        if full:
+            raise disk_full(current, f"the partial checkpoint {tmp.name} was removed") from None
+        raise
     barrier()
-    sharded = is_sharded(model)
-    if sharded:
-        weights = _save_sharded(model, train_module or model, optimizer, tmp / "dcp")
-        optimizer = None  # its state is in dcp/
-    if rank != 0 and rng is not None:
-        torch.save(rng, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_file(weights if sharded else model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        if optimizer is not None or sharded:
-            torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng,
-                        "extra": extra_state or {}, "sharded": sharded}, tmp / "train_state.pt")
-    barrier()
-    if rank == 0:
-        if final.exists():
-            old = root / f"step_{step:07d}.old"
+        if final.exists():  # the same step saved again: the old folder goes only once the new one is whole
+            old = root / f"{TRASH}{final.name}"
+            remove(old)
             os.replace(final, old)
-            shutil.rmtree(old)
         os.replace(tmp, final)
+        fsync_dir(root)
+        remove(root / f"{TRASH}{final.name}")
         if keep_last > 0:
-            for p in step_dirs(run_dir)[:-keep_last]:
-                shutil.rmtree(p, ignore_errors=True)
+            prune(root, keep_last)
     barrier()
     return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step folders. Each older one is first renamed away to
+    .trash-step_N (one atomic rename), and only then deleted: a kill during the deletion leaves a
+    trash folder, which the next save removes, never a step folder without its weights."""
+    doomed = step_dirs(root.parent)[:-keep_last]
+    trash = []
+    for p in doomed:
+        t = root / f"{TRASH}{p.name}"
+        remove(t)
+        os.replace(p, t)
+        trash.append(t)
+    if trash:
+        fsync_dir(root)
+    for t in trash:
+        remove(t)
+
+
+def _clear_leftovers(root: Path) -> None:
+    """Remove what killed saves and prunes left behind: step_N.tmp folders (which may be what
+    filled the disk) and .trash-step_N folders. resolve() never picks either."""
+    for p in root.iterdir():
+        if p.name.startswith(TRASH) or (p.name.startswith("step_") and not STEP_RE.match(p.name)):
+            remove(p)
 
 
 def _save_sharded(model: torch.nn.Module, trained: torch.nn.Module, optimizer, path: Path) -> dict[str, torch.Tensor]:
@@ -149,7 +200,11 @@ def load_model_and_optimizer(step_dir: str | Path, model: torch.nn.Module, optim
                               "run.strategy=ddp, or start a sharded run from it with init_from")
     load_weights(step_dir, model)
     if state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{step_dir / 'train_state.pt'}: the optimizer state does not fit this model "
+                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
 
 
 def read_config(ckpt: str | Path) -> dict:
@@ -167,8 +222,35 @@ def model_config(ckpt: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, read_config(ckpt)["model"], source=str(resolve(ckpt) / "config.json"), prefix="model.")
 
 
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def read_meta(ckpt: str | Path) -> dict:
-    return json.loads((resolve(ckpt) / "meta.json").read_text())
+    """meta.json of a checkpoint, checked: a damaged one is an error, never "start from step 0"."""
+    d = resolve(ckpt)
+    p = d / "meta.json"
+    try:
+        meta = json.loads(p.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing (an incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p}: damaged, not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: damaged, expected a JSON object, got {type(meta).__name__}")
+    for key, kind in (("step", int), ("tokens", int)):
+        v = meta.get(key)
+        if key not in meta:
+            raise CheckpointError(f"{p}: damaged, no '{key}'")
+        if type(v) is not kind or v < 0:
+            raise CheckpointError(f"{p}: damaged, '{key}' must be a whole number >= 0, got {_short(v)}")
+    m = STEP_RE.match(d.name)
+    if m and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"{p}: damaged, 'step' is {meta['step']} in a folder named {d.name}")
+    if "data" in meta and not isinstance(meta["data"], dict):
+        raise CheckpointError(f"{p}: damaged, 'data' must be a JSON object, got {_short(meta['data'])}")
+    return meta
 
 
 def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True,
@@ -217,11 +299,20 @@ def load_train_state(ckpt: str | Path, rank: int = 0) -> dict:
         raise CheckpointError(f"{d}: no train_state.pt (a weights-only checkpoint cannot be resumed)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if rank != 0:
+        if rank != 0 and isinstance(state, dict):
             rp = d / f"rng_rank{rank}.pt"
             state["rng"] = torch.load(rp, map_location="cpu", weights_only=True) if rp.is_file() else None
     except Exception as e:  # an unpickling error is refused, not executed
-        raise CheckpointError(f"{path}: refused or unreadable ({str(e).splitlines()[0]})") from None
+        first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or unreadable ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: damaged, expected a dict of training state, got {type(state).__name__}")
+    for key in ("optimizer", "rng", "extra"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: damaged, '{key}' must be a dict, got {type(state[key]).__name__}")
+    opt = state.get("optimizer")
+    if opt is not None and not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        raise CheckpointError(f"{path}: damaged, the optimizer state has no 'state' / 'param_groups'")
     return state
 
 

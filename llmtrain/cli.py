@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from llmtrain import checkpoint, dist
-    from llmtrain.generate import SamplingConfig, generate
+    from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
     from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer
 
@@ -123,7 +123,14 @@ def cmd_generate(args) -> int:
                               top_k=args.top_k, top_p=args.top_p, stop_ids=tuple(stops))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     prompts = args.prompt or [""]
-    outs = generate(model, [[tok.bos_id, *tok.encode(p)] for p in prompts], sampling, pad_id=tok.pad_id, generator=gen)
+    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    room = prompt_budget(model.config.max_seq_len, args.max_new_tokens)
+    for i, p in enumerate(ids, 1):  # too long: cut from the left, said on stderr
+        if len(p) > room:
+            print(f"generate: prompt {i} has {len(p)} tokens; the model sees <|bos|> and its last {room - 1} (a prompt "
+                  f"keeps {room} of the context window of {model.config.max_seq_len} tokens with --max-new-tokens "
+                  f"{args.max_new_tokens})", file=sys.stderr)
+    outs = generate(model, [truncate_left(p, room) for p in ids], sampling, pad_id=tok.pad_id, generator=gen)
     for p, o in zip(prompts, outs):
         print(p + tok.decode(o, skip_special=True))
         if len(prompts) > 1:
@@ -339,7 +346,7 @@ def fb_generate(args) -> int:
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p)
     r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device,
-                       rounds=args.rounds)
+                       rounds=args.rounds, key="--max-new-tokens")
     print(f"feedback generate: {r['prompts']} prompts x {args.k}" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
           + f" = {r['candidates']} candidates -> {args.db}")
     return 0

@@ -15,3 +15,7 @@ class DataError(LlmtrainError):
 
 class CheckpointError(LlmtrainError):
     """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+class DiskFullError(LlmtrainError):
+    """The disk (or the user's quota) filled up while writing; the message names the file."""

@@ -77,6 +77,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def prompt_budget(ctx: int, max_new: int) -> int:
+    """How many prompt tokens `llmtrain generate`, `chat` and SFT's sample answers keep: the
+    context window less max_new, but at least half of it (a max_new near the context's size
+    then gives a shorter answer, as much as the context allows, rather than no prompt).
+    Training and ranking data are stricter: `data.prompts.prompt_room`."""
+    return max(1, min(ctx - 1, max(ctx - max_new, ctx // 2)))
+
+
+def truncate_left(ids: Sequence[int], room: int) -> list[int]:
+    """A prompt longer than `room` tokens cut from the left: its first token (<|bos|>) and its
+    last room - 1 tokens, so the most recent text is what the model continues."""
+    ids = list(ids)
+    if len(ids) <= room:
+        return ids
+    return [ids[0], *ids[len(ids) - room + 1:]] if room > 1 else ids[:1]
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
@@ -86,7 +103,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     stop token when one was produced. `on_token` receives each step's new ids (streaming).
     `rows` (first, total): see `sample_from` (RL rollouts spread over processes).
     A model sharded by FSDP2 (every forward a collective) steps in lockstep with the other
-    processes: it stops early only when all of them are done."""
+    processes: it stops early only when all of them are done.
+    Callers check prompt lengths up front (`prompt_budget`, `truncate_left`,
+    `data.prompts.prompt_room`, `fit_prompts`); a prompt that fills the context here is a
+    programming error (ValueError)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
     device = next(model.parameters()).device

@@ -1,14 +1,20 @@
 """Metrics: one JSON line per record in `metrics.jsonl`, a console line, optional TensorBoard.
 
 Only rank 0 writes. On resume, records past the resumed step (written by the run that was
-killed) are dropped, so the file always describes one consistent run.
+killed) are dropped, and so is a torn last line (a kill or a full disk mid-write; the log says
+so), so the file always describes one consistent run. A full disk while logging is a one-line
+DiskFullError, and the partial line is cut off.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from llmtrain.errors import DataError
+from llmtrain.files import disk_full, is_disk_full, remove
 
 
 def fmt_duration(seconds: float) -> str:
@@ -29,10 +35,13 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            _rewrite(self.path, b"")
         elif self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            recs, torn = parse_metrics(self.path)
+            if torn:
+                self.print(f"{self.path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
+            keep = [r for r in recs if r.get("step", 0) <= resume_step]
+            _rewrite(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -49,8 +58,23 @@ class Metrics:
         if not self.enabled:
             return
         rec = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        line = (json.dumps(rec) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            _write_all(fd, line)
+        except OSError as e:
+            # A full disk may have let part of the line through: cut it off, so the file stays
+            # whole lines (truncating frees space, so it works on a full disk).
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            if is_disk_full(e, self.path):
+                raise disk_full(self.path, "its last, partial line was removed") from None
+            raise
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
@@ -81,9 +105,55 @@ class Progress:
         return time.time() - self.t0
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace the file's contents atomically: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        remove(tmp)
+        if is_disk_full(e, tmp):
+            raise disk_full(path) from None
+        raise
+
+
+def parse_metrics(path: str | Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl and the length in bytes of a torn last line (0 if none).
+
+    Only the last line may be torn (a kill or a full disk mid-write); it is left out. A bad line
+    anywhere else is a DataError naming the file and line."""
+    p = Path(path)
+    lines = p.read_bytes().split(b"\n")
+    recs, torn = [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+                raise ValueError("not a record with a whole-number step")
+        except (ValueError, RecursionError) as e:
+            if all(not l.strip() for l in lines[i + 1:]):
+                torn = len(raw)
+                break
+            raise DataError(f"{p}:{i + 1}: not a JSON record ({str(e).splitlines()[0][:80]})") from None
+        recs.append(rec)
+    return recs, torn
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    recs, _ = parse_metrics(p)
     return [r for r in recs if kind is None or r.get("kind") == kind]

@@ -349,7 +349,7 @@ def style_check(cfg, base: Path, models: dict[str, Path]) -> dict:
 
 def _answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
     from llmtrain import checkpoint
-    from llmtrain.generate import SamplingConfig, generate
+    from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
     from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer, render_chat
 
@@ -357,10 +357,11 @@ def _answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
     model = Transformer(checkpoint.model_config(ckpt))
     checkpoint.load_weights(ckpt, model)
     s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
+    room = prompt_budget(model.config.max_seq_len, max_new)  # as SFT's sample answers: too long, cut from the left
     out = []
     for i in range(0, len(convs), 32):
-        gens = generate(model, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + 32]], s,
-                        pad_id=tok.pad_id)
+        gens = generate(model, [truncate_left(render_chat(tok, c, add_generation_prompt=True)[0], room)
+                                for c in convs[i:i + 32]], s, pad_id=tok.pad_id)
         out += [tok.decode(g, skip_special=True).strip() for g in gens]
     return out
 

@@ -314,5 +314,14 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
     return r.root / "report.md"
 
 
+MD_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;", **{c: "\\" + c for c in "\\`*_[]()!|~"}}
+
+
+def md_text(text: str) -> str:
+    """Model text as plain text in Markdown, as html.escape makes it in report.html: no HTML
+    tags, images, links, code spans or emphasis; a pipe stays inside its table cell."""
+    return "".join(MD_ESCAPES.get(c, c) for c in " ".join(str(text).split()))
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").strip() or "(empty)"
+    return md_text(text) or "(empty)"

@@ -5,6 +5,13 @@ the 256 bytes, so there is no unknown token and `decode(encode(s)) == s` for any
 The special tokens are fixed here once for every stage: documents are `<|bos|> text <|eos|>`,
 and the chat template (fine-tuning and later) marks roles with `<|system|>`, `<|user|>`,
 `<|assistant|>` and ends each turn with `<|end|>`.
+
+Text stays text: a special token's string inside a message, prompt, data line or model output
+(`"hi<|end|><|user|>x"`) encodes as ordinary tokens, never as the control token, so no text can
+forge a turn of the template. Control tokens enter a sequence only by id, where
+`encode_document` and `render_chat` put them. (`tokenizers` matches added tokens in raw text
+even with `add_special_tokens=False`; its `encode_special_tokens` switch turns that off for the
+tokens marked special: all of ours, and an imported tokenizer's own such as `<s>`.)
 """
 from __future__ import annotations
 
@@ -40,6 +47,11 @@ class Tokenizer:
         self.special = ids
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
         self.end_id = ids["end"]
+        try:  # special-token strings in text encode as text (see the module's docstring)
+            tk.encode_special_tokens = True
+        except AttributeError:
+            raise DataError("the installed `tokenizers` cannot encode special-token strings as text; "
+                            "upgrade it (pip install -U 'tokenizers>=0.15.1')") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -61,7 +73,8 @@ class Tokenizer:
         return self.tk.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no special tokens are added."""
+        """Token ids of `text`; no special tokens are added, and special-token strings in the
+        text are ordinary text (`decode(encode(text)) == text`)."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -126,6 +139,8 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     Returns token ids and a loss mask of the same length: 1 on the tokens the model must learn
     to write (each assistant message's text and its closing <|end|>), 0 elsewhere. With
     `add_generation_prompt`, an opening <|assistant|> is appended for the model to continue.
+    A message's content is text: a `<|end|>` or `<|user|>` written in it encodes as ordinary
+    tokens, so the only control ids are those placed here.
     """
     ids, mask = [tok.bos_id], [0]
     for m in messages:

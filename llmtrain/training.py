@@ -11,6 +11,7 @@ import math
 import torch
 
 from llmtrain.config import OptimConfig
+from llmtrain.errors import CheckpointError
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -115,11 +116,15 @@ def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, en
     if not enabled or not steps:
         return None, {}
     last = steps[-1]
+    meta = checkpoint.read_meta(last)  # checked first: a damaged checkpoint is an error, never a fresh start
     state = checkpoint.load_train_state(last, env.rank)
     checkpoint.load_model_and_optimizer(last, model, optimizer, state)
     if state.get("rng"):
-        dist.set_rng_state(state["rng"])
-    return last, checkpoint.read_meta(last)
+        try:
+            dist.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{last / 'train_state.pt'}: damaged RNG state ({str(e).strip()[:80] or type(e).__name__})") from None
+    return last, meta
 
 
 def accumulate(train_model: torch.nn.Module, n_micro: int, loss_of, env, precision: str) -> torch.Tensor:

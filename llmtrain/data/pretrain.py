@@ -13,10 +13,12 @@ that one process would see.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from llmtrain.data.corpus import iter_documents
-from llmtrain.errors import DataError
+from llmtrain.errors import ConfigError, DataError
+from llmtrain.files import disk_full, fsync_dir, fsync_tree, is_disk_full, remove
 from llmtrain.tokenizer import Tokenizer
 
 ENCODE_BATCH = 512  # documents per call into the (multi-threaded) Rust encoder
@@ -45,6 +48,8 @@ class _ShardWriter:
         self.fh = None
         self.in_shard = 0
         self.docs = 0
+        self.current: Path | None = None
+        self.failed = False
 
     def write(self, ids: list[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -52,23 +57,79 @@ class _ShardWriter:
             if self.fh is None or self.in_shard >= self.shard_tokens:
                 self._next_shard()
             take = min(arr.size, self.shard_tokens - self.in_shard)
-            self.fh.write(arr[:take].tobytes())
+            self._guarded(self.fh.write, arr[:take].tobytes())
             self.in_shard += take
             self.shards[-1]["tokens"] += take
             arr = arr[take:]
         self.docs += 1
 
+    def _guarded(self, fn, *args):
+        """Run a write; on failure remember which file it was, for the error message."""
+        try:
+            return fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
     def _next_shard(self) -> None:
-        if self.fh:
-            self.fh.close()
+        self.close()
         name = f"{self.split}_{len(self.shards):03d}.bin"
-        self.fh = open(self.out / name, "wb")
+        self.current = self.out / name
+        self.fh = self._guarded(open, self.current, "wb")
         self.shards.append({"file": name, "tokens": 0})
         self.in_shard = 0
 
     def close(self) -> None:
         if self.fh:
-            self.fh.close()
+            fh, self.fh = self.fh, None
+            self._guarded(fh.close)
+
+    def abandon(self) -> None:
+        """Close after a failure without raising again (the buffered rest may not fit either)."""
+        if self.fh:
+            fh, self.fh = self.fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
+
+
+def _stale_temps(out: Path) -> list[Path]:
+    """Temp (.tmpPID) and set-aside (.oldPID) folders of earlier prepares into `out` whose
+    process is gone (killed, crashed)."""
+    found = []
+    for p in [*out.parent.glob(out.name + ".tmp*"), *out.parent.glob(out.name + ".old*")]:
+        pid = p.name[len(out.name) + 4:]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            alive = int(pid) != os.getpid()
+        except (ProcessLookupError, OverflowError, ValueError):
+            alive = False
+        except PermissionError:
+            alive = True  # someone else's live process
+        if not alive:
+            found.append(p)
+    return found
+
+
+@contextlib.contextmanager
+def _term_raises():
+    """SIGTERM (a plain `kill`) raises SystemExit here, so the cleanup below runs; SIGKILL
+    cannot be caught, and its temp folder is removed by the next prepare."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: str = "text",
@@ -77,63 +138,83 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
 
     Document i (counting from 1) goes to validation when i % val_every == 0: deterministic,
     and independent of how the corpus is split into files. Everything is written under a
-    temporary directory renamed into place at the end, so a killed run leaves nothing.
+    temporary folder next to out_dir, fsynced and renamed into place at the end: a failure or
+    a kill leaves no partial output (a temp folder of a SIGKILLed run is removed by the next
+    run, which says so), and a full disk is a one-line DiskFullError naming the file.
     """
+    if type(shard_tokens) is not int or shard_tokens <= 0:
+        raise ConfigError(f"shard_tokens must be a whole number of tokens > 0, got {shard_tokens!r}")
     if val_every < 2:
         raise DataError(f"val_every must be at least 2, got {val_every}")
     tok = Tokenizer.load(tokenizer_path)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    for stale in _stale_temps(out):
+        remove(stale)
+        print(f"prepare: removed {stale}, the temp folder of an interrupted earlier run", flush=True)
+    remove(tmp)
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     n_doc = 0
+    bar = None
     try:
-        bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0, delay=1.0)  # delay: an early error stays one line
-        buf: list[str] = []
+        with _term_raises():
+            tmp.mkdir(parents=True)
+            bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0, delay=1.0)  # delay: an early error stays one line
+            buf: list[str] = []
 
-        def flush():
-            nonlocal n_doc
-            for ids in tok.encode_batch(buf):
-                n_doc += 1
-                split = "val" if n_doc % val_every == 0 else "train"
-                doc = [tok.bos_id, *ids, tok.eos_id]
-                writers[split].write(doc)
-                bar.update(len(doc))
-            buf.clear()
+            def flush():
+                nonlocal n_doc
+                for ids in tok.encode_batch(buf):
+                    n_doc += 1
+                    split = "val" if n_doc % val_every == 0 else "train"
+                    doc = [tok.bos_id, *ids, tok.eos_id]
+                    writers[split].write(doc)
+                    bar.update(len(doc))
+                buf.clear()
 
-        for text in iter_documents(inputs, jsonl_field):
-            buf.append(text)
-            if len(buf) >= ENCODE_BATCH:
-                flush()
-        flush()
-        bar.close()
-    except BaseException:
+            for text in iter_documents(inputs, jsonl_field):
+                buf.append(text)
+                if len(buf) >= ENCODE_BATCH:
+                    flush()
+            flush()
+            bar.close()
+            for w in writers.values():
+                w.close()
+            if writers["val"].docs == 0:
+                raise DataError(f"only {n_doc} documents: none went to validation (lower prepare val_every={val_every})")
+            meta = {
+                "format": "llmtrain-shards-v1",
+                "dtype": np.dtype(dtype).name,
+                "vocab_size": tok.vocab_size,
+                "tokenizer": str(Path(tokenizer_path).resolve()),
+                "tokenizer_sha256": file_sha256(tok.path),
+                "inputs": [str(i) for i in inputs],
+                "val_every": val_every,
+                "splits": {s: {"documents": w.docs, "tokens": sum(x["tokens"] for x in w.shards), "shards": w.shards}
+                           for s, w in writers.items()},
+            }
+            current = tmp / "meta.json"
+            current.write_text(json.dumps(meta, indent=2))
+            fsync_tree(tmp)
+            # The old output goes aside first and only then away: a kill between leaves one whole.
+            old = out.with_name(out.name + f".old{os.getpid()}")
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
+            remove(old)
+    except BaseException as e:
+        if bar is not None:
+            bar.close()  # its line ends, so an error message gets a line of its own
+        current = next((w.current for w in writers.values() if w.failed), tmp / "meta.json")
         for w in writers.values():
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+            w.abandon()
+        full = is_disk_full(e, current)
+        remove(tmp)
+        if full:
+            raise disk_full(current, f"the partial output {tmp} was removed") from None
         raise
-    for w in writers.values():
-        w.close()
-    if writers["val"].docs == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"only {n_doc} documents: none went to validation (lower prepare val_every={val_every})")
-    meta = {
-        "format": "llmtrain-shards-v1",
-        "dtype": np.dtype(dtype).name,
-        "vocab_size": tok.vocab_size,
-        "tokenizer": str(Path(tokenizer_path).resolve()),
-        "tokenizer_sha256": file_sha256(tok.path),
-        "inputs": [str(i) for i in inputs],
-        "val_every": val_every,
-        "splits": {s: {"documents": w.docs, "tokens": sum(x["tokens"] for x in w.shards), "shards": w.shards}
-                   for s, w in writers.items()},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return meta
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtrain.data.sft import read_jsonl
-from llmtrain.tokenizer import ROLES
+from llmtrain.errors import ConfigError
+from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
 
 
 def parse_prompt(obj) -> list[dict]:
@@ -34,3 +35,28 @@ def read_prompts(path: str | Path, skip_bad_lines: bool = False) -> list[list[di
 
 def last_user(messages: list[dict]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+# ----------------------------------------------------------------------------- lengths, checked up front
+
+def prompt_room(ctx: int, max_new: int, key: str, where: str = "") -> int:
+    """The most tokens a prompt may have so that `max_new` answer tokens still fit the context
+    window of `ctx` tokens. `max_new` that leaves no room at all is a one-line ConfigError naming
+    `key` (as the user types it) and `where` (e.g. " of runs/sft")."""
+    if max_new >= ctx:
+        raise ConfigError(f"{key}={max_new} leaves no room for a prompt in the context window of {ctx} tokens"
+                          f"{where}; give at most {ctx - 1}")
+    return min(ctx - max(max_new, 0), ctx - 1)
+
+
+def fit_prompts(tok: Tokenizer, convs: list[list[dict]], room: int) -> tuple[list[list[dict]], list[int]]:
+    """Split prompts by length: -> (the conversations whose rendered prompt, generation prompt
+    included, has at most `room` tokens, in order; the token counts of those that do not)."""
+    kept, long = [], []
+    for c in convs:
+        n = len(render_chat(tok, c, add_generation_prompt=True)[0])
+        if n <= room:
+            kept.append(c)
+        else:
+            long.append(n)
+    return kept, long

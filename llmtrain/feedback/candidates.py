@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from llmtrain import checkpoint, dist
-from llmtrain.data.prompts import read_prompts
+from llmtrain.data.prompts import fit_prompts, prompt_room, read_prompts
+from llmtrain.errors import DataError
 from llmtrain.feedback.store import FeedbackStore
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.model import Transformer
@@ -24,7 +25,8 @@ from llmtrain.tokenizer import Tokenizer, render_chat
 
 def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]], k: int, sampling: SamplingConfig,
                       generator: torch.Generator | None = None, batch_prompts: int = 32) -> list[list[dict]]:
-    """-> per conversation, K candidates {"text", "finished", "n_tokens"}."""
+    """-> per conversation, K candidates {"text", "finished", "n_tokens"}. The prompts must leave
+    `sampling.max_new_tokens` of the context (`generate_to_db` skips those that do not)."""
     stops = (tok.end_id, tok.eos_id)
     s = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, stops)
     out = []
@@ -43,7 +45,10 @@ def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]
 
 
 def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: SamplingConfig, seed: int = 0,
-                   device: str = "auto", rounds: int = 1) -> dict:
+                   device: str = "auto", rounds: int = 1, key: str = "max_new_tokens") -> dict:
+    """K candidates per prompt (R rounds) into the database `db`. Prompts too long to leave
+    `sampling.max_new_tokens` of the context are skipped and counted ("skipped_long"); `key` is
+    the name of that setting as the caller's user types it, for messages."""
     if not 2 <= k <= 9:
         raise ValueError(f"k must be between 2 and 9, got {k}")
     if rounds < 1:
@@ -54,6 +59,17 @@ def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: Samp
     checkpoint.load_weights(ckpt_dir, model)
     model.to(dist.pick_device(device)).eval()
     convs = read_prompts(prompts_path)
+    # Lengths up front: a prompt that leaves fewer than max_new_tokens of the context is skipped.
+    room = prompt_room(model.config.max_seq_len, sampling.max_new_tokens, key, f" of {ckpt_dir}")
+    n_all = len(convs)
+    convs, long = fit_prompts(tok, convs, room)
+    if not convs:
+        raise DataError(f"{prompts_path}: none of its {n_all} prompts fits: each may have at most {room} tokens (the "
+                        f"context window of {model.config.max_seq_len} tokens of {ckpt_dir} less {key}="
+                        f"{sampling.max_new_tokens}); the shortest has {min(long)} tokens")
+    if long:
+        print(f"feedback generate: {len(long)} of {n_all} prompts in {prompts_path} longer than {room} tokens skipped "
+              f"(context window {model.config.max_seq_len} - {key} {sampling.max_new_tokens})")
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     per_round = [sample_candidates(model, tok, convs, k, sampling, gen) for _ in range(rounds)]
     store = FeedbackStore(db)
@@ -66,4 +82,5 @@ def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: Samp
             prompt = next(m["content"] for m in reversed(conv) if m["role"] == "user")
             store.add_prompt(prompt, cs, generation_id=gid, messages=conv)
     store.close()
-    return {"prompts": len(convs), "rounds": rounds, "candidates": len(convs) * k * rounds, "generation_id": gid}
+    return {"prompts": len(convs), "rounds": rounds, "candidates": len(convs) * k * rounds, "generation_id": gid,
+            "skipped_long": len(long)}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from llmtrain import checkpoint
 from llmtrain.config import EvaluateConfig
-from llmtrain.data.prompts import last_user, read_prompts
+from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
 from llmtrain.data.sft import split
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, DataError
 from llmtrain.model import Transformer
 from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate
 
@@ -39,6 +39,16 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
     """Each model answers once (greedily); every challenger is compared with the baseline, and
     its KL to the baseline measured on answers it samples (seeded, the same seed for each)."""
     rm, tok, norm = load_reward_model(reward_model)
+    # Lengths up front: prompts that leave fewer than max_new_tokens of any model's context are skipped.
+    ctx = min(checkpoint.model_config(checkpoint.resolve(p)).max_seq_len for p in [baseline, *challengers.values()])
+    n_all = len(convs)
+    convs, long = fit_prompts(tok, convs, prompt_room(ctx, max_new_tokens, "max_new_tokens"))
+    if not convs:
+        raise DataError(f"none of the {n_all} held-out prompts fits: each may have at most {ctx - max_new_tokens} tokens "
+                        f"(the context window of {ctx} tokens less max_new_tokens={max_new_tokens})")
+    if long:
+        print(f"evaluate: {len(long)} of {n_all} held-out prompts longer than {ctx - max_new_tokens} tokens skipped "
+              f"(context window {ctx} - max_new_tokens {max_new_tokens})")
     ckpt_a, model_a = _load(baseline)
     res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, true_rule)}
     res["a"]["checkpoint"] = str(ckpt_a)

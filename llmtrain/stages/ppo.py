@@ -42,9 +42,9 @@ import torch
 
 from llmtrain import checkpoint, dist
 from llmtrain.config import PPOConfig, to_dict
-from llmtrain.data.prompts import last_user, read_prompts
+from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
 from llmtrain.data.sft import split
-from llmtrain.errors import CheckpointError, ConfigError
+from llmtrain.errors import CheckpointError, ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, fmt_duration
@@ -133,6 +133,25 @@ def main(cfg: PPOConfig) -> Path:
     tok_path = checkpoint.tokenizer_of(sft_ckpt)
     tok = Tokenizer.load(tok_path)
     mcfg = checkpoint.model_config(sft_ckpt)
+
+    # ---- prompts: the same every-Nth split as SFT, so held-out prompts were never trained on.
+    # Lengths are checked here, before any model is loaded: a prompt that leaves fewer than
+    # max_new_tokens of the policy's context is skipped (counted, logged below), never a crash
+    # at the iteration that draws it.
+    room = prompt_room(mcfg.max_seq_len, cfg.max_new_tokens, "max_new_tokens", f" of the policy {sft_ckpt}")
+    train_p, val_p = split(read_prompts(cfg.prompts), cfg.val_every)
+    n_train, n_val = len(train_p), len(val_p)
+    train_p, long_train = fit_prompts(tok, train_p, room)
+    val_p, long_val = fit_prompts(tok, val_p, room)
+    if not train_p:
+        raise DataError(f"{cfg.prompts}: none of its {n_train} training prompts fits: each may have at most {room} tokens "
+                        f"(the policy's context window of {mcfg.max_seq_len} tokens, max_seq_len of {sft_ckpt}, "
+                        f"less max_new_tokens={cfg.max_new_tokens}); the shortest has {min(long_train)} tokens")
+    val_p = val_p[: cfg.eval_prompts or None]
+    long_note = (f"{cfg.algorithm}: {len(long_train)} of {n_train} training and {len(long_val)} of {n_val} held-out prompts "
+                 f"in {cfg.prompts} longer than {room} tokens skipped (context window {mcfg.max_seq_len} - max_new_tokens "
+                 f"{cfg.max_new_tokens})") if long_train or long_val else ""
+
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
     checkpoint.load_weights(sft_ckpt, policy)
@@ -190,9 +209,6 @@ def main(cfg: PPOConfig) -> Path:
         g["lr"] = cfg.optim.lr
     kl_ctl = AdaptiveKL(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKL(cfg.kl.beta)
 
-    # ---- prompts: the same every-Nth split as SFT, so held-out prompts were never trained on
-    train_p, val_p = split(read_prompts(cfg.prompts), cfg.val_every)
-    val_p = val_p[: cfg.eval_prompts or None]
     ptx = None
     if cfg.ptx_coef > 0:
         from llmtrain.data.pretrain import TokenWindows
@@ -220,8 +236,10 @@ def main(cfg: PPOConfig) -> Path:
               f"iteration per process; {model_note} ({lora_note}); KL {cfg.kl.estimator}"
               f"{' as a loss term' if cfg.kl.placement == 'loss' else ' in the reward'}; reward offset {norm.get('offset', 0):.3f}; "
               f"{env.world} process(es) on {dev}")
+    if long_note:
+        log.print(long_note)
     log.log(start_it, "setup", trainable_params=trainable, total_params=total, lora=cfg.lora.enabled,
-            algorithm=cfg.algorithm)
+            algorithm=cfg.algorithm, long_prompts_skipped=len(long_train) + len(long_val))
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
 
     def evaluate(it: int) -> dict:

@@ -19,6 +19,7 @@ import torch
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import RewardConfig, to_dict
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
+from llmtrain.data.prompts import fit_prompts, prompt_room
 from llmtrain.errors import ConfigError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import pairwise_ranking_loss
@@ -44,6 +45,7 @@ def main(cfg: RewardConfig) -> Path:
     tok = Tokenizer.load(tok_path)
     mcfg = checkpoint.model_config(base)
     max_len = cfg.data.max_len or mcfg.max_seq_len
+    prompt_room(mcfg.max_seq_len, cfg.norm_max_new_tokens, "norm_max_new_tokens", f" of {base}")  # now, not after training
     train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
@@ -112,7 +114,9 @@ def main(cfg: RewardConfig) -> Path:
                 log.log(d, "normalisation", **norm)
                 log.log(d, "calibration", bins=result["calibration"])
                 log.print(f"normalisation: offset {norm['offset']:.4f} makes the SFT model's answers to "
-                          f"{norm['n']} held-out prompts score mean 0 (std {norm['std']:.4f})")
+                          f"{norm['n']} held-out prompts score mean 0 (std {norm['std']:.4f})"
+                          + (f"; {norm['skipped_long']} prompts longer than the context less norm_max_new_tokens "
+                             "skipped" if norm["skipped_long"] else ""))
             checkpoint.save(run_dir, d, model, config={"model": to_dict(mcfg), "stage": "reward", "reward": norm,
                                                        "config": to_dict(cfg)},
                             meta={"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}},
@@ -154,14 +158,19 @@ def evaluate_pairs(model, tok, rankings: list[Ranking], max_len: int, batch_size
 
 
 def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, rankings: list[Ranking], env) -> dict:
-    """Sample the SFT model's answers to held-out prompts; their mean reward becomes the offset."""
+    """Sample the SFT model's answers to held-out prompts; their mean reward becomes the offset.
+    Prompts that leave fewer than norm_max_new_tokens of the context are skipped (counted)."""
     seen, convs = set(), []
     for r in rankings:
         key = str(r.messages)
         if key not in seen:
             seen.add(key)
             convs.append(r.messages)
+    ctx = checkpoint.model_config(base).max_seq_len
+    convs, long = fit_prompts(tok, convs, prompt_room(ctx, cfg.norm_max_new_tokens, "norm_max_new_tokens"))
     convs = convs[: cfg.norm_prompts]
+    if not convs:  # nothing to sample: no offset rather than a crash after training
+        return {"offset": 0.0, "std": 1.0, "n": 0, "samples": 0, "skipped_long": len(long)}
     sft = Transformer(checkpoint.model_config(base))
     checkpoint.load_weights(base, sft)
     sft.to(env.device).eval()
@@ -175,4 +184,5 @@ def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, 
             done = bool(o) and o[-1] in s.stop_ids
             items.append((convs[k // cfg.norm_samples], tok.decode(o[:-1] if done else o, skip_special=True).strip(), done))
     scores = np.array(score_texts(model, tok, items))
-    return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items)}
+    return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items),
+            "skipped_long": len(long)}

@@ -18,7 +18,7 @@ from llmtrain import checkpoint, dist, training
 from llmtrain.config import SFTConfig, to_dict
 from llmtrain.data import sft as sft_data
 from llmtrain.errors import ConfigError
-from llmtrain.generate import SamplingConfig, generate
+from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
 from llmtrain.losses import lm_loss
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
@@ -56,6 +56,10 @@ def main(cfg: SFTConfig) -> Path:
     train_ex, dropped = sft_data.encode(tok, train_convs, max_len)
     val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
     batches = sft_data.LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
+    # Sample answers to the first held-out prompts: lengths checked now (too long: cut from the left).
+    sample_convs = [msgs for _, msgs in val_convs[: cfg.sample_prompts]]
+    room = prompt_budget(mcfg.max_seq_len, cfg.sample_tokens)
+    long_samples = sum(len(prompt_ids(tok, c)) > room for c in sample_convs)
 
     train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
     start_step, tokens_seen = done.get("step", 0), done.get("tokens", 0)
@@ -67,11 +71,14 @@ def main(cfg: SFTConfig) -> Path:
     log.print(f"sft data: {len(train_ex)} train / {len(val_ex)} held-out examples; "
               f"{skipped} bad lines skipped, {dropped + dropped_val} dropped (no response token within {max_len})")
     log.log(start_step, "setup", trainable_params=trainable, total_params=total, frozen_tensors=len(frozen),
-            train_examples=len(train_ex), val_examples=len(val_ex), skipped_lines=skipped)
+            train_examples=len(train_ex), val_examples=len(val_ex), skipped_lines=skipped, long_sample_prompts=long_samples)
     if resumed:
         log.print(f"resumed from {resumed} at step {start_step}")
+    if long_samples:
+        log.print(f"sft: {long_samples} of {len(sample_convs)} sample prompts longer than {room} tokens (of the context "
+                  f"window of {mcfg.max_seq_len} with sample_tokens {cfg.sample_tokens}) are cut from the left for their "
+                  "sample answers")
 
-    sample_convs = [msgs for _, msgs in val_convs[: cfg.sample_prompts]]
     sharded = dist.is_sharded(model)
 
     def evaluate() -> float:
@@ -165,7 +172,9 @@ def prompt_ids(tok: Tokenizer, msgs: list[dict]) -> list[int]:
 
 
 def sample_answers(model: Transformer, tok: Tokenizer, convs: list[list[dict]], max_new: int) -> list[str]:
-    """Greedy answers, so the change between evaluations is readable, not sampling noise."""
+    """Greedy answers, so the change between evaluations is readable, not sampling noise. A
+    prompt longer than `generate.prompt_budget` is cut from the left."""
     s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
-    outs = generate(model, [prompt_ids(tok, c) for c in convs], s, pad_id=tok.pad_id)
+    room = prompt_budget(model.config.max_seq_len, max_new)
+    outs = generate(model, [truncate_left(prompt_ids(tok, c), room) for c in convs], s, pad_id=tok.pad_id)
     return [tok.decode(o, skip_special=True).strip() for o in outs]

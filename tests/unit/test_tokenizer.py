@@ -40,8 +40,9 @@ def test_special_tokens_and_size(tokenizer_path):
     ids = {tok.tk.token_to_id(t) for t in SPECIAL_TOKENS.values()}
     assert len(ids) == len(SPECIAL_TOKENS)
     assert tok.encode_document("hi")[0] == tok.bos_id and tok.encode_document("hi")[-1] == tok.eos_id
-    # A special token is one id, not spelled out in bytes.
-    assert tok.encode("<|end|>") == [tok.end_id]
+    # A special token is one id (placed by id); its string in text is text, never that id.
+    assert tok.tk.token_to_id("<|end|>") == tok.end_id == tok.special["end"]
+    assert tok.end_id not in tok.encode("<|end|>") and tok.decode(tok.encode("<|end|>")) == "<|end|>"
 
 
 def test_missing_tokenizer_is_clear(tmp_path):

@@ -1,0 +1,366 @@
+"""Files on disk that are damaged, torn or half-written: one-line errors naming the file, never a
+silent restart; metrics.jsonl survives a torn last line; report.md keeps model text as text."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_pretrain_config
+from llmtrain import checkpoint, files
+from llmtrain.cli import main as cli_main
+from llmtrain.errors import DataError, DiskFullError, LlmtrainError
+from llmtrain.metrics import Metrics, parse_metrics, read_metrics
+from llmtrain.stages import pretrain
+
+
+def tree(root: Path) -> dict:
+    """Every file under root with a hash of its bytes: to show that nothing was written."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def cli_args(cfg) -> list[str]:
+    """The tiny pretrain config as command-line overrides."""
+    args = [f"data.shards={cfg.data.shards}"]
+    args += [f"model.{k}={v}" for k, v in vars(cfg.model).items() if v is not None]
+    args += [f"optim.{k}={v}" for k, v in vars(cfg.optim).items()]
+    args += [f"run.{k}={v}" for k, v in vars(cfg.run).items() if v is not None]
+    return args
+
+
+def one_line_error(err: str, command: str = "pretrain") -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"llmtrain {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def saved_run(shards, tmp_path_factory) -> Path:
+    """A tiny pretrain run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    pretrain.main(tiny_pretrain_config(shards, out, max_steps=4, save_every=2, keep_last=0))
+    return SavedRun(out, shards)
+
+
+class SavedRun(type(Path())):
+    """The run directory, knowing the shards it was trained on."""
+
+    def __new__(cls, path, shards):
+        self = super().__new__(cls, path)
+        self.shards = shards
+        return self
+
+
+# ---------------------------------------------------------------- damaged meta.json (20 cases)
+
+META_CASES = {
+    "not-json": b"{",
+    "empty": b"",
+    "binary": b"\xff\xfe\x00\x01garbage",
+    "list": b"[]",
+    "null": b"null",
+    "string": b'"step 4"',
+    "empty-object": b"{}",
+    "no-step": b'{"tokens": 0}',
+    "no-tokens": b'{"step": 4}',
+    "step-string": b'{"step": "4", "tokens": 0}',
+    "step-negative": b'{"step": -1, "tokens": 0}',
+    "step-bool": b'{"step": true, "tokens": 0}',
+    "step-float": b'{"step": 4.0, "tokens": 0}',
+    "step-inf": b'{"step": 1e999, "tokens": 0}',
+    "step-null": b'{"step": null, "tokens": 0}',
+    "step-wrong-folder": b'{"step": 3, "tokens": 0}',
+    "tokens-string": b'{"step": 4, "tokens": "many"}',
+    "data-list": b'{"step": 4, "tokens": 0, "data": []}',
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000,
+    "truncated": b'{"step": 4, "tok',
+}
+
+
+def damage_and_resume(saved_run, tmp_path, capsys, name, content):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    target = run / "checkpoints" / "step_0000004" / name
+    if content is None:
+        target.unlink()
+    elif content == "dir":
+        target.unlink()
+        target.mkdir()
+    else:
+        target.write_bytes(content)
+    before = tree(run)
+    capsys.readouterr()
+    cfg = tiny_pretrain_config(Path(saved_run.shards), run, max_steps=6, save_every=2, resume=True)
+    rc = cli_main(["pretrain", *cli_args(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = one_line_error(err)
+    assert str(target) in line, line
+    assert tree(run) == before  # no restart from step 0: nothing written, nothing overwritten
+    return line
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_damaged_meta_json_is_one_line_error(saved_run, tmp_path, capsys, case):
+    line = damage_and_resume(saved_run, tmp_path, capsys, "meta.json", META_CASES[case])
+    assert "meta.json" in line
+
+
+@pytest.mark.parametrize("case", ["missing", "dir"])
+def test_meta_json_missing_or_a_folder(saved_run, tmp_path, capsys, case):
+    damage_and_resume(saved_run, tmp_path, capsys, "meta.json", None if case == "missing" else "dir")
+
+
+# ------------------------------------------------------------ damaged train_state.pt (12 cases)
+
+def _pt(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _state_cases(saved_run) -> dict:
+    good = (saved_run / "checkpoints" / "step_0000004" / "train_state.pt").read_bytes()
+    return {
+        "truncated-half": good[: len(good) // 2],
+        "truncated-tail": good[:-30],
+        "empty": b"",
+        "garbage": os.urandom(4096),
+        "json-text": b'{"optimizer": null}',
+        "a-list": _pt([1, 2, 3]),
+        "optimizer-string": _pt({"optimizer": "adam", "rng": None}),
+        "optimizer-no-groups": _pt({"optimizer": {"state": {}, "param_groups": "x"}, "rng": None}),
+        "optimizer-wrong-groups": _pt({"optimizer": {"state": {}, "param_groups": []}, "rng": None}),
+        "rng-list": _pt({"optimizer": None, "rng": [1, 2]}),
+        "rng-bad-torch-state": _pt({"optimizer": None, "rng": {"torch": "not a tensor"}}),
+        "extra-string": _pt({"optimizer": None, "rng": None, "extra": "x"}),
+    }
+
+
+STATE_CASES = ["truncated-half", "truncated-tail", "empty", "garbage", "json-text", "a-list", "optimizer-string",
+               "optimizer-no-groups", "optimizer-wrong-groups", "rng-list", "rng-bad-torch-state", "extra-string"]
+
+
+@pytest.mark.parametrize("case", STATE_CASES)
+def test_damaged_train_state_is_one_line_error(saved_run, tmp_path, capsys, case):
+    line = damage_and_resume(saved_run, tmp_path, capsys, "train_state.pt", _state_cases(saved_run)[case])
+    assert "train_state.pt" in line
+
+
+def test_read_meta_of_a_good_checkpoint(saved_run):
+    meta = checkpoint.read_meta(saved_run)
+    assert meta["step"] == 4 and meta["tokens"] > 0
+
+
+# ------------------------------------------------------------------- checkpoint folders
+
+def _tiny_model():
+    from llmtrain.config import ModelConfig
+    from llmtrain.model import Transformer
+
+    return Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+
+
+def test_resolve_skips_trash_and_tmp_and_save_clears_them(tmp_path):
+    m = _tiny_model()
+    checkpoint.save(tmp_path, 1, m, config={}, meta={"tokens": 0})
+    root = tmp_path / "checkpoints"
+    for name in (".trash-step_0000009", "step_0000009.tmp", "step_0000008.old"):
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"x")
+    assert checkpoint.resolve(tmp_path).name == "step_0000001"
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_0000001"]
+    checkpoint.save(tmp_path, 2, m, config={}, meta={"tokens": 0})
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002"]
+
+
+def test_save_fsyncs_files_and_folder_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(checkpoint, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(files, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(files, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(a).name)), real_replace(a, b)))
+    checkpoint.save(tmp_path, 3, _tiny_model(), config={}, meta={"tokens": 0}, optimizer=None)
+    rename = events.index(("rename", "step_0000003.tmp"))
+    before = events[:rename]
+    assert {("file", "model.safetensors"), ("file", "meta.json"), ("file", "config.json")} <= set(before)
+    assert ("dir", "step_0000003.tmp") in before
+    assert ("dir", "checkpoints") in events[rename:]  # the rename itself made durable
+
+
+def test_keep_last_renames_to_trash_before_deleting(tmp_path, monkeypatch):
+    m = _tiny_model()
+    for s in (1, 2):
+        checkpoint.save(tmp_path, s, m, config={}, meta={"tokens": 0})
+    seen = []
+    real_remove = checkpoint.remove
+
+    def spy(p):
+        p = Path(p)
+        if p.exists():
+            seen.append(p.name)
+        real_remove(p)
+
+    monkeypatch.setattr(checkpoint, "remove", spy)
+    checkpoint.save(tmp_path, 3, m, config={}, meta={"tokens": 0}, keep_last=1)
+    assert seen == [".trash-step_0000001", ".trash-step_0000002"]  # never a step folder itself
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003"]
+
+
+@pytest.mark.parametrize("what", ["model.safetensors", "train_state.pt", "meta.json"])
+def test_full_disk_during_save_names_the_file_and_removes_the_partial_folder(tmp_path, monkeypatch, what):
+    m = _tiny_model()
+    opt = torch.optim.AdamW(m.parameters())
+    checkpoint.save(tmp_path, 1, m, config={}, meta={"tokens": 0}, optimizer=opt)
+    if what == "model.safetensors":  # safetensors' own words for ENOSPC
+        def fail(sd, path, metadata=None):
+            Path(path).write_bytes(b"\0" * 100)
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(checkpoint, "save_file", fail)
+    elif what == "train_state.pt":  # torch.save names no cause: the free space tells
+        def fail(obj, path):
+            Path(path).write_bytes(b"PK\3\4" + b"\0" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(torch, "save", fail)
+        monkeypatch.setattr(files, "free_bytes", lambda p: 0)
+    else:
+        real = Path.write_text
+
+        def fail(self, text, *a, **k):
+            if self.name == "meta.json":
+                real(self, text[:5])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, text, *a, **k)
+        monkeypatch.setattr(Path, "write_text", fail)
+    with pytest.raises(DiskFullError) as e:
+        checkpoint.save(tmp_path, 2, m, config={}, meta={"tokens": 0}, optimizer=opt)
+    msg = str(e.value)
+    assert msg.startswith("no space left on device while writing ") and what in msg and "\n" not in msg
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
+
+
+def test_other_save_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def fail(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(torch, "save", fail)  # plenty of free space: a real bug, raised as is
+    m = _tiny_model()
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        checkpoint.save(tmp_path, 1, m, config={}, meta={"tokens": 0}, optimizer=torch.optim.AdamW(m.parameters()))
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_disk_quota_counts_as_full():
+    assert files.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), "/nowhere/x")
+    assert not files.is_disk_full(KeyboardInterrupt(), "/nowhere/x")
+    assert issubclass(DiskFullError, LlmtrainError)
+
+
+# ------------------------------------------------------------------------ metrics.jsonl
+
+def _lines(*recs) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in recs).encode()
+
+
+def test_torn_last_line_is_dropped_and_said(tmp_path):
+    import io
+
+    (tmp_path / "metrics.jsonl").write_bytes(_lines({"step": 1, "kind": "train"}, {"step": 2, "kind": "train"})
+                                             + b'{"step": 3, "kind": "tr\xc3')  # cut inside a UTF-8 char
+    out = io.StringIO()
+    Metrics(tmp_path, resume_step=2, stream=out)
+    assert "dropped a torn last line (24 bytes)" in out.getvalue() and "metrics.jsonl" in out.getvalue()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == _lines({"step": 1, "kind": "train"}, {"step": 2, "kind": "train"})
+
+
+@pytest.mark.parametrize("bad", [b'{"step": 2, "ki', b"\xff\xfe", b"[1, 2]", b'{"step": "two"}', b"null"])
+def test_bad_line_in_the_middle_names_file_and_line(tmp_path, bad):
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(_lines({"step": 1}) + bad + b"\n" + _lines({"step": 3}))
+    before = p.read_bytes()
+    with pytest.raises(DataError, match=rf"metrics.jsonl:2: not a JSON record"):
+        Metrics(tmp_path, resume_step=3, stream=open(os.devnull, "w"))
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: "):
+        read_metrics(p)
+    assert p.read_bytes() == before
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(_lines({"step": 1, "kind": "val", "loss": 1.0}) + b'{"step": 2, "kind": "val", "lo')
+    assert read_metrics(p, "val") == [{"step": 1, "kind": "val", "loss": 1.0}]
+    assert parse_metrics(p)[1] == len(b'{"step": 2, "kind": "val", "lo')
+
+
+def test_full_disk_while_logging_cuts_the_partial_line(tmp_path, monkeypatch):
+    import llmtrain.metrics as metrics_mod
+
+    log = Metrics(tmp_path, stream=open(os.devnull, "w"))
+    log.log(1, "train", loss=1.5)
+
+    def half_then_full(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_mod, "_write_all", half_then_full)
+    with pytest.raises(DiskFullError, match=r"^no space left on device while writing .*metrics.jsonl; "):
+        log.log(2, "train", loss=1.25)
+    recs, torn = parse_metrics(tmp_path / "metrics.jsonl")
+    assert torn == 0 and [r["step"] for r in recs] == [1]
+    assert (tmp_path / "metrics.jsonl").read_bytes().endswith(b"\n")
+
+
+# ------------------------------------------------------------------------------ prepare
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_prepare_refuses_shard_tokens_not_positive(corpus_file, tokenizer_path, tmp_path, capsys, value):
+    out = tmp_path / "data"
+    rc = cli_main(["prepare", f"inputs=[{corpus_file}]", f"tokenizer={tokenizer_path}", f"out_dir={out}",
+                   f"shard_tokens={value}"])
+    line = one_line_error(capsys.readouterr().err, "prepare")
+    assert rc == 2 and "shard_tokens" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- report.md
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "![x](http://evil/x.png)", "[click](javascript:alert(1))",
+           "a | b | c", "`rm -rf /` and ``x``", "<script>alert(1)</script>", "**bold** _it_ ~~gone~~",
+           "line one\nline two\r\n| --- |", "&lt;img src=x&gt;", "\\|", ""]
+
+
+def test_report_md_escapes_model_text(tmp_path):
+    from markdown_it import MarkdownIt
+
+    from llmtrain.pipeline import Run
+    from llmtrain.report import write_report
+
+    r = Run(tmp_path)
+    r.data.mkdir()
+    (r.data / "meta.json").write_text(json.dumps({"vocab_size": 512}))
+    samples = [{"prompt": h, "sft": h, "ppo": f"answer: {h}"} for h in HOSTILE]
+    write_report(r, SimpleNamespace(name="t"), {"pretrain": 1.0}, samples)
+    md = (tmp_path / "report.md").read_text()
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    table = html[html.index("<h2>The same held-out prompts"):]
+    for tag in ("<img", "<a ", "<script", "<code", "<strong", "<em", "<s>"):
+        assert tag not in table, tag
+    assert "<img" not in html.replace("<img src=\"plots/", "")  # the only images are the plots
+    assert table.count("<tr>") == 1 + len(HOSTILE)  # header + one row a sample: no pipe split a row
+    for row in table.split("<tr>")[2:]:
+        assert row.count("<td>") == 3, row  # prompt, sft, ppo: no pipe made a column
+    # the text itself survives, shown as written (html-escaped in the rendered page)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "![x](http://evil/x.png)" in html
+    assert "[click](javascript:alert(1))" in html and "a | b | c" in html and "&amp;lt;img src=x&amp;gt;" in html
+    assert "(empty)" in html
