@@ -210,9 +210,12 @@ def load_model_and_optimizer(step_dir: str | Path, model: torch.nn.Module, optim
 def read_config(ckpt: str | Path) -> dict:
     p = resolve(ckpt) / "config.json"
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: unreadable ({e})") from None
+        conf = json.loads(p.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{p}: unreadable ({type(e).__name__})") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("model"), dict):
+        raise CheckpointError(f"{p}: damaged (no 'model' section)")
+    return conf
 
 
 def model_config(ckpt: str | Path) -> ModelConfig:

@@ -16,6 +16,62 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. optim.lr=3e-4")
 
 
+def _check_flags(**flags) -> None:
+    """Command-line flags against the rules their config fields follow (llmtrain.config):
+    `_check_flags(**{"--top-p": (value, TOP_P)})`; a one-line ConfigError naming the flag."""
+    import math
+
+    from llmtrain.config import COMMAND_LINE
+    from llmtrain.errors import ConfigError
+
+    for name, (value, rule) in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{COMMAND_LINE}: {name} must be a finite number, got {value}")
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{COMMAND_LINE}: {name} {problem}, got {value!r}")
+
+
+def _sampling_flags(args) -> None:
+    from llmtrain.config import DEVICE, NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P
+
+    _check_flags(**{"--temperature": (args.temperature, TEMPERATURE), "--top-p": (args.top_p, TOP_P),
+                    "--top-k": (args.top_k, NON_NEGATIVE), "--max-new-tokens": (args.max_new_tokens, POSITIVE),
+                    "--device": (args.device, DEVICE)})
+
+
+def _check_db(path: str, must_exist: bool) -> None:
+    """--db: an SQLite database (or, when it may be created, a writable new path)."""
+    from llmtrain.config import path_problem
+    from llmtrain.errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--db {p}: is a directory, not a feedback database")
+    if p.is_file():
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"--db {p}: not an SQLite database (not a feedback database written by llmtrain)")
+        return
+    if must_exist:
+        raise ConfigError(f"--db {p}: no such database (`llmtrain feedback generate` writes one)")
+    problem = path_problem(p, "file")
+    if problem:
+        raise ConfigError(f"--db {p}: {problem}")
+
+
+def _check_out(flag: str, path: str | None, kind: str) -> None:
+    from llmtrain.config import path_problem
+    from llmtrain.errors import ConfigError
+
+    problem = path_problem(path, kind) if path else None
+    if problem:
+        raise ConfigError(f"{flag} {path}: {problem}")
+
+
 def cmd_tokenizer(args) -> int:
     from llmtrain.config import TokenizerConfig, load_config
     from llmtrain.data.corpus import iter_documents
@@ -56,6 +112,7 @@ def cmd_generate(args) -> int:
     from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer
 
+    _sampling_flags(args)
     ckpt = checkpoint.resolve(args.checkpoint)
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
     model = Transformer(checkpoint.model_config(ckpt))
@@ -110,6 +167,10 @@ def cmd_classify_predict(argv: list[str]) -> int:
     p.add_argument("-o", "--output", help="write JSONL predictions here instead of printing")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    from llmtrain.config import DEVICE
+
+    _check_flags(**{"--device": (a.device, DEVICE)})
+    _check_out("--output", a.output, "file")
     texts = list(a.text)
     if a.input:
         def text_of(obj):
@@ -153,6 +214,7 @@ def cmd_reward_score(argv: list[str]) -> int:
     p.add_argument("-o", "--output", help="write JSONL scores here instead of printing")
     p.add_argument("--raw", action="store_true", help="do not subtract the normalisation offset")
     a = p.parse_args(argv)
+    _check_out("--output", a.output, "file")
     items = []
     if a.prompt is not None:
         if not a.response:
@@ -191,6 +253,11 @@ def cmd_reward_chitchat(argv: list[str]) -> int:
     p.add_argument("--k-max", type=int, default=4, help="chats per ranking at most (default 4)")
     p.add_argument("--max-chars", type=int, default=400, help="characters of each chat kept (default 400)")
     a = p.parse_args(argv)
+    from llmtrain.config import POSITIVE, Rule
+
+    _check_flags(**{"--k-max": (a.k_max, Rule(lambda v: 2 <= v <= 9, "between 2 and 9")),
+                    "--max-chars": (a.max_chars, POSITIVE)})
+    _check_out("--output", a.output, "file")
     r = convert(a.output, a.k_max, a.max_chars)
     print(f"chitchat: {r['rankings']} rankings of {r['chats']} rated chats over {r['prompts']} starter prompts -> "
           f"{a.output} (train with data.min_score_gap=3)")
@@ -232,6 +299,7 @@ def cmd_chat(args) -> int:
     from llmtrain.chat import ChatSession, repl
     from llmtrain.generate import SamplingConfig
 
+    _sampling_flags(args)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                        top_k=args.top_k, top_p=args.top_p)
     session = ChatSession(args.checkpoint, s, system=args.system, device=args.device, seed=args.seed)
@@ -244,12 +312,31 @@ def cmd_chat(args) -> int:
 
 
 def cmd_feedback(args) -> int:
+    import sqlite3
+
+    from llmtrain.config import NON_NEGATIVE, Rule
     from llmtrain.feedback.store import StoreError
 
+    # Flags and the database are checked before anything is read or written.
+    _check_db(args.db, must_exist=args.action in ("export", "simulate"))
+    if args.action == "generate":
+        _sampling_flags(args)
+        from llmtrain.config import POSITIVE
+
+        _check_flags(**{"-k": (args.k, Rule(lambda v: 2 <= v <= 9, "between 2 and 9")),
+                        "--rounds": (args.rounds, POSITIVE)})
+    elif args.action == "serve":
+        _check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535"))})
+    elif args.action == "simulate":
+        _check_flags(**{"--limit": (args.limit, NON_NEGATIVE | "0: all")})
+    elif args.action == "export":
+        _check_out("--output", args.output, "file")
     try:
         return FEEDBACK[args.action][0](args)
     except (StoreError, ValueError) as e:
         raise LlmtrainError(str(e)) from None
+    except sqlite3.DatabaseError as e:  # a damaged file with an SQLite header, or one locked for good
+        raise LlmtrainError(f"--db {args.db}: {e}") from None
 
 
 def fb_generate(args) -> int:
@@ -302,9 +389,11 @@ def fb_export(args) -> int:
 
 
 def fb_import(args) -> int:
+    from llmtrain.data.preference import read_rankings
     from llmtrain.feedback.export import import_rankings
     from llmtrain.feedback.store import FeedbackStore
 
+    read_rankings(args.input)  # a bad file is reported before the database is opened (or created)
     r = import_rankings(FeedbackStore(args.db), args.input)
     print(f"feedback import: {r['read']} read, {r['added']} added, {r['already_there']} already there -> {args.db}")
     return 0
@@ -340,8 +429,11 @@ FEEDBACK = {
 
 
 def cmd_import(args) -> int:
+    from llmtrain.config import NON_NEGATIVE
     from llmtrain.interop.hf import import_hf, summary_line
 
+    _check_flags(**{"--max-seq-len": (args.max_seq_len, NON_NEGATIVE | "0: the model's own")})
+    _check_out("--output", args.output, "directory")
     print(summary_line(import_hf(args.source, args.output, max_seq_len=args.max_seq_len)))
     return 0
 
@@ -349,6 +441,7 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     from llmtrain.interop.hf import export_hf, export_line
 
+    _check_out("--output", args.output, "directory")
     print(export_line(export_hf(args.checkpoint, args.output, dtype=args.dtype, adapter=args.adapter, base=args.base)))
     return 0
 

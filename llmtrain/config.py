@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,28 +21,134 @@ import yaml
 from llmtrain.errors import ConfigError
 
 
+# ----------------------------------------------------------------------------- value rules
+#
+# A field's allowed values are declared next to it: `check(default, RULE)` puts a rule in the
+# field's metadata and `from_dict` applies it when a config is loaded, so a bad value is a
+# one-line error naming the key and where it came from (the YAML file or the command line)
+# before anything runs. Rules that relate two fields are each class's `_checks`.
+
+
+class Rule:
+    """A named condition on one value: `problem(value)` is None when the value is allowed,
+    else what it must be (e.g. "must be > 0")."""
+
+    def __init__(self, ok, text: str):
+        self.ok, self.text = ok, text
+
+    def problem(self, value) -> str | None:
+        return None if self.ok(value) else f"must be {self.text}"
+
+    def __or__(self, note: str) -> "Rule":  # RULE | "0: only at the end" adds what 0 means
+        return Rule(self.ok, f"{self.text} ({note})")
+
+
+POSITIVE = Rule(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
+BETA = Rule(lambda v: 0 <= v < 1, ">= 0 and < 1")
+TOP_P = Rule(lambda v: 0 < v <= 1, "> 0 and <= 1")
+FRACTION = Rule(lambda v: 0 <= v <= 1, "between 0 and 1")
+TEMPERATURE = Rule(lambda v: v >= 0, ">= 0 (0: greedy)")
+HELD_OUT_EVERY = Rule(lambda v: v >= 2, ">= 2 (every Nth item is held out)")
+
+
+def at_least(n: int) -> Rule:
+    return Rule(lambda v: v >= n, f">= {n}")
+
+
+class _Device(Rule):
+    def __init__(self):
+        super().__init__(None, "a device of this machine")
+
+    def problem(self, value) -> str | None:
+        from llmtrain.dist import device_problem
+
+        return device_problem(value)
+
+
+class _Writable(Rule):
+    """A path that can be written: an existing directory (or file) there, or a missing one whose
+    nearest existing parent is a directory this process can create files in. Probing creates
+    and removes one temporary file, so a failed check leaves nothing behind."""
+
+    def __init__(self, kind: str):
+        super().__init__(None, f"a writable {kind} path")
+        self.kind = kind
+
+    def problem(self, value) -> str | None:
+        return path_problem(value, self.kind) if value else None
+
+
+DEVICE = _Device()
+WRITABLE_DIR = _Writable("directory")
+WRITABLE_FILE = _Writable("file")
+
+
+def path_problem(path: str | Path, kind: str = "directory") -> str | None:
+    """Why `path` cannot be written as a `kind` ("directory" or "file"), or None."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    if p.exists():
+        if kind == "directory" and not p.is_dir():
+            return "names a file that exists, not a directory"
+        if kind == "file" and p.is_dir():
+            return "names a directory, not a file"
+    parent = p if kind == "directory" and p.is_dir() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".llmtrain-probe-", dir=parent)
+    except OSError as e:
+        return f"is not writable (cannot create files in {parent}: {e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def check(default, rule: Rule):
+    """A dataclass field with `default` whose values must pass `rule` (checked at load)."""
+    return field(default=default, metadata={"check": rule})
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder. Field names are short; `hf_config()` maps them to HF names."""
 
-    vocab_size: int = 0  # 0: taken from the tokenizer / data at build time
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0: same as n_heads (plain multi-head attention)
-    ffn_dim: int = 0  # 0: about 8/3 * dim rounded up to a multiple of 64 (SwiGLU)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = check(0, NON_NEGATIVE | "0: from the tokenizer")  # 0: taken from the tokenizer / data at build time
+    dim: int = check(256, POSITIVE)
+    n_layers: int = check(4, POSITIVE)
+    n_heads: int = check(4, POSITIVE)
+    n_kv_heads: int = check(0, NON_NEGATIVE | "0: model.n_heads")  # 0: same as n_heads (plain multi-head attention)
+    ffn_dim: int = check(0, NON_NEGATIVE | "0: about 8/3 x dim")  # 0: about 8/3 * dim rounded up to a multiple of 64 (SwiGLU)
+    max_seq_len: int = check(256, at_least(2))
+    rope_theta: float = check(10000.0, POSITIVE)
+    norm_eps: float = check(1e-5, POSITIVE)
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = check(0.02, POSITIVE)
     # Features of imported Hugging Face models (llmtrain/interop); the defaults change nothing.
     attention_bias: bool = False  # biases on q/k/v (Qwen2); o_proj never has one
     rope_scaling: Literal["none", "llama3"] = "none"  # "llama3": Llama 3.1's frequency-dependent scaling
-    rope_factor: float = 8.0  # llama3: how much the low frequencies are stretched
-    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are divided by factor
-    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
-    rope_original_max_len: int = 8192  # llama3: the context the model was first trained on
+    rope_factor: float = check(8.0, POSITIVE)  # llama3: how much the low frequencies are stretched
+    rope_low_freq_factor: float = check(1.0, POSITIVE)  # llama3: wavelengths above original / low are divided by factor
+    rope_high_freq_factor: float = check(4.0, POSITIVE)  # llama3: wavelengths below original / high are kept
+    rope_original_max_len: int = check(8192, POSITIVE)  # llama3: the context the model was first trained on
+
+    def _checks(self, p: str) -> list[tuple[str, str]]:
+        """Relations between fields, checked at load (`p` is this section's dotted prefix)."""
+        out = []
+        if self.dim % self.n_heads:
+            out.append(("n_heads", f"must divide {p}dim={self.dim}"))
+        elif (self.dim // self.n_heads) % 2:
+            out.append(("n_heads", f"must leave an even head size ({p}dim / {p}n_heads) for rotary embeddings"))
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
+            out.append(("n_kv_heads", f"must divide {p}n_heads={self.n_heads}"))
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            out.append(("rope_high_freq_factor", f"must be above {p}rope_low_freq_factor"))
+        return out
 
     def resolved(self) -> "ModelConfig":
         """A copy with the derived fields (kv heads, ffn width) filled in and checked."""
@@ -94,15 +201,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    lr: float = check(1e-3, POSITIVE)
+    min_lr_ratio: float = check(0.1, FRACTION)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = check(100, NON_NEGATIVE)
     schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = 0.1  # matrices only; norms and biases get none
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    weight_decay: float = check(0.1, NON_NEGATIVE)  # matrices only; norms and biases get none
+    beta1: float = check(0.9, BETA)
+    beta2: float = check(0.95, BETA)
+    eps: float = check(1e-8, POSITIVE)
+    grad_clip: float = check(1.0, NON_NEGATIVE | "0: no clipping")  # 0 disables clipping
     impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
 
 
@@ -110,24 +217,24 @@ class OptimConfig:
 class RunConfig:
     """What every training stage shares: where, how long, how big, how precise."""
 
-    out_dir: str = "runs/pretrain"
-    max_steps: int = 1000
-    batch_size: int = 8  # per process, per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    log_every: int = 10
-    eval_every: int = 200  # 0: only at the end
-    eval_batches: int = 20  # batches per evaluation (SFT: 0 = the whole held-out set)
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2  # step checkpoints kept on disk
+    out_dir: str = check("runs/pretrain", WRITABLE_DIR)
+    max_steps: int = check(1000, NON_NEGATIVE | "0: check everything, train nothing, save nothing")
+    batch_size: int = check(8, POSITIVE)  # per process, per micro-step
+    grad_accum: int = check(1, at_least(1))  # micro-steps per optimizer step
+    log_every: int = check(10, POSITIVE)
+    eval_every: int = check(200, NON_NEGATIVE | "0: only at the end")  # 0: only at the end
+    eval_batches: int = check(20, NON_NEGATIVE)  # batches per evaluation (SFT: 0 = the whole held-out set)
+    save_every: int = check(0, NON_NEGATIVE | "0: only at the end")  # 0: only at the end
+    keep_last: int = check(2, NON_NEGATIVE | "0: keep every one")  # step checkpoints kept on disk
     resume: bool = False
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = check(1337, NON_NEGATIVE)
+    device: str = check("auto", DEVICE)  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     tensorboard: bool = False
-    threads: int = 0  # CPU intra-op threads; 0 leaves torch's default
+    threads: int = check(0, NON_NEGATIVE | "0: torch's default")  # CPU intra-op threads; 0 leaves torch's default
 
 
 @dataclass
@@ -143,19 +250,23 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     init_from: str = ""  # a checkpoint to start from instead of random weights
 
+    def _checks(self, p: str) -> list[tuple[str, str]]:
+        return [("run.eval_batches", "must be > 0 (pretraining evaluates that many batches)")] \
+            if self.run.eval_batches <= 0 else []
+
 
 @dataclass
 class FreezeConfig:
     patterns: list[str] = field(default_factory=list)  # globs over parameter names
-    first_layers: int = 0  # freeze blocks 0 .. N-1
+    first_layers: int = check(0, NON_NEGATIVE)  # freeze blocks 0 .. N-1
 
 
 @dataclass
 class SFTDataConfig:
     train: str = "data/sft/aristocrat.jsonl"
     val: str = ""  # empty: hold out every val_every-th example of `train`
-    val_every: int = 10
-    max_len: int = 0  # 0: the model's context window
+    val_every: int = check(10, HELD_OUT_EVERY)
+    max_len: int = check(0, NON_NEGATIVE | "0: the context window")  # 0: the model's context window
     skip_bad_lines: bool = False
 
 
@@ -170,16 +281,16 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0))
     run: RunConfig = field(default_factory=_sft_run)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    sample_prompts: int = 4  # held-out prompts whose answers are logged at each evaluation
-    sample_tokens: int = 48
+    sample_prompts: int = check(4, NON_NEGATIVE)  # held-out prompts whose answers are logged at each evaluation
+    sample_tokens: int = check(48, POSITIVE)
 
 
 @dataclass
 class ClassifyDataConfig:
     train: str = "data/classify/topics.jsonl"
     val: str = ""  # empty: hold out every val_every-th example of `train`
-    val_every: int = 5
-    max_len: int = 0  # 0: the model's context window
+    val_every: int = check(5, HELD_OUT_EVERY)
+    max_len: int = check(0, NON_NEGATIVE | "0: the context window")  # 0: the model's context window
     skip_bad_lines: bool = False
 
 
@@ -197,9 +308,9 @@ class ClassifyConfig:
 class RewardDataConfig:
     train: str = "rankings.jsonl"  # the feedback export (or the chitchat conversion)
     val: str = ""  # empty: hold out the prompts whose hash is 0 mod val_every
-    val_every: int = 5
-    max_len: int = 0  # 0: the model's context window; longer texts keep their end
-    min_score_gap: float = 0.0  # with rated candidates: drop pairs whose ratings differ less
+    val_every: int = check(5, HELD_OUT_EVERY)
+    max_len: int = check(0, NON_NEGATIVE | "0: the context window")  # 0: the model's context window; longer texts keep their end
+    min_score_gap: float = check(0.0, NON_NEGATIVE)  # with rated candidates: drop pairs whose ratings differ less
     include_simulated: bool = True
     skip_bad_lines: bool = False
 
@@ -212,31 +323,31 @@ class RewardConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/reward", max_steps=200, batch_size=4,
                                                              eval_every=50, eval_batches=0))
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    margin_scale: float = 0.0  # margin = scale x rating gap, for rated candidates
-    norm_prompts: int = 32  # held-out prompts whose SFT answers set the reward's zero
-    norm_samples: int = 2  # SFT answers sampled per prompt for that
-    norm_max_new_tokens: int = 48
+    margin_scale: float = check(0.0, NON_NEGATIVE)  # margin = scale x rating gap, for rated candidates
+    norm_prompts: int = check(32, NON_NEGATIVE)  # held-out prompts whose SFT answers set the reward's zero
+    norm_samples: int = check(2, POSITIVE)  # SFT answers sampled per prompt for that
+    norm_max_new_tokens: int = check(48, POSITIVE)
 
 
 @dataclass
 class KLConfig:
-    beta: float = 0.05  # initial (or fixed) KL coefficient
+    beta: float = check(0.05, NON_NEGATIVE | "0: no KL penalty")  # initial (or fixed) KL coefficient
     # Per-token KL estimate (llmtrain.rl.kl_estimate; both are logged) and where it acts: a
     # penalty in the reward, or beta x mean k3 as a loss term. auto: GRPO k3 in the loss (as
     # DeepSeekMath), PPO and RLOO k1 in the reward (as InstructGPT and RLOO).
     estimator: Literal["auto", "k1", "k3"] = "auto"
     placement: Literal["auto", "reward", "loss"] = "auto"
     adaptive: bool = False
-    target: float = 6.0  # the KL (nats per response) to stay under; adaptive: the one to hold
-    horizon: int = 10000  # adaptive: how fast beta moves (in rollouts)
+    target: float = check(6.0, POSITIVE)  # the KL (nats per response) to stay under; adaptive: the one to hold
+    horizon: int = check(10000, POSITIVE)  # adaptive: how fast beta moves (in rollouts)
 
 
 @dataclass
 class LoRAConfig:
     enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = check(8, POSITIVE)
+    alpha: float = check(16.0, POSITIVE)
+    dropout: float = check(0.0, BETA)
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
@@ -248,28 +359,28 @@ class PPOConfig:
     policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
     reward_model: str = ""  # the reward-model checkpoint: scores, and the value head's start
     prompts: str = "data/sft/aristocrat.jsonl"  # JSONL prompts ({"prompt"} / {"messages"}; responses ignored)
-    val_every: int = 10  # every Nth prompt is held out for evaluation (the SFT split, so they are unseen)
-    eval_prompts: int = 32  # held-out prompts per evaluation (0: all)
+    val_every: int = check(10, HELD_OUT_EVERY)  # every Nth prompt is held out for evaluation (the SFT split, so they are unseen)
+    eval_prompts: int = check(32, NON_NEGATIVE | "0: all")  # held-out prompts per evaluation (0: all)
     true_rule: str = ""  # a simulated annotator's rule, the "true" preference to watch for reward hacking
-    rollout_batch: int = 16  # prompts per iteration per process
-    group_size: int = 4  # grpo / rloo: answers sampled per prompt (rollout_batch x group_size answers)
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    ppo_epochs: int = 2
-    minibatch: int = 8  # answers per update step per process (rollout answers must split evenly)
-    clip: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
+    rollout_batch: int = check(16, POSITIVE)  # prompts per iteration per process
+    group_size: int = check(4, POSITIVE)  # grpo / rloo: answers sampled per prompt (rollout_batch x group_size answers)
+    max_new_tokens: int = check(32, POSITIVE)
+    temperature: float = check(1.0, TEMPERATURE)
+    top_k: int = check(0, NON_NEGATIVE | "0: no top-k filter")
+    top_p: float = check(1.0, TOP_P)
+    ppo_epochs: int = check(2, POSITIVE)
+    minibatch: int = check(8, POSITIVE)  # answers per update step per process (rollout answers must split evenly)
+    clip: float = check(0.2, POSITIVE)
+    value_clip: float = check(0.2, POSITIVE)
+    vf_coef: float = check(0.5, NON_NEGATIVE)
+    gamma: float = check(1.0, FRACTION)
+    lam: float = check(0.95, FRACTION)
     whiten_advantages: bool = True
-    missing_eos_penalty: float = 1.0  # subtracted from the score of an answer cut off without an end token
+    missing_eos_penalty: float = check(1.0, NON_NEGATIVE)  # subtracted from the score of an answer cut off without an end token
     kl: KLConfig = field(default_factory=KLConfig)
-    ptx_coef: float = 0.0  # PPO-ptx: weight of a pretraining loss on `ptx_shards`
+    ptx_coef: float = check(0.0, NON_NEGATIVE)  # PPO-ptx: weight of a pretraining loss on `ptx_shards`
     ptx_shards: str = ""
-    ptx_batch: int = 4
+    ptx_batch: int = check(4, POSITIVE)
     frozen_precision: Literal["fp32", "bf16"] = "fp32"  # reference and reward model
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -278,12 +389,24 @@ class PPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/ppo", max_steps=50, eval_every=10,
                                                              log_every=1))
 
+    def _checks(self, p: str) -> list[tuple[str, str]]:
+        out = []
+        if self.algorithm != "ppo" and self.group_size < 2:
+            out.append(("group_size", f"must be >= 2 for {self.algorithm} (answers to one prompt are compared)"))
+        n = self.rollout_batch * (1 if self.algorithm == "ppo" else self.group_size)
+        if not out and n % self.minibatch:
+            out.append(("minibatch", f"must divide the {n} answers of an iteration ({p}rollout_batch={self.rollout_batch}"
+                        + ("" if self.algorithm == "ppo" else f" x {p}group_size={self.group_size}") + ")"))
+        if self.ptx_coef > 0 and not self.ptx_shards:
+            out.append(("ptx_shards", f"must be set when {p}ptx_coef > 0 (the pretraining shards)"))
+        return out
+
 
 @dataclass
 class DPOConfig:
     policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
-    beta: float = 0.1
+    beta: float = check(0.1, POSITIVE)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
@@ -297,83 +420,131 @@ class EvaluateConfig:
     b: str = ""  # challenger (e.g. the PPO or DPO model)
     reward_model: str = ""
     prompts: str = "data/sft/aristocrat.jsonl"
-    val_every: int = 10  # held-out prompts: every Nth (the SFT split)
-    max_prompts: int = 0
+    val_every: int = check(10, HELD_OUT_EVERY)  # held-out prompts: every Nth (the SFT split)
+    max_prompts: int = check(0, NON_NEGATIVE | "0: all")
     true_rule: str = ""  # a simulated annotator's rule: the true preference
-    max_new_tokens: int = 32
-    out: str = ""  # write the comparison as JSON here
+    max_new_tokens: int = check(32, POSITIVE)
+    out: str = check("", WRITABLE_FILE)  # write the comparison as JSON here
 
 
 @dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
-    out: str = "runs/tokenizer/tokenizer.json"
-    vocab_size: int = 4096
-    min_frequency: int = 2
+    out: str = check("runs/tokenizer/tokenizer.json", WRITABLE_FILE)
+    vocab_size: int = check(4096, POSITIVE)
+    min_frequency: int = check(2, POSITIVE)
     jsonl_field: str = "text"
-    max_chars: int = 0  # train on at most this many characters (0: all)
+    max_chars: int = check(0, NON_NEGATIVE | "0: all")  # train on at most this many characters (0: all)
 
 
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
     tokenizer: str = "runs/tokenizer/tokenizer.json"
-    out_dir: str = "runs/data"
+    out_dir: str = check("runs/data", WRITABLE_DIR)
     jsonl_field: str = "text"
-    val_every: int = 20  # every Nth document goes to validation (deterministic split)
-    shard_tokens: int = 50_000_000  # tokens per shard file
+    val_every: int = check(20, HELD_OUT_EVERY)  # every Nth document goes to validation (deterministic split)
+    shard_tokens: int = check(50_000_000, POSITIVE)  # tokens per shard file
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+COMMAND_LINE = "command line"
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Any:
-    """Build `cls` from an optional YAML file and `key=value` overrides, checking every key."""
+    """Build `cls` from an optional YAML file and `key=value` overrides, checking every key and
+    every value. An error names the key and where its value came from: the YAML file, or the
+    command line for an override."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
-        data = loaded
+        data = read_yaml(path)
+    cli: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return from_dict(cls, data, source=str(path) if path else "overrides")
+            raise ConfigError(f"{COMMAND_LINE}: {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"{COMMAND_LINE}: '{key}': the value {raw!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or type(e).__name__})") from None
+        set_dotted(data, key, value)
+        cli.add(key)
+    return from_dict(cls, data, source=str(path) if path else COMMAND_LINE, origins=cli)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (empty: {}), or a one-line ConfigError."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a YAML config file")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not a usable YAML config (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys to values, not {_kind(loaded)}")
+    return loaded
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false"}.get(
+        type(value), type(value).__name__)
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
     node = data
     parts = key.split(".")
-    for part in parts[:-1]:
+    if not all(parts):
+        raise ConfigError(f"{COMMAND_LINE}: '{key}' is not a dotted key (e.g. optim.lr)")
+    for i, part in enumerate(parts[:-1]):
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
+            raise ConfigError(f"{COMMAND_LINE}: '{key}': {'.'.join(parts[:i + 1])} is not a section")
         node = nxt
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -> Any:
+def _origin(key: str, source: str, origins) -> str:
+    """Where the value of dotted `key` came from: the command line when it, or a section
+    holding it, was given there; else `source` (the YAML file)."""
+    if origins:
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in origins:
+                return COMMAND_LINE
+    return source
+
+
+def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "", origins=None) -> Any:
+    """`cls` from a dict, checking keys, types and each field's rule. `origins` holds the dotted
+    keys given on the command line (their errors say so); the rest are blamed on `source`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+        key = prefix.rstrip(".")
+        raise ConfigError(f"{_origin(key, source, origins)}: '{key or 'top level'}' must be a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+            full = f"{prefix}{key}"
+            raise ConfigError(f"{_origin(full, source, origins)}: unknown key '{full}' for {cls.__name__}{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -384,16 +555,37 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
             if (dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict)
                     and f.default_factory is not dataclasses.MISSING):
                 value = {**to_dict(f.default_factory()), **value}
-            kwargs[f.name] = _coerce(hints[f.name], value, f"{prefix}{f.name}", source)
-    return cls(**kwargs)
+            key = f"{prefix}{f.name}"
+            kwargs[f.name] = value = _coerce(hints[f.name], value, key, source, origins)
+            rule = f.metadata.get("check")
+            if rule is not None:
+                problem = rule.problem(value)
+                if problem:
+                    raise ConfigError(f"{_origin(key, source, origins)}: '{key}' {problem}, got {value!r}")
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):  # defaults are checked too (a stage's own default may not fit)
+        rule = f.metadata.get("check")
+        if f.name not in data and rule is not None and not isinstance(rule, _Writable) and rule.problem(getattr(obj, f.name)):
+            key = f"{prefix}{f.name}"
+            raise ConfigError(f"{source}: '{key}' {rule.problem(getattr(obj, f.name))}, got {getattr(obj, f.name)!r}")
+    checks = getattr(obj, "_checks", None)
+    if checks is not None:
+        for key, problem in checks(prefix):
+            key = f"{prefix}{key}"
+            value = obj
+            for part in key[len(prefix):].split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{_origin(key, source, origins)}: '{key}' {problem}, got {value!r}")
+    return obj
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, source: str, origins=None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    where = _origin(key, source, origins)
+    bad = ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {_short(value)}")
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, source, key + ".")
+        return from_dict(tp, value if value is not None else {}, source, key + ".", origins)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -401,20 +593,20 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(a, value, key, source)
+                return _coerce(a, value, key, source, origins)
             except ConfigError:
                 pass
         raise bad
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        if not isinstance(value, typing.Hashable) or value not in args:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}, got {_short(value)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single item where a list is expected
         if not isinstance(value, (list, tuple)):
             raise bad
-        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
+        return [_coerce(args[0], v, f"{key}[{i}]", source, origins) for i, v in enumerate(value)] if args else list(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -427,18 +619,28 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {_short(value)}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
     return value
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut to one short line (a value may be a whole nested YAML document)."""
+    r = repr(value).replace("\n", " ")
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _type_name(tp: Any) -> str:

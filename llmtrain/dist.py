@@ -35,7 +35,35 @@ class DistEnv:
         return self.world > 1
 
 
+def device_problem(pref: str) -> str | None:
+    """Why `pref` (auto | cpu | cuda | cuda:N | mps) names no device of this machine, or None."""
+    if pref == "auto":
+        return None
+    try:
+        dev = torch.device(pref)
+    except (RuntimeError, ValueError, TypeError):
+        return "must be auto, cpu, cuda, cuda:N or mps"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "names a CUDA device, but CUDA is not available on this machine (use cpu or auto)"
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            return f"names CUDA device {dev.index}, but this machine has {n} (cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})"
+        return None
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else "names mps, which is not available on this machine"
+    return f"names a {dev.type} device, which llmtrain does not run on (use auto, cpu, cuda, cuda:N or mps)"
+
+
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    problem = device_problem(pref)
+    if problem:
+        from llmtrain.errors import ConfigError
+
+        raise ConfigError(f"device {pref!r} {problem}")
     if pref == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)

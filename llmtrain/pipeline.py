@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.config import (DPOConfig, EvaluateConfig, PPOConfig, PrepareConfig, PretrainConfig, RewardConfig,
-                             SFTConfig, TokenizerConfig, load_config, to_dict)
+from llmtrain.config import (NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P, WRITABLE_DIR, DPOConfig, EvaluateConfig,
+                             PPOConfig, PrepareConfig, PretrainConfig, RewardConfig, Rule, SFTConfig, TokenizerConfig,
+                             check, load_config, to_dict)
 from llmtrain.errors import ConfigError, DataError, LlmtrainError
 from llmtrain.metrics import fmt_duration
 
@@ -35,19 +36,20 @@ STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "
 @dataclass
 class FeedbackStageConfig:
     prompts: str = "data/sft/aristocrat.jsonl"  # its SFT-training side gives the prompts to rank
-    max_prompts: int = 120  # 0: all of them
-    k: int = 4
-    rounds: int = 1  # each prompt answered this many times (K fresh answers, ranked separately)
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_prompts: int = check(120, NON_NEGATIVE | "0: all")  # 0: all of them
+    k: int = check(4, Rule(lambda v: 2 <= v <= 9, "between 2 and 9"))
+    rounds: int = check(1, POSITIVE)  # each prompt answered this many times (K fresh answers, ranked separately)
+    max_new_tokens: int = check(40, POSITIVE)
+    temperature: float = check(1.0, TEMPERATURE)
+    top_p: float = check(1.0, TOP_P)
     rule: str = "aristocrat"  # the simulated annotator's rule (llmtrain/styles.py)
-    port: int = 8000  # --human: where the ranking app listens (127.0.0.1; 0: any free port)
+    # --human: where the ranking app listens (127.0.0.1; 0: any free port)
+    port: int = check(8000, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535 (0: any free port)"))
 
 
 @dataclass
 class PipelineConfig:
-    run_dir: str = ""  # empty: runs/<name>-<date>-<time>
+    run_dir: str = check("", WRITABLE_DIR)  # empty: runs/<name>-<date>-<time>
     name: str = "demo"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -61,8 +63,8 @@ class PipelineConfig:
     rloo: PPOConfig = field(default_factory=lambda: PPOConfig(algorithm="rloo"))
     dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    sample_prompts: int = 6  # held-out prompts answered by every model in the report
-    style_eval_prompts: int = 0  # held-out SFT prompts whose answers are style-checked (0: all)
+    sample_prompts: int = check(6, NON_NEGATIVE)  # held-out prompts answered by every model in the report
+    style_eval_prompts: int = check(0, NON_NEGATIVE | "0: all")  # held-out SFT prompts whose answers are style-checked (0: all)
 
 
 def stages_of(cfg: PipelineConfig) -> list[str]:

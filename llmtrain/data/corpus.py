@@ -59,16 +59,60 @@ def _iter_text(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise DataError(f"{path}:{n}: no field '{field}' in this line")
-            if not isinstance(obj[field], str):
-                raise DataError(f"{path}:{n}: field '{field}' is not a string")
-            yield obj[field]
+    for n, line in jsonl_lines(path):
+        try:
+            obj = loads_line(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: {e}") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise DataError(f"{path}:{n}: no field '{field}' in this line")
+        if not isinstance(obj[field], str):
+            raise DataError(f"{path}:{n}: field '{field}' is not a string")
+        yield obj[field]
+
+
+MAX_JSON_DEPTH = 64  # data lines are flat: deeper nesting is refused before the parser recurses
+
+
+def jsonl_lines(path: Path):
+    """(line number, text) of the non-blank lines of a UTF-8 file; a DataError naming the file and
+    line when the bytes are not UTF-8 or the file cannot be read."""
+    n = 0
+    try:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield n, line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def loads_line(line: str):
+    """json.loads of one data line; nesting deeper than MAX_JSON_DEPTH is a ValueError (Python's
+    parser would recurse until RecursionError)."""
+    depth = deepest = 0
+    in_str = esc = False
+    if line.count("[") + line.count("{") > MAX_JSON_DEPTH:  # only then count properly
+        for ch in line:
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "[{":
+                depth += 1
+                deepest = max(deepest, depth)
+                if deepest > MAX_JSON_DEPTH:
+                    raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+            elif ch in "]}":
+                depth -= 1
+    return json.loads(line)

@@ -160,7 +160,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
     try:
         with _term_raises():
             tmp.mkdir(parents=True)
-            bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0)
+            bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0, delay=1.0)  # delay: an early error stays one line
             buf: list[str] = []
 
             def flush():
@@ -219,12 +219,29 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
 
 
 def load_meta(shard_dir: str | Path) -> dict:
-    p = Path(shard_dir) / "meta.json"
+    d = Path(shard_dir)
+    p = d / "meta.json"
+    if d.exists() and not d.is_dir():
+        raise DataError(f"{d}: is a file, not a directory of token shards (written by `llmtrain prepare`)")
     if not p.is_file():
         raise DataError(f"no token shards in {shard_dir} (missing meta.json; run `llmtrain prepare`)")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != "llmtrain-shards-v1":
-        raise DataError(f"{p}: unknown shard format {meta.get('format')!r}")
+    try:
+        meta = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DataError(f"{p}: not a valid meta.json ({type(e).__name__}; re-run `llmtrain prepare`)") from None
+    if not isinstance(meta, dict) or meta.get("format") != "llmtrain-shards-v1":
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise DataError(f"{p}: unknown shard format {got!r} (re-run `llmtrain prepare`)")
+    try:
+        np.dtype(meta["dtype"])
+        if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] <= 0:
+            raise ValueError
+        for split in ("train", "val"):
+            for sh in meta["splits"][split]["shards"]:
+                if not (isinstance(sh["file"], str) and "/" not in sh["file"] and isinstance(sh["tokens"], int)):
+                    raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{p}: damaged (a field is missing or of the wrong type; re-run `llmtrain prepare`)") from None
     return meta
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmtrain.data.corpus import jsonl_lines, loads_line
 from llmtrain.errors import DataError
 from llmtrain.losses import IGNORE
 from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
@@ -60,20 +61,19 @@ def parse_line(obj) -> list[dict]:
 def read_jsonl(path: str | Path, parse, skip_bad_lines: bool = False) -> tuple[list[tuple[str, object]], int]:
     """Parse every line of a JSONL file with `parse(obj)`; -> ([(file:line, parsed)], skipped)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, not a JSONL data file")
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     items, skipped = [], 0
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{p}:{n}", parse(json.loads(line))))
-            except (json.JSONDecodeError, ValueError) as e:
-                msg = f"malformed JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
-                if not skip_bad_lines:
-                    raise DataError(f"{p}:{n}: {msg}") from None
-                skipped += 1
+    for n, line in jsonl_lines(p):
+        try:
+            items.append((f"{p}:{n}", parse(loads_line(line))))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            msg = f"malformed JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+            if not skip_bad_lines:
+                raise DataError(f"{p}:{n}: {msg}") from None
+            skipped += 1
     if not items:
         raise DataError(f"{p}: no usable lines")
     return items, skipped

@@ -69,8 +69,8 @@ def _read_json(path: Path, required: bool = True) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{path}: unreadable JSON ({type(e).__name__})") from None
 
 
 def family_of(hf: dict, where: str) -> tuple[str, str]:

@@ -119,7 +119,7 @@ def main(cfg: ClassifyConfig) -> Path:
                             barrier=lambda: dist.barrier(env))
     if result:
         log.print("confusion matrix (rows: true label, columns: predicted)\n" + format_confusion(labels, result["confusion"]))
-    log.print(f"classify done in {fmt_duration(progress.elapsed())}; checkpoint in {run_dir / 'checkpoints'}")
+    log.print(f"classify done in {fmt_duration(progress.elapsed())}; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
     log.close()
     dist.teardown()
     return run_dir

@@ -395,7 +395,7 @@ def main(cfg: PPOConfig) -> Path:
                             optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
                             barrier=lambda: dist.barrier(env), extra_state=extra, train_module=ac)
     log.print(f"{cfg.algorithm} done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(dev):,.0f} MB; "
-              f"checkpoint in {run_dir / 'checkpoints'}")
+              f"{'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
     log.close()
     dist.teardown()
     return run_dir

@@ -108,7 +108,7 @@ def main(cfg: PretrainConfig) -> Path:
     if start_step >= run.max_steps:
         log.print(f"nothing to do: the checkpoint is at step {start_step} >= run.max_steps={run.max_steps}")
     log.print(f"pretrain done in {fmt_duration(progress.elapsed())}; "
-              f"peak memory {dist.peak_memory_mb(env.device):,.0f} MB; checkpoint in {run_dir / 'checkpoints'}")
+              f"peak memory {dist.peak_memory_mb(env.device):,.0f} MB; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
     log.close()
     dist.teardown()
     return run_dir

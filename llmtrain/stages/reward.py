@@ -122,7 +122,7 @@ def main(cfg: RewardConfig) -> Path:
                             meta={"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}},
                             tokenizer_path=str(tok_path), optimizer=optimizer, rng=dist.rng_state(),
                             keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
-    log.print(f"reward done in {fmt_duration(progress.elapsed())}; checkpoint in {run_dir / 'checkpoints'}")
+    log.print(f"reward done in {fmt_duration(progress.elapsed())}; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
     log.close()
     dist.teardown()
     return run_dir

@@ -155,7 +155,7 @@ def main(cfg: SFTConfig) -> Path:
             save(done, {"val_loss": val_loss})
 
     log.print(f"sft done in {fmt_duration(progress.elapsed())}; peak memory "
-              f"{dist.peak_memory_mb(env.device):,.0f} MB; checkpoint in {run_dir / 'checkpoints'}")
+              f"{dist.peak_memory_mb(env.device):,.0f} MB; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
     log.close()
     dist.teardown()
     return run_dir

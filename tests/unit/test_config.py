@@ -26,7 +26,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("run:\n  max_steps: many\n", [], "'run.max_steps' must be an integer"),
     ("run:\n  resume: 1\n", [], "'run.resume' must be true or false"),
     ("run:\n  precision: fp16\n", [], "'run.precision' must be one of fp32, bf16"),
-    ("model: [1, 2]\n", [], "model must be a mapping"),
+    ("model: [1, 2]\n", [], "'model' must be a mapping"),
     ("run:\n  max_steps: [1\n", [], "not valid YAML"),
     ("", ["novalue"], "not of the form key=value"),
 ])
@@ -84,3 +84,128 @@ def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("run:\n  batch_size: 2\n")
     assert load_config(RewardConfig, str(path), []).run.max_steps == 200
+
+
+# ----------------------------------------------------------------------------- values checked at load
+
+
+@pytest.mark.parametrize("override,key,needle", [
+    ("optim.lr=0", "optim.lr", "must be > 0"),
+    ("optim.lr=nan", "optim.lr", "must be a finite number"),
+    ("optim.lr=inf", "optim.lr", "must be a finite number"),
+    ("optim.beta1=1", "optim.beta1", ">= 0 and < 1"),
+    ("optim.beta2=-0.5", "optim.beta2", ">= 0 and < 1"),
+    ("optim.eps=0", "optim.eps", "must be > 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay", "must be >= 0"),
+    ("run.grad_accum=0", "run.grad_accum", "must be >= 1"),
+    ("run.batch_size=0", "run.batch_size", "must be > 0"),
+    ("run.max_steps=-1", "run.max_steps", "0: check everything, train nothing"),
+    ("run.log_every=0", "run.log_every", "must be > 0"),
+    ("run.eval_every=-1", "run.eval_every", "0: only at the end"),
+    ("model.n_heads=0", "model.n_heads", "must be > 0"),
+    ("model.n_heads=3", "model.n_heads", "must divide model.dim=256"),
+    ("model.n_kv_heads=3", "model.n_kv_heads", "must divide model.n_heads=4"),
+    ("model.dim=36", "model.n_heads", "even head size"),
+    ("run.eval_batches=0", "run.eval_batches", "pretraining evaluates"),
+])
+def test_each_bad_value_names_its_key_and_the_command_line(override, key, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, None, [override])
+    msg = str(e.value)
+    assert msg.startswith(f"command line: '{key}' ") and needle in msg and "\n" not in msg
+
+
+def test_values_are_blamed_on_where_they_came_from(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: -1\nrun:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: 'optim.lr' must be > 0"):
+        load_config(PretrainConfig, p, [])
+    # The same key fixed on the command line, another one broken there: the command line is named.
+    with pytest.raises(ConfigError, match=r"^command line: 'run.batch_size' must be > 0, got 0"):
+        load_config(PretrainConfig, p, ["optim.lr=1e-3", "run.batch_size=0"])
+    # A whole section given on the command line: its keys are the command line's.
+    with pytest.raises(ConfigError, match=r"^command line: 'run.log_every' must be > 0"):
+        load_config(PretrainConfig, p, ["optim.lr=1e-3", "run={log_every: 0}"])
+    # The file's own bad value is still the file's when another key comes from the command line.
+    with pytest.raises(ConfigError, match=rf"^{p}: 'optim.lr'"):
+        load_config(PretrainConfig, p, ["run.batch_size=2"])
+
+
+def test_the_demo_names_keys_with_their_stage_section():
+    from llmtrain import pipeline
+
+    for override, key in [("ppo.optim.lr=-1", "ppo.optim.lr"), ("grpo.group_size=1", "grpo.group_size"),
+                          ("feedback.top_p=0", "feedback.top_p"), ("pretrain.model.n_heads=3", "pretrain.model.n_heads"),
+                          ("dpo.beta=0", "dpo.beta")]:
+        with pytest.raises(ConfigError, match=rf"^command line: '{key}' "):
+            pipeline.load(pipeline.DEMO_CONFIG, [override])
+
+
+def test_rules_are_declared_on_the_fields():
+    """The checks live in field metadata (one place per field), and every default passes them."""
+    import dataclasses
+
+    from llmtrain import config
+
+    ruled = {(c.__name__, f.name) for c in (config.OptimConfig, config.RunConfig, config.ModelConfig, config.PPOConfig,
+                                            config.DPOConfig) for f in dataclasses.fields(c) if "check" in f.metadata}
+    for name in [("OptimConfig", "lr"), ("OptimConfig", "beta1"), ("OptimConfig", "eps"), ("RunConfig", "grad_accum"),
+                 ("RunConfig", "device"), ("RunConfig", "out_dir"), ("ModelConfig", "n_heads"), ("PPOConfig", "top_p"),
+                 ("PPOConfig", "temperature"), ("DPOConfig", "beta")]:
+        assert name in ruled
+    for cls in (config.PretrainConfig, config.SFTConfig, config.ClassifyConfig, config.RewardConfig, config.PPOConfig,
+                config.DPOConfig, config.EvaluateConfig, config.TokenizerConfig, config.PrepareConfig):
+        load_config(cls, None, [])
+
+
+def test_temperature_zero_is_greedy_and_allowed():
+    from llmtrain.config import PPOConfig
+
+    assert load_config(PPOConfig, None, ["temperature=0", "top_p=1", "top_k=0"]).temperature == 0.0
+
+
+def test_devices_must_exist():
+    import torch
+
+    from llmtrain.dist import device_problem, pick_device
+
+    assert device_problem("cpu") is None and device_problem("auto") is None
+    assert "auto, cpu, cuda" in device_problem("gpu0")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in device_problem("cuda")
+        with pytest.raises(ConfigError, match="device 'cuda:1'"):
+            pick_device("cuda:1")
+    else:
+        n = torch.cuda.device_count()
+        assert device_problem(f"cuda:{n}") and device_problem("cuda:0") is None
+
+
+def test_output_paths_are_checked_and_nothing_is_left(tmp_path):
+    from llmtrain.config import path_problem
+
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    assert path_problem(tmp_path / "new" / "deeper") is None
+    assert "not a directory" in path_problem(f)
+    assert "is a file, not a directory" in path_problem(f / "sub")
+    assert "directory, not a file" in path_problem(tmp_path, "file")
+    assert "not writable" in path_problem("/proc/llmtrain-test")
+    assert sorted(tmp_path.rglob("*")) == before  # the probe file is gone, nothing was created
+
+
+def test_max_steps_zero_writes_no_checkpoint_and_says_so(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", f"data.shards={shards}", f"run.out_dir={out}", "run.max_steps=0", "model.dim=32",
+                     "model.n_layers=1", "model.max_seq_len=32", "run.threads=1"]) == 0
+    text = capsys.readouterr().out
+    assert "no checkpoint written" in text and "checkpoint in" not in text
+    assert not (out / "checkpoints").exists()
+
+
+def test_deeply_nested_json_is_refused_before_the_parser_recurses():
+    from llmtrain.data.corpus import loads_line
+
+    assert loads_line('{"text": "' + "[" * 1000 + '"}') == {"text": "[" * 1000}  # brackets inside a string
+    assert loads_line("[" * 60 + "]" * 60)
+    with pytest.raises(ValueError, match="nested more than"):
+        loads_line("[" * 100_000 + "]" * 100_000)
