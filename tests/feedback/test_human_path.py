@@ -275,13 +275,13 @@ PORT_BUSY = object()
 CLI_CASES = [
     # (args after `demo`, the text the one line must hold)
     (["--human", PORT_BUSY], "feedback.port={port}: port {port} on 127.0.0.1 is in use"),
-    (["--human", "feedback.port=70000"], "feedback.port=70000: not a port number"),
-    (["--human", "feedback.port=-1"], "feedback.port=-1: not a port number"),
-    (["--human", "feedback.port=65536"], "feedback.port=65536: not a port number"),
+    (["--human", "feedback.port=70000"], "'feedback.port' must be a port number, 0 to 65535 (0: any free port), got 70000"),
+    (["--human", "feedback.port=-1"], "'feedback.port' must be a port number, 0 to 65535 (0: any free port), got -1"),
+    (["--human", "feedback.port=65536"], "'feedback.port' must be a port number, 0 to 65535 (0: any free port), got 65536"),
     (["--human", "reward.data.val_every=100000"], "reward.data.val_every=100000: none of the 1350 prompts to rank"),
-    (["--human", "reward.data.val_every=1"], "reward.data.val_every=1: must be at least 2"),
-    (["--human", "reward.data.val_every=0"], "reward.data.val_every=0: must be at least 2"),
-    (["--human", "reward.data.val_every=-3"], "reward.data.val_every=-3: must be at least 2"),
+    (["--human", "reward.data.val_every=1"], "command line: 'reward.data.val_every' must be >= 2 (every Nth item is held out), got 1"),
+    (["--human", "reward.data.val_every=0"], "command line: 'reward.data.val_every' must be >= 2 (every Nth item is held out), got 0"),
+    (["--human", "reward.data.val_every=-3"], "command line: 'reward.data.val_every' must be >= 2 (every Nth item is held out), got -3"),
     (["--human", "feedback.max_prompts=3", "reward.data.val_every=50"], "reward.data.val_every=50: none of the 6 prompts"),
     (["--human", "reward.run.batch_size=100000"], "fewer than one batch of 100000 (reward.run.batch_size)"),
     (["--human", "dpo.run.batch_size=5000"], "fewer than one batch of 5000 (dpo.run.batch_size)"),
@@ -307,7 +307,7 @@ def test_bad_human_path_values_are_one_line_before_anything_runs(tmp_path, capsy
     assert "Traceback" not in out + err
     assert not re.search(r"(?<![a-z.])data\.val_every", err)  # named as typed in `demo`: reward.data.val_every
     if "port" in expect:
-        assert "feedback.port=" in err
+        assert "feedback.port" in err
     assert took < 20 and not run_dir.exists()  # at once, and nothing written
 
 
