@@ -74,6 +74,19 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     return dev
 
 
+def _check_rank_has_gpu(dev: torch.device, local_rank: int, local_world: int) -> None:
+    """torchrun gives each process of a node the GPU of its local rank: more processes than
+    GPUs is a one-line error, not CUDA's 'invalid device ordinal' traceback from one rank."""
+    if dev.type != "cuda":
+        return
+    n = torch.cuda.device_count()
+    if local_world > n or dev.index >= n:
+        from llmtrain.errors import ConfigError
+
+        raise ConfigError(f"run.device: {local_world} processes on this node need {local_world} CUDA devices (one each), "
+                          f"but it has {n}: start at most {n} (torchrun --nproc_per_node {n}) or set run.device=cpu")
+
+
 def setup(device: str = "auto", threads: int = 0) -> DistEnv:
     if threads > 0:
         torch.set_num_threads(threads)
@@ -81,6 +94,8 @@ def setup(device: str = "auto", threads: int = 0) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if world > 1:
+        _check_rank_has_gpu(dev, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))))
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

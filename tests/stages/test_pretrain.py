@@ -67,7 +67,7 @@ def test_torchrun_two_processes_equals_one(shards, tmp_path):
     args += [f"model.{k}={v}" for k, v in vars(cfg.model).items()]
     args += [f"optim.{k}={v}" for k, v in vars(cfg.optim).items()]
     args += [f"run.{k}={v}" for k, v in vars(cfg.run).items() if k not in ("out_dir", "batch_size")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)

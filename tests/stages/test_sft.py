@@ -141,7 +141,7 @@ def test_sft_torchrun_two_processes_equals_one(pretrained, tmp_path):
             "sft", f"init_from={pretrained}", f"data.train={data}", "data.val_every=5", f"run.out_dir={tmp_path / 'two'}",
             "run.max_steps=4", "run.batch_size=2", "run.eval_every=0", "run.seed=3", "run.threads=1", "run.log_every=1",
             "optim.lr=3e-3", "optim.warmup_steps=2", "optim.weight_decay=0.0", "sample_prompts=2", "sample_tokens=8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]

@@ -209,3 +209,19 @@ def test_deeply_nested_json_is_refused_before_the_parser_recurses():
     assert loads_line("[" * 60 + "]" * 60)
     with pytest.raises(ValueError, match="nested more than"):
         loads_line("[" * 100_000 + "]" * 100_000)
+
+
+def test_more_processes_than_gpus_is_one_line_naming_run_device(monkeypatch):
+    """torchrun with 2 processes on a 1-GPU machine: CUDA's 'invalid device ordinal' traceback
+    from rank 1 (seen on an H200) becomes one line that says what to change."""
+    import torch
+
+    from llmtrain import dist
+    from llmtrain.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    dist._check_rank_has_gpu(torch.device("cuda", 0), 0, 1)  # one process, one GPU: fine
+    dist._check_rank_has_gpu(torch.device("cpu"), 1, 2)  # gloo on CPU: fine
+    with pytest.raises(ConfigError, match=r"^run\.device: 2 processes on this node need 2 CUDA devices .* has 1: "
+                                          r"start at most 1 \(torchrun --nproc_per_node 1\) or set run\.device=cpu$"):
+        dist._check_rank_has_gpu(torch.device("cuda", 1), 1, 2)
