@@ -8,9 +8,14 @@ policy and value losses, entropy, clip fraction, lengths, and the held-out evalu
 
 Tolerance: a float passes when |got - pinned| <= 1e-6 * max(1, |pinned|) (pytest.approx with
 rel=1e-6, abs=1e-6: absolute below 1, relative above); ints, bools, strings and the set of
-record kinds and keys must be equal. The runs are fp32, run.threads=1, on CPU; the values
-are those of torch's CPU kernels on this machine's torch version (a new torch may change
-the last bits: re-record then, and say so).
+record kinds and keys must be equal. The runs are fp32, run.threads=1, on CPU. The values
+are those of one torch version and one set of CPU kernels, both recorded under "_meta".
+Under another torch version (a GPU machine's own; CI pins the recorded one in
+requirements/cpu.txt) the tests skip, naming both versions; to move to a new torch,
+re-record deliberately and say so in the commit. On a CPU
+whose default kernels differ (ATEN's capability, e.g. AVX512 where AVX2 was recorded) the
+file runs itself again in a subprocess with ATEN_CPU_CAPABILITY set to the recorded one;
+where that cannot be set (not x86) the tests skip, saying why.
 
 The chain: `pretrain` (5 steps from random weights) is the base of sft, classify, reward
 (K-way rankings with ties, and 2-way pairs with ratings and a margin) and dpo; the K-way
@@ -48,6 +53,10 @@ VOLATILE = {"time", "seconds", "tokens_per_s", "peak_memory_mb"}  # wall clock a
 TOL = dict(rel=1e-6, abs=1e-6)
 
 
+def kernels() -> dict:
+    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
 
@@ -71,10 +80,11 @@ def check_pinned(name: str, run_dir: Path) -> None:
     got = records(run_dir)
     pinned = json.loads(PINNED.read_text()) if PINNED.is_file() else {}
     if RECORD:
-        pinned[name] = got
+        pinned[name], pinned["_meta"] = got, kernels()
         PINNED.write_text(json.dumps(pinned, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"recorded {len(got)} records of {name} in {PINNED.name}")
     assert name in pinned, f"{name} has no pinned values: record them (see this file's docstring)"
+    assert pinned["_meta"] == kernels(), f"recorded under {pinned['_meta']}, this process runs {kernels()}"
     assert any(r["kind"] == "train" for r in got), "the run logged no training record"
     diffs = same(got, pinned[name], name)
     assert not diffs, f"{len(diffs)} logged values differ from the pinned run:\n" + "\n".join(diffs[:20])
@@ -106,6 +116,43 @@ def _global_rng_as_the_recording_had_it():
         yield
     np.random.set_state(state[0])
     random.setstate(state[1])
+
+
+@pytest.fixture(scope="module")
+def child_outcomes() -> dict | None:
+    """None when this process runs the recorded torch and CPU kernels (the tests then run here);
+    otherwise each test's outcome from this file run again under the recorded kernels."""
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    meta = json.loads(PINNED.read_text()).get("_meta", {}) if PINNED.is_file() else {}
+    if RECORD or not meta or meta == kernels():
+        return None
+    if meta["torch"] != kernels()["torch"]:  # e.g. a GPU machine's own torch; CI pins the recorded one (requirements/cpu.txt)
+        pytest.skip(f"pinned_losses.json was recorded under torch {meta['torch']}, this is torch {kernels()['torch']}: "
+                    "the last bits are not comparable; run under the recorded torch, or re-record deliberately")
+    if os.environ.get("LLMTRAIN_PINNED_CHILD") or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"recorded with the {meta['cpu_capability']} CPU kernels, which this process "
+                    f"({platform.machine()}, {kernels()['cpu_capability']}) cannot select: the values are not comparable")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": meta["cpu_capability"].lower(), "LLMTRAIN_PINNED_CHILD": "1",
+           "MKL_ENABLE_INSTRUCTIONS": meta["cpu_capability"].upper()}  # MKL's matrix products on the same ISA
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(Path(__file__))],
+                         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    outcomes = {m[2]: (m[1], out.stdout) for m in re.finditer(r"^(PASSED|FAILED|SKIPPED|ERROR) \S*::(\S+)", out.stdout, re.M)}
+    return outcomes or {"": ("ERROR", out.stdout + out.stderr)}
+
+
+def stage(request, fixture: str = "") -> Path | None:
+    """The input a test needs (a fixture's value), or None when the child process ran the test:
+    then its outcome there is this test's outcome here."""
+    outcomes = request.getfixturevalue("child_outcomes")
+    if outcomes is None:
+        return request.getfixturevalue(fixture) if fixture else None
+    outcome, log = outcomes.get(request.node.name, ("ERROR", next(iter(outcomes.values()))[1]))
+    assert outcome == "PASSED", f"under ATEN_CPU_CAPABILITY as recorded, {request.node.name} {outcome}:\n{log[-4000:]}"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +203,17 @@ def reward_run(base, tmp_path_factory) -> Path:
     return tmp / "reward"
 
 
-def test_pretrain_losses_are_pinned(base):
+def test_pretrain_losses_are_pinned(request):
+    if (base := stage(request, "base")) is None:
+        return
     check_pinned("pretrain", base)
 
 
-def test_sft_losses_are_pinned(base, tmp_path):
+def test_sft_losses_are_pinned(request, tmp_path):
     from llmtrain.stages import sft
+
+    if (base := stage(request, "base")) is None:
+        return
 
     rows = [{"prompt": f"Tell me about the {w} {i}", "response": f"Indeed, the {w} is splendid, old chap."}
             for i, w in zip(range(30), WORDS * 2)]
@@ -172,8 +224,11 @@ def test_sft_losses_are_pinned(base, tmp_path):
     check_pinned("sft", tmp_path / "sft")
 
 
-def test_classify_losses_are_pinned(base, tmp_path):
+def test_classify_losses_are_pinned(request, tmp_path):
     from llmtrain.stages import classify
+
+    if (base := stage(request, "base")) is None:
+        return
 
     rows = [{"text": f"{WORDS[i % 10]} {WORDS[i % 10]} {WORDS[(i * 3) % 10]}", "label": "first"} if i % 2 else
             {"text": f"{WORDS[10 + i % 10]} {WORDS[10 + (i * 7) % 10]}", "label": "second"} for i in range(32)]
@@ -183,20 +238,28 @@ def test_classify_losses_are_pinned(base, tmp_path):
     check_pinned("classify", tmp_path / "cls")
 
 
-def test_reward_kway_ranking_losses_are_pinned(reward_run):
+def test_reward_kway_ranking_losses_are_pinned(request):
+    if (reward_run := stage(request, "reward_run")) is None:
+        return
     check_pinned("reward_kway", reward_run)
 
 
-def test_reward_pairs_with_margin_losses_are_pinned(base, tmp_path):
+def test_reward_pairs_with_margin_losses_are_pinned(request, tmp_path):
     from llmtrain.stages import reward
+
+    if (base := stage(request, "base")) is None:
+        return
 
     data = write_jsonl(tmp_path / "p.jsonl", rankings(24, 2))
     reward.main(reward_config(base, data, tmp_path / "rm", margin_scale=0.1))
     check_pinned("reward_pairs_margin", tmp_path / "rm")
 
 
-def test_dpo_losses_are_pinned(base, tmp_path):
+def test_dpo_losses_are_pinned(request, tmp_path):
     from llmtrain.stages import dpo
+
+    if (base := stage(request, "base")) is None:
+        return
 
     data = write_jsonl(tmp_path / "r.jsonl", rankings(24, 3))
     dpo.main(DPOConfig(policy=str(base), data=RewardDataConfig(train=str(data), val_every=4), beta=0.5, optim=optim(),
@@ -215,12 +278,15 @@ def rl_config(base: Path, rm: Path, tmp: Path, algorithm: str, **kw) -> PPOConfi
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
-def test_rl_metrics_are_pinned(base, reward_run, shards, tmp_path, algorithm):
+def test_rl_metrics_are_pinned(request, tmp_path, algorithm):
     """PPO with an adaptive KL coefficient and a pretraining (ptx) term, so beta's moves and
     ptx_loss are pinned too; GRPO with its default k3 KL loss term; RLOO with k1 in the reward."""
     from llmtrain.config import KLConfig
     from llmtrain.stages import ppo
 
+    if (base := stage(request, "base")) is None:
+        return
+    reward_run, shards = request.getfixturevalue("reward_run"), request.getfixturevalue("shards")
     kw = (dict(rollout_batch=4, minibatch=2, kl=KLConfig(adaptive=True, target=0.1, horizon=50), ptx_coef=0.5,
                ptx_shards=str(shards), ptx_batch=2)
           if algorithm == "ppo" else dict(rollout_batch=2, group_size=3, minibatch=3))
