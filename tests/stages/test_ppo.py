@@ -1,5 +1,7 @@
 """PPO end to end on a tiny model: a reward that prefers one token raises its frequency;
 LoRA and freezing change only what they should; resume continues."""
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -91,7 +93,10 @@ def test_ppo_raises_the_rewarded_tokens_frequency(pretrained, rm_ckpt, tmp_path,
     print(f"frequency of the rewarded token: {before:.3f} -> {after:.3f}")
     assert after > 3 * before and after > before + 0.04, (before, after)
     assert train[-1]["reward"] > train[0]["reward"]
-    assert all(r["kl"] == r["kl"] for r in train)  # finite numbers are logged every iteration
+    # Finite numbers every iteration: no NaN, no inf (x == x let inf through).
+    bad = [(r["step"], k, v) for r in train for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+    assert not bad, bad
+    assert all(k in r for r in train for k in ("kl", "kl_k1", "kl_k3", "reward", "pg_loss", "vf_loss", "entropy"))
     assert {"entropy", "clipfrac", "vf_loss", "explained_variance", "response_length"} <= set(train[0])
 
 

@@ -8,7 +8,7 @@ from llmtrain import checkpoint
 from llmtrain.cli import main as cli_main
 from llmtrain.config import OptimConfig, RewardConfig, RewardDataConfig, RunConfig
 from llmtrain.data.preference import Ranking, pair_tensors, split_by_prompt
-from llmtrain.scoring import forward_rankings, load_reward_model
+from llmtrain.scoring import forward_rankings, load_reward_model, score_texts
 from llmtrain.metrics import read_metrics
 from llmtrain.model.heads import ScoreModel
 from llmtrain.stages import reward
@@ -64,20 +64,36 @@ def test_reward_learns_rankings_and_normalises(pretrained, tmp_path, capsys):
     val = read_metrics(tmp_path / "rm", "val")
     assert val[-1]["accuracy"] >= 0.9 and val[-1]["mean_margin"] > 0
     norm = read_metrics(tmp_path / "rm", "normalisation")[0]
-    assert norm["n"] > 0 and norm["std"] >= 0
-    # The offset makes the SFT model's own answers score mean 0: recompute them independently.
+    held_out = read_metrics(tmp_path / "rm", "setup")[0]["val_prompts"]
+    assert held_out >= 6 and norm["n"] == 6 and norm["samples"] == 12  # norm_prompts=6 prompts x norm_samples=2
+    assert norm["std"] > 0.01 and abs(norm["offset"]) > 1e-3  # sampled answers differ; the offset is not a no-op
+    # What is saved with the model is what was logged.
     model, tok, saved = load_reward_model(tmp_path / "rm")
-    assert saved["offset"] == pytest.approx(norm["offset"])
-    # Scoring through the CLI applies the offset.
+    assert {k: saved[k] for k in ("offset", "std", "n", "samples")} == {k: norm[k] for k in ("offset", "std", "n", "samples")}
+    # Scoring through the CLI subtracts the offset: each printed score is the model's raw score
+    # (computed here, without the CLI) minus the offset; --raw prints the raw score.
+    msgs = [{"role": "user", "content": "Describe the apple"}]
+    answers = ["splendid splendid splendid apple", "apple"]
+    raw = [float(x) for x in score_texts(model, tok, [(msgs, a) for a in answers])]
     capsys.readouterr()
-    assert cli_main(["reward", "score", str(tmp_path / "rm"), "--prompt", "Describe the apple",
-                     "--response", "splendid splendid splendid apple", "--response", "apple"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    good, bad = (float(l.split("\t")[0]) for l in lines)
-    assert good > bad
+    args = ["reward", "score", str(tmp_path / "rm"), "--prompt", "Describe the apple"]
+    for a in answers:
+        args += ["--response", a]
+    assert cli_main(args) == 0
+    printed = [float(line.split("\t")[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == pytest.approx([r - norm["offset"] for r in raw], abs=1e-4)  # printed to 4 decimals
+    assert printed[0] > printed[1]
+    assert cli_main(args + ["--raw"]) == 0
+    printed_raw = [float(line.split("\t")[0]) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed_raw == pytest.approx(raw, abs=1e-4) and printed_raw != pytest.approx(printed, abs=1e-3)
 
 
 def test_normalisation_gives_mean_zero_on_reference_answers(pretrained, tmp_path, monkeypatch):
+    """The offset is the mean and the recorded std the (population) std of the reward model's
+    scores of the SFT model's sampled answers, recomputed here from the saved model on the very
+    answers the stage sampled."""
+    import numpy as np
+
     data = write_jsonl(tmp_path / "r.jsonl", toy_rankings())
     captured = {}
     real = reward.score_texts
@@ -90,8 +106,12 @@ def test_normalisation_gives_mean_zero_on_reference_answers(pretrained, tmp_path
     monkeypatch.setattr(reward, "score_texts", spy)
     reward.main(reward_config(pretrained, data, tmp_path / "rm", max_steps=4, eval_every=0))
     model, tok, norm = load_reward_model(tmp_path / "rm")
+    raw = np.array(real(model, tok, captured["items"]))
+    assert len(raw) == norm["samples"] == 2 * norm["n"] > 0
+    assert len({it[1] for it in captured["items"]}) > 1  # the answers were sampled, not one answer repeated
+    assert norm["offset"] == pytest.approx(float(raw.mean()), abs=1e-5)
+    assert norm["std"] == pytest.approx(float(raw.std()), rel=1e-4) and norm["std"] > 0.01
     normalised = real(model, tok, captured["items"], offset=norm["offset"])
-    assert len(normalised) == norm["samples"]
     assert sum(normalised) / len(normalised) == pytest.approx(0.0, abs=1e-5)
 
 

@@ -1,4 +1,4 @@
-import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,17 +40,35 @@ def test_keep_last(tmp_path):
     assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_0000003", "step_0000004"]
 
 
-class Evil:
+class Payload:
+    """Unpickling this calls open(marker, "w"): a file appears if the loader ever runs pickled code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (open, (str(self.marker), "w"))
 
 
-def test_pickled_code_is_refused(tmp_path):
-    d = save(tmp_path, Transformer(CFG))
-    with open(d / "train_state.pt", "wb") as fh:
-        pickle.dump({"optimizer": Evil()}, fh)
-    with pytest.raises(CheckpointError, match="train_state.pt: refused or unreadable"):
-        checkpoint.load_train_state(d)
+@pytest.mark.parametrize("victim", ["train_state.pt", "rng_rank1.pt"])
+def test_pickled_code_is_refused_and_never_runs(tmp_path, victim):
+    """torch.save of an object whose unpickling runs code, in the training state or in a rank's
+    RNG file: the load is refused with a CheckpointError naming the file, and the code never ran
+    (with weights_only=False torch would create the marker before anything could refuse it)."""
+    m = Transformer(CFG)
+    d = save(tmp_path, m, optimizer=torch.optim.AdamW(m.parameters()))
+    marker = tmp_path / "payload_ran"
+    if victim == "train_state.pt":
+        torch.save({"optimizer": Payload(marker), "rng": None}, d / victim)
+    else:
+        torch.save({"torch": Payload(marker)}, d / victim)
+    try:
+        checkpoint.load_train_state(d, rank=0 if victim == "train_state.pt" else 1)
+        error = "(loaded without an error)"
+    except CheckpointError as e:
+        error = str(e)
+    assert not marker.exists(), f"the pickled payload ran while loading {victim}"
+    assert error.startswith(f"{d / 'train_state.pt'}: refused or unreadable"), error
 
 
 def test_mismatched_weights_name_the_key(tmp_path):

@@ -9,7 +9,7 @@ from llmtrain.losses import dpo_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import LoRALinear, apply_lora, merged_state_dict
 from llmtrain.rl import (AdaptiveKL, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, minibatches,
-                         token_logprobs, whiten)
+                         rollout_rows, token_logprobs, whiten)
 
 
 def test_gae_three_steps_by_hand():
@@ -23,6 +23,67 @@ def test_gae_three_steps_by_hand():
     adv, ret = gae(r, v, m, gamma=0.9, lam=0.8)
     torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0, 0.0]]))
+
+
+def ppo_layout_mask():
+    """PPO's real layout, from rollout_rows: two rows [left pad | prompt | answer | right pad],
+    row 0 a 3-token prompt and a 2-token answer (then one pad), row 1 a 1-token prompt (two
+    left pads) and a 3-token answer. The mask is over log-prob targets (T-1 = 5 columns):
+    answer tokens are targets 2..3 in row 0 and 2..4 in row 1."""
+    _, _, _, amask = rollout_rows([[11, 12, 13], [14]], [[15, 16], [17, 18, 19]], pad_id=0)
+    assert amask.tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    return amask
+
+
+def test_gae_on_ppo_layout_by_hand():
+    """Left prompt positions, trailing padding and rows of different lengths; the masked
+    positions hold junk that must not leak in (a chain that ran through them would pick up
+    row 0's trailing value 3.0 or reward 7.0)."""
+    m = ppo_layout_mask()
+    J = 5.0  # junk at masked positions
+    r = torch.tensor([[J, J, 0.0, 1.0, 7.0],
+                      [J, J, -0.1, 0.0, 2.0]])
+    v = torch.tensor([[9.0, 9.0, 0.5, 0.2, 3.0],
+                      [-7.0, -7.0, 1.0, 0.5, 1.5]])
+    # gamma 0.9, lambda 0.5 (gamma * lambda = 0.45); V and A are 0 after each row's last answer token.
+    # row 0, answer at t = 2, 3:
+    #   t=3: delta = 1.0 + 0.9*0 - 0.2 = 0.8                   A = 0.8                      R = 0.8 + 0.2 = 1.0
+    #   t=2: delta = 0.0 + 0.9*0.2 - 0.5 = -0.32               A = -0.32 + 0.45*0.8 = 0.04  R = 0.04 + 0.5 = 0.54
+    # row 1, answer at t = 2, 3, 4:
+    #   t=4: delta = 2.0 + 0.9*0 - 1.5 = 0.5                   A = 0.5                      R = 2.0
+    #   t=3: delta = 0.0 + 0.9*1.5 - 0.5 = 0.85                A = 0.85 + 0.45*0.5 = 1.075  R = 1.575
+    #   t=2: delta = -0.1 + 0.9*0.5 - 1.0 = -0.65              A = -0.65 + 0.45*1.075 = -0.16625   R = 0.83375
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.04, 0.8, 0.0],
+                                                  [0.0, 0.0, -0.16625, 1.075, 0.5]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, torch.tensor([[0.0, 0.0, 0.54, 1.0, 0.0],
+                                                  [0.0, 0.0, 0.83375, 1.575, 2.0]]), atol=1e-6, rtol=0)
+    # Each row is its own chain: row 0 alone gives row 0's numbers.
+    adv0, _ = gae(r[:1], v[:1], m[:1], gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv0, adv[:1], atol=1e-7, rtol=0)
+
+
+def test_whiten_on_ppo_layout_mean_zero_unit_variance_masked_zero():
+    """Over the answer tokens of both rows (5 of them, rows of different lengths): mean 0 and
+    unbiased variance 1; prompt and padding positions come out 0 whatever they held."""
+    m = ppo_layout_mask()
+    x = torch.tensor([[100.0, -50.0, 1.0, 3.0, 42.0],
+                      [7.0, 7.0, 2.0, 4.0, 5.0]])
+    # answer entries 1, 3, 2, 4, 5: mean 3, squared deviations 4 + 0 + 1 + 1 + 4 = 10,
+    # unbiased variance 10 / 4 = 2.5 (not 1, so forgetting to divide by the std shows)
+    s = math.sqrt(2.5)
+    want = torch.tensor([[0.0, 0.0, -2 / s, 0.0, 0.0],
+                         [0.0, 0.0, -1 / s, 1 / s, 2 / s]])
+    w = whiten(x, m)
+    torch.testing.assert_close(w, want, atol=1e-6, rtol=0)
+    sel = w[m.bool()]
+    assert abs(sel.mean().item()) < 1e-6 and abs(sel.var(unbiased=True).item() - 1.0) < 1e-6
+    assert torch.all(w[~m.bool()] == 0)
+    other = x.clone()
+    other[~m.bool()] = torch.tensor([-1e4, 3.0, 0.5, 1e3, -2.0])  # other junk at the masked positions
+    assert torch.equal(whiten(other, m), w)
+    # shift_mean=False keeps the mean: (x - 3) / s + 3 on the answer tokens, 0 elsewhere.
+    torch.testing.assert_close(whiten(x, m, shift_mean=False), (want + 3.0) * m, atol=1e-6, rtol=0)
 
 
 def test_clipped_policy_loss_by_hand():
