@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,19 +40,16 @@ from llmtrain.config import PPOConfig, to_dict
 from llmtrain.data.pretrain import TokenWindows
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
 from llmtrain.data.sft import split
-from llmtrain.errors import CheckpointError, ConfigError, DataError
+from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, fmt_duration
-from llmtrain.model import Transformer
-from llmtrain.model.actor_critic import ActorCritic, AdaptersOffScore, resume, value_state
-from llmtrain.model.adapters import adapters_off, apply_lora, freeze
-from llmtrain.model.heads import ScoreModel
-from llmtrain.rl import (AdaptiveKL, FixedKL, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards,
-                         masked_mean, masked_moments, minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
-from llmtrain.scoring import evaluate_policy, load_reward_model, score_texts
+from llmtrain.rl_models import Models, build_models, resume, value_state
+from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, masked_moments,
+                         minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
+from llmtrain.scoring import evaluate_policy, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
-from llmtrain.training import build_optimizer, count_params, optimizer_step, set_lr
+from llmtrain.training import count_params, optimizer_step
 
 
 @dataclass
@@ -63,22 +59,6 @@ class Prompts:
     val: list
     n_long: int
     note: str
-
-
-@dataclass
-class Models:
-    """What a run trains and consults, built once by `build_models`."""
-    policy: Transformer
-    value: ScoreModel | None  # PPO's value model; None for GRPO/RLOO
-    reference: Callable  # (ids, mask, pos) -> logits of the frozen SFT model
-    reward_model: torch.nn.Module
-    norm: dict  # the reward model's normalisation ("offset")
-    ac: ActorCritic  # policy + value: one optimizer, one checkpoint
-    train_ac: torch.nn.Module  # `ac` as the update calls it: DDP-wrapped, or itself (FSDP wraps the parts)
-    optimizer: torch.optim.Optimizer
-    kl_ctl: FixedKL | AdaptiveKL
-    sharded: bool
-    note: str  # LoRA or not, for the setup line
 
 
 @dataclass
@@ -212,76 +192,6 @@ def load_prompts(cfg: PPOConfig, tok: Tokenizer, mcfg, sft_ckpt: Path) -> Prompt
             f"in {cfg.prompts} longer than {room} tokens skipped (context window {mcfg.max_seq_len} - max_new_tokens "
             f"{cfg.max_new_tokens})") if long_train or long_val else ""
     return Prompts(train_p, val_p[: cfg.eval_prompts or None], len(long_train) + len(long_val), note)
-
-
-def frozen_reward_model(cfg: PPOConfig, dev, dtype: torch.dtype) -> tuple[ScoreModel, dict]:
-    model, _, norm = load_reward_model(cfg.reward_model, dev)
-    model.requires_grad_(False)
-    return model.to(dtype), norm
-
-
-def without_adapters(policy: Transformer, ids, mask, pos) -> torch.Tensor:
-    """The reference under LoRA: the policy with its adapters off (its base weights are the SFT model's)."""
-    with adapters_off(policy):
-        return policy(ids, mask, pos)
-
-
-def build_models(cfg: PPOConfig, env, mcfg, sft_ckpt: Path) -> Models:
-    """The policy (all, some (freeze) or LoRA weights trained), PPO's value model (from the reward
-    model, as in InstructGPT), and, without gradients, the reference and the reward model. With
-    LoRA the frozen two are not copies: the reference is the policy with its adapters off, and
-    the reward model is the value model's backbone with its adapters off under the reward
-    model's own head, so two models sit in memory instead of four."""
-    run, dev, lora, critic = cfg.run, env.device, cfg.lora, cfg.algorithm == "ppo"
-    frozen_dtype = torch.bfloat16 if cfg.frozen_precision == "bf16" else torch.float32
-    torch.manual_seed(run.seed)
-    policy = Transformer(mcfg)
-    checkpoint.load_weights(sft_ckpt, policy)
-    value = None
-    if critic:
-        value, _, norm = load_reward_model(cfg.reward_model, dev)  # the value model starts as the reward model
-    if lora.enabled:
-        n = apply_lora(policy, lora.targets, lora.r, lora.alpha, lora.dropout)
-        if critic:
-            apply_lora(value, lora.targets, lora.r, lora.alpha, lora.dropout)
-            rm_head = torch.nn.Linear(value.config.dim, 1, bias=False, device=dev)
-            rm_head.load_state_dict(value.score.state_dict())
-            rm_head.requires_grad_(False)
-            value.score.weight.requires_grad_(True)  # the value head itself is always trained
-            reward_model = AdaptersOffScore(value, rm_head)
-        else:
-            reward_model, norm = frozen_reward_model(cfg, dev, frozen_dtype)
-        reference = partial(without_adapters, policy)
-        note = f"LoRA r={lora.r} on {n} layers; the reference is the policy with its adapters off"
-    else:
-        reference = Transformer(mcfg)
-        checkpoint.load_weights(sft_ckpt, reference)
-        reference.requires_grad_(False)
-        reference.to(dev, frozen_dtype).eval()
-        reward_model, norm = frozen_reward_model(cfg, dev, frozen_dtype)
-        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
-        if critic:
-            freeze(value, cfg.freeze.patterns, cfg.freeze.first_layers)
-        note = "no LoRA"
-    ac = ActorCritic(policy, value).to(dev).eval()  # eval mode throughout: no dropout in RL
-    # ddp: one DDP wrapper over policy and value. fsdp: each sharded as its own root, so the
-    # policy can also be called alone (rollouts, evaluation); reference and reward model are
-    # replicated (frozen, no gradients, no optimizer state).
-    sharded = run.strategy == "fsdp" and env.distributed
-    if sharded and lora.enabled:
-        raise ConfigError(f"{cfg.algorithm} with lora.enabled runs under run.strategy=ddp (adapters are small; "
-                          "LoRA shares the frozen models' weights, which FSDP would shard)")
-    if sharded:
-        for part in (policy, value):
-            if part is not None:
-                dist.wrap(part, env, "fsdp", run.precision, run.activation_checkpointing)
-        train_ac = ac
-    else:
-        train_ac = dist.wrap(ac, env, "ddp", run.precision, run.activation_checkpointing)
-    optimizer = build_optimizer(ac, cfg.optim, dev)
-    set_lr(optimizer, cfg.optim.lr)  # constant: PPOConfig refuses a warmup or schedule
-    kl_ctl = AdaptiveKL(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKL(cfg.kl.beta)
-    return Models(policy, value, reference, reward_model, norm, ac, train_ac, optimizer, kl_ctl, sharded, note)
 
 
 def log_setup(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, sft_ckpt: Path, dim: int, step: int) -> None:
