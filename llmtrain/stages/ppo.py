@@ -44,9 +44,9 @@ from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, fmt_duration
-from llmtrain.rl_models import Models, build_models, resume, value_state
 from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, masked_moments,
                          minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
+from llmtrain.rl_models import Models, build_models, resume, value_state
 from llmtrain.scoring import evaluate_policy, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import count_params, optimizer_step
@@ -116,7 +116,7 @@ def check(cfg: PPOConfig) -> None:
         raise ConfigError(f"run.compile is not used by {cfg.algorithm} (generation changes shapes every step); leave it false")
     if cfg.algorithm != "ppo" and cfg.group_size < 2:
         raise ConfigError(f"group_size={cfg.group_size}: {cfg.algorithm} needs at least 2 answers per prompt")
-    n = cfg.rollout_batch * (1 if cfg.algorithm == "ppo" else cfg.group_size)
+    n = cfg.rollout_batch * group(cfg)
     if cfg.rollout_batch < 1 or cfg.minibatch < 1 or n % cfg.minibatch:
         raise ConfigError(f"minibatch={cfg.minibatch} must divide the {n} answers of an iteration (rollout_batch="
                           f"{cfg.rollout_batch}" + ("" if cfg.algorithm == "ppo" else f" x group_size={cfg.group_size}") + ")")
@@ -125,6 +125,7 @@ def check(cfg: PPOConfig) -> None:
 
 
 def main(cfg: PPOConfig) -> Path:
+    """Set up (prompts, models, resume), then each iteration the six phases in order; evaluate and save."""
     check(cfg)
     run = cfg.run
     env = dist.setup(run.device, run.threads)
