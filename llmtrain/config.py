@@ -399,6 +399,14 @@ class PPOConfig:
                         + ("" if self.algorithm == "ppo" else f" x {p}group_size={self.group_size}") + ")"))
         if self.ptx_coef > 0 and not self.ptx_shards:
             out.append(("ptx_shards", f"must be set when {p}ptx_coef > 0 (the pretraining shards)"))
+        unused = {"run.batch_size": (RunConfig.batch_size, f"{p}rollout_batch and {p}minibatch size its batches"),
+                  "run.grad_accum": (RunConfig.grad_accum, f"each {p}minibatch is one optimizer step"),
+                  "run.eval_batches": (RunConfig.eval_batches, f"{p}eval_prompts sizes its evaluation"),
+                  "optim.warmup_steps": (0, "its learning rate is constant"),
+                  "optim.schedule": ("constant", "its learning rate is constant")}
+        for key, (default, why) in unused.items():
+            if getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) != default:
+                out.append((key, f"is not used by {self.algorithm} ({why}); leave it at {default!r}"))
         return out
 
 

@@ -250,7 +250,7 @@ def test_adapters_off_is_the_original_model_without_a_copy():
     adapters off, the reward model the value model's backbone with adapters off and its own head."""
     from llmtrain.model.adapters import adapters_off
     from llmtrain.model.heads import ScoreModel
-    from llmtrain.stages.ppo import AdaptersOffScore
+    from llmtrain.model.actor_critic import AdaptersOffScore
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=2, max_seq_len=16)
