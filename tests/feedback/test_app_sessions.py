@@ -173,7 +173,7 @@ def test_failed_sign_ins_are_throttled_per_address_and_valid_tokens_never_are(en
     for i in range(5):
         _, r = sign_in(app, f"guess-{i}", client=("10.0.0.1", 1))
         assert r.status_code == 401
-    _, r = sign_in(app, f"guess-5", client=("10.0.0.1", 1))  # one failure too many
+    _, r = sign_in(app, "guess-5", client=("10.0.0.1", 1))  # one failure too many
     assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 301
     assert "Too many failed sign-ins" in r.text and session_rows(env.db) == []
     # Bearer guesses are refused the same way
