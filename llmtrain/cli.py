@@ -57,7 +57,7 @@ def _check_db(path: str, must_exist: bool) -> None:
             raise ConfigError(f"--db {p}: not an SQLite database (not a feedback database written by llmtrain)")
         return
     if must_exist:
-        raise ConfigError(f"--db {p}: no such database (`llmtrain feedback generate` writes one)")
+        raise ConfigError(f"--db {p}: no such database (`llmtrain feedback generate` or `feedback add-annotator` creates one)")
     problem = path_problem(p, "file")
     if problem:
         raise ConfigError(f"--db {p}: {problem}")
@@ -318,7 +318,9 @@ def cmd_feedback(args) -> int:
     from llmtrain.feedback.store import StoreError
 
     # Flags and the database are checked before anything is read or written.
-    _check_db(args.db, must_exist=args.action in ("export", "simulate"))
+    # Only generate, add-annotator and serve may start a new database; the others need one
+    # (a missing --db is an error, and no empty file is left behind).
+    _check_db(args.db, must_exist=args.action in ("export", "simulate", "import", "rotate-token", "revoke-annotator"))
     if args.action == "generate":
         _sampling_flags(args)
         from llmtrain.config import POSITIVE
@@ -389,11 +391,10 @@ def fb_export(args) -> int:
 
 
 def fb_import(args) -> int:
-    from llmtrain.data.preference import read_rankings
-    from llmtrain.feedback.export import import_rankings
+    from llmtrain.feedback.export import import_rankings, read_import
     from llmtrain.feedback.store import FeedbackStore
 
-    read_rankings(args.input)  # a bad file is reported before the database is opened (or created)
+    read_import(args.input)  # a bad file is reported before the database is opened
     r = import_rankings(FeedbackStore(args.db), args.input)
     print(f"feedback import: {r['read']} read, {r['added']} added, {r['already_there']} already there -> {args.db}")
     return 0

@@ -12,7 +12,12 @@ Security model (docs/feedback-app.md says what holds on http and on https)
   deletes the session; `feedback revoke-annotator` and `feedback rotate-token` end all of an
   annotator's sessions. Scripts send `Authorization: Bearer <token>` instead.
 - Failed token checks (sign-in form, Bearer) are throttled per client address and overall: 429
-  with Retry-After.
+  with Retry-After. Tokens and session ids are 256-bit random, so the throttle is against noise,
+  not guessing, and never locks out a valid credential: the token is checked first (a hash
+  lookup) and a valid one always succeeds; only failed checks are counted, only failed checks get
+  429, and a success does not clear an address's count.
+- A request body must arrive within BODY_TIMEOUT seconds (else 408; other requests go on).
+- Once an admin has closed the round, /api/submit and /api/change answer 409 and write nothing.
 - A write made with the cookie must carry a CSRF token (header X-CSRF-Token, or form field
   `csrf`): an HMAC of the session id under a per-process secret, so a page from another site
   can neither read nor forge it. Bearer calls skip it (a browser never adds that header by itself).
@@ -27,11 +32,12 @@ Security model (docs/feedback-app.md says what holds on http and on https)
   a Content-Security-Policy without inline script backs that up.
 
 DB work runs in Starlette's threadpool; the store opens one SQLite connection per thread.
-This module imports only the store, agreement, the stdlib and Starlette: never torch.
+This module imports only the store, agreement, llmtrain.errors, the stdlib and Starlette: never torch.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import html
@@ -39,7 +45,9 @@ import json
 import random
 import re
 import secrets
+import socket
 import sqlite3
+import sys
 import string
 import threading
 import time
@@ -55,6 +63,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from llmtrain.errors import ConfigError
 from llmtrain.feedback.agreement import summarize
 from llmtrain.feedback.store import MAX_ID, STATUSES, Annotator, FeedbackStore, StoreBusy, StoreError, is_busy
 
@@ -67,9 +76,11 @@ RETRY_AFTER = "2"
 MAX_WRITERS = 16  # writes waiting or running at once (of the 40 threads); the rest answer 503 at once
 FAILED_LOGINS = (10, 100, 300)  # failed token checks per client address, overall, within this many seconds
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 5.0  # seconds a request body may take to arrive (a slow body is cut off with 408)
 MAX_DEPTH = 8  # JSON nesting a request body may have (a submission needs 3)
 SUBMIT_FIELDS = ("prompt_id", "status", "ranking", "submission_id")
 _DIGITS = re.compile(r"[0-9]{1,19}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LABELS = string.ascii_uppercase
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -148,47 +159,46 @@ def cookie_name(request: Request, base: str = COOKIE) -> str:
 
 
 class _Throttle:
-    """Failed token checks within a window, per client address and overall."""
+    """Failed token checks within a window, per client address and overall.
+
+    Only failures are recorded and only a failed check is ever refused (429): a valid token or
+    session is checked first and always succeeds, so noise from anyone cannot lock a real user
+    out, and a success does not clear the address's count (no interleaving valid and invalid
+    tokens to escape the limit)."""
+
+    SWEEP = 10.0  # seconds between sweeps of addresses whose failures have all expired
 
     def __init__(self, per_address: int, overall: int, window: float):
         self.per_address, self.overall, self.window = per_address, overall, window
         self.by_address: dict[str, deque] = {}
-        self.all: deque = deque()
+        self.all: deque = deque(maxlen=overall)  # only the newest `overall` times decide
         self.lock = threading.Lock()
+        self.swept = time.monotonic()
 
-    def _prune(self, now: float) -> None:
+    def failed(self, addr: str) -> int:
+        """Record one failed check from addr. -> 0 (answer 401), or the seconds to wait (answer
+        429) when this address, or everyone together, had already failed that often within
+        the window."""
+        now = time.monotonic()
         cut = now - self.window
-        while self.all and self.all[0] < cut:
-            self.all.popleft()
-        for addr in list(self.by_address):
-            q = self.by_address[addr]
+        with self.lock:
+            if now - self.swept > self.SWEEP:
+                self.swept = now
+                for a in [a for a, q in self.by_address.items() if not q or q[-1] < cut]:
+                    del self.by_address[a]
+            q = self.by_address.setdefault(addr, deque(maxlen=self.per_address))
             while q and q[0] < cut:
                 q.popleft()
-            if not q:
-                del self.by_address[addr]
-
-    def retry_after(self, addr: str) -> int:
-        """0 if this address may try a token now, else the seconds to wait."""
-        now = time.monotonic()
-        with self.lock:
-            self._prune(now)
-            waits = []
-            q = self.by_address.get(addr)
-            if q and len(q) >= self.per_address:
-                waits.append(q[-self.per_address] + self.window - now)
-            if len(self.all) >= self.overall:
-                waits.append(self.all[-self.overall] + self.window - now)
-            return max(1, int(max(waits)) + 1) if waits else 0
-
-    def failed(self, addr: str) -> None:
-        now = time.monotonic()
-        with self.lock:
-            self.by_address.setdefault(addr, deque()).append(now)
+            while self.all and self.all[0] < cut:
+                self.all.popleft()
+            over = len(q) >= self.per_address or len(self.all) >= self.overall
+            q.append(now)
             self.all.append(now)
-
-    def succeeded(self, addr: str) -> None:
-        with self.lock:
-            self.by_address.pop(addr, None)
+            if not over:
+                return 0
+            waits = [w[0] + self.window - now for w, n in ((q, self.per_address), (self.all, self.overall))
+                     if len(w) >= n]
+            return max(1, int(max(waits)) + 1)
 
 
 def display_order(annotator_id: int, prompt_id: int, k: int) -> list[int]:
@@ -201,11 +211,13 @@ def display_order(annotator_id: int, prompt_id: int, k: int) -> list[int]:
 
 
 def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = BUSY_TIMEOUT,
-               session_ttl: float = SESSION_TTL, failed_logins: tuple[int, int, float] = FAILED_LOGINS) -> Starlette:
+               session_ttl: float = SESSION_TTL, failed_logins: tuple[int, int, float] = FAILED_LOGINS,
+               body_timeout: float = BODY_TIMEOUT) -> Starlette:
     """The ranking app over the feedback database at db_path. `secret` keys the CSRF tokens
     (default: random per process; pages fetch a fresh token after a restart). busy_timeout:
     seconds a write waits for the database before answering 503. failed_logins: (per client
-    address, overall, window in seconds) of failed token checks before 429."""
+    address, overall, window in seconds) of failed token checks before 429. body_timeout:
+    seconds a request body may take to arrive before 408."""
     store = FeedbackStore(db_path, busy_timeout=busy_timeout)
     key = secret or secrets.token_bytes(32)
     throttle = _Throttle(*failed_logins)
@@ -309,15 +321,22 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
             raise _Refused(_error("the Content-Length header is not a number", 400))
         if len(length) > 12 or int(length) > MAX_BODY:
             raise _Refused(_error(f"request body too large (at most {MAX_BODY} bytes)", 413))
-        chunks, n = [], 0
-        try:
+        chunks = []
+
+        async def receive_all() -> None:
+            n = 0
             async for chunk in request.stream():
                 n += len(chunk)
                 if n > MAX_BODY:
                     raise _Refused(_error(f"request body too large (at most {MAX_BODY} bytes)", 413))
                 chunks.append(chunk)
+        try:  # a body trickling in is cut off (this coroutine waits; other requests go on)
+            await asyncio.wait_for(receive_all(), timeout=body_timeout)
         except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing to log
             raise _Refused(_error("the client disconnected", 400)) from None
+        except asyncio.TimeoutError:
+            raise _Refused(_error(f"the request body did not arrive within {body_timeout:g} s", 408,
+                                  Connection="close")) from None
         return b"".join(chunks)
 
     def check_json(obj, where: str = "", depth: int = 0) -> None:
@@ -378,9 +397,7 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
                 if not token:
                     return _refuse_unauthenticated(request, page)
                 addr = client_address(request)
-                if bearer and (wait := throttle.retry_after(addr)):
-                    return too_many(request, wait, page)
-                try:
+                try:  # the credential is checked first: a valid one is never throttled
                     if body is None and not write:
                         ok, response = await run_in_threadpool(run, request, token, bearer)
                     else:  # who is asking is settled before the body is read
@@ -392,8 +409,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
                         return _busy()
                     raise
                 if not ok:
-                    if bearer:
-                        throttle.failed(addr)
+                    if bearer and (wait := throttle.failed(addr)):
+                        return too_many(request, wait, page)
                     return response
                 if response is not None:
                     return response
@@ -459,8 +476,12 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
             raise StoreError(f"status must be one of {', '.join(STATUSES)}")
         if status == "ranked" and not isinstance(ranking, list):
             raise StoreError("a ranked submission needs 'ranking': tiers of candidate indices, best first")
+        if status != "ranked" and ranking is not None:  # never silently dropped
+            raise StoreError(f"ranking must be left out (or null) when status is {status}: only a ranked submission has one")
         if need_sid and (not isinstance(sid, str) or not 1 <= len(sid) <= 100):
             raise StoreError("submission_id must be a string of 1-100 characters (a client-made uuid)")
+        if need_sid and (bad := _CONTROL.search(sid)):
+            raise StoreError(f"submission_id must not contain control characters (it has {_shown(bad.group())})")
         return pid, status, ranking if status == "ranked" else None, sid
 
     # ---- pages
@@ -509,8 +530,6 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
     async def login_post(request: Request) -> Response:
         login_cookie = cookie_name(request, LOGIN_COOKIE)
         addr = client_address(request)
-        if wait := throttle.retry_after(addr):  # before the form is even read
-            return too_many(request, wait, page=True)
         try:
             form = await read_form(request)
         except _Refused as r:
@@ -526,10 +545,10 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
             if is_busy(e):
                 return _busy()
             raise
-        if annotator is None:
-            throttle.failed(addr)
+        if annotator is None:  # only a failed check counts, and only it may be refused
+            if wait := throttle.failed(addr):
+                return too_many(request, wait, page=True)
             return login_page(request, "That token is not valid.", nxt, status=401)
-        throttle.succeeded(addr)
         old = request.cookies.get(cookie_name(request))
 
         def new_session() -> Response:
@@ -704,7 +723,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
                           f"(prompt ids are whole numbers from 1 to {MAX_ID})", 404)
         j = my_judgement(annotator, pid)
         mine = {k: j[k] for k in ("status", "ranking", "created")} if j else None
-        return JSONResponse({"prompt": view, "judgement": mine, "progress": progress_of(annotator)})
+        return JSONResponse({"prompt": view, "judgement": mine, "progress": progress_of(annotator),
+                             "closed": store.round_closed()})
 
     @endpoint()
     def api_mine(request, annotator, token, _=None) -> Response:
@@ -718,10 +738,16 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
             return _error(f"you have no judgement of prompt {_shown(request.path_params['prompt_id'])}", 404)
         return JSONResponse({k: j[k] for k in ("prompt_id", "status", "ranking", "created")})
 
+    def round_is_closed() -> Response:
+        return JSONResponse({"error": "the round is closed (an admin closed it; nothing more is recorded)",
+                             "closed": True}, status_code=409)
+
     @endpoint(write=True, body="json")
     def api_submit(request, annotator, token, data) -> Response:
         try:
             pid, status, ranking, sid = validate(data, need_sid=True)
+            if store.round_closed():  # under the write lock: closing and submitting do not interleave
+                return round_is_closed()
             recorded = submit(annotator, pid, status, ranking, sid)
         except StoreBusy:
             raise  # 503 (run_write)
@@ -733,6 +759,8 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
     def api_change(request, annotator, token, data) -> Response:
         try:
             pid, status, ranking, _ = validate(data, need_sid=False)
+            if store.round_closed():
+                return round_is_closed()
             if my_judgement(annotator, pid) is None:  # only one's own: another's judgement is not there to change
                 return JSONResponse({"error": f"you have no judgement of prompt {pid} to change"}, status_code=404)
             with write_lock:
@@ -810,14 +838,45 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return r
 
 
+def bind(host: str, port: int, port_flag: str = "--port", host_flag: str = "--host") -> socket.socket:
+    """The listening socket, bound before uvicorn starts: a busy port (or a host that is not
+    this machine's) is a ConfigError naming the flag, never uvicorn's lines or a wait."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"{host_flag} {host}: not an address of this machine ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (not a listening port)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        import errno
+
+        why = {errno.EADDRINUSE: "is already in use (another server listens on it; pick another port, or 0 for any free one)",
+               errno.EACCES: "needs privileges to bind (ports below 1024); pick a port from 1024 up",
+               errno.EADDRNOTAVAIL: f"cannot be bound on {host} (not an address of this machine)"}.get(
+                   e.errno, f"cannot be bound on {host} ({e.strerror or e})")
+        raise ConfigError(f"{port_flag} {port}: port {port} {why}") from None
+    return sock
+
+
 def serve(db_path: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the app under uvicorn (one worker process; DB work in its threadpool) until stopped."""
+    """Run the app under uvicorn (one worker process; DB work in its threadpool) until stopped.
+    The port is bound first: a busy one is a ConfigError naming --port before anything starts."""
     import uvicorn
 
-    app = create_app(db_path)
-    print(f"llmtrain feedback: serving {db_path} on http://{host}:{port}/ (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, workers=1, log_level=log_level,
-                access_log=log_level in ("debug", "trace"), timeout_graceful_shutdown=5)
+    sock = bind(host, port)
+    try:
+        app = create_app(db_path)
+        shown = sock.getsockname()[1]
+        print(f"llmtrain feedback: serving {db_path} on http://{host}:{shown}/ (Ctrl+C stops)", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, workers=1, log_level=log_level,
+                                               access_log=log_level in ("debug", "trace"), timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -827,7 +886,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
-    serve(a.db, a.host, a.port, a.log_level)
+    try:
+        serve(a.db, a.host, a.port, a.log_level)
+    except ConfigError as e:
+        print(f"llmtrain.feedback.app: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

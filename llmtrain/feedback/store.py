@@ -202,7 +202,7 @@ class FeedbackStore:
         """Create an annotator; returns the secret token (only its hash is stored)."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise StoreError("annotator names are 1-64 letters, digits, '-', '_' or '.'")
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_urlsafe(32)  # 256 random bits
         try:
             with self._tx() as con:
                 con.execute("INSERT INTO annotators (name, token_hash, is_admin, simulated, created) VALUES (?, ?, ?, ?, ?)",
@@ -251,7 +251,7 @@ class FeedbackStore:
     def rotate_token(self, name: str) -> str:
         """Issue a new token (returned; only its hash is stored): the old token and every session
         made with it stop working. Re-enables a revoked annotator."""
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_urlsafe(32)  # 256 random bits
         with self._tx() as con:
             aid = self._named(con, name)
             con.execute("UPDATE annotators SET token_hash=?, disabled=0 WHERE id=?", (hash_token(token), aid))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import time
 
@@ -101,6 +102,15 @@ CASES = [
     ("ranking-empty", "POST", "/api/submit", "bearer", {"json": good(ranking=[])}, 400, "ranking"),
     ("ranking-nested-lists", "POST", "/api/submit", "bearer", {"json": good(ranking=[[[0]], [1], [2]])}, 400, "ranking"),
     ("ranking-twice", "POST", "/api/submit", "bearer", {"json": good(ranking=[[0], [0], [1], [2]])}, 400, "ranking"),
+    # a ranking sent with a status that has none is refused, never silently dropped
+    ("skipped-with-ranking", "POST", "/api/submit", "bearer", {"json": good(status="skipped")}, 400,
+     "ranking must be left out (or null) when status is skipped"),
+    ("all-bad-with-ranking", "POST", "/api/submit", "bearer", {"json": good(status="all_bad")}, 400,
+     "ranking must be left out (or null) when status is all_bad"),
+    ("skipped-with-empty-ranking", "POST", "/api/submit", "bearer", {"json": good(status="skipped", ranking=[])}, 400,
+     "ranking"),
+    ("skipped-with-ranking-string", "POST", "/api/submit", "bearer", {"json": good(status="skipped", ranking="0")}, 400,
+     "ranking"),
     # submission_id
     ("sid-lone-surrogate", "POST", "/api/submit", "bearer",
      {"content": raw('{"prompt_id": 1, "status": "skipped", "submission_id": "\\ud800"}'), "headers": J}, 400, "submission_id"),
@@ -111,6 +121,13 @@ CASES = [
     ("sid-list", "POST", "/api/submit", "bearer", {"json": good(submission_id=["a"])}, 400, "submission_id"),
     ("sid-empty", "POST", "/api/submit", "bearer", {"json": good(submission_id="")}, 400, "submission_id"),
     ("sid-too-long", "POST", "/api/submit", "bearer", {"json": good(submission_id="x" * 101)}, 400, "submission_id"),
+    ("sid-nul", "POST", "/api/submit", "bearer", {"json": good(submission_id="a\x00b")}, 400, "submission_id"),
+    ("sid-only-nul", "POST", "/api/submit", "bearer", {"json": good(submission_id="\x00")}, 400, "submission_id"),
+    ("sid-newline", "POST", "/api/submit", "bearer", {"json": good(submission_id="s\nforged log line")}, 400,
+     "submission_id"),
+    ("sid-escape", "POST", "/api/submit", "bearer", {"json": good(submission_id="\x1b[31mred")}, 400, "submission_id"),
+    ("sid-del", "POST", "/api/submit", "bearer", {"json": good(submission_id="x\x7f")}, 400, "submission_id"),
+    ("sid-c1-control", "POST", "/api/submit", "bearer", {"json": good(submission_id="x\x85y")}, 400, "submission_id"),
     # the body as a whole
     ("key-surrogate", "POST", "/api/submit", "bearer",
      {"content": raw('{"prompt_id": 1, "\\ud800": 1, "status": "skipped", "submission_id": "x"}'), "headers": J},
@@ -142,7 +159,9 @@ CASES = [
     ("change-status-surrogate", "POST", "/api/change", "bearer",
      {"content": raw('{"prompt_id": 1, "status": "\\udc00"}'), "headers": J}, 400, "status"),
     ("change-nested", "POST", "/api/change", "bearer", {"content": NESTED, "headers": J}, 400, "nested too deeply"),
-    ("change-not-judged", "POST", "/api/change", "bearer", {"json": good(status="skipped")}, 404, "no judgement of prompt 1"),
+    ("change-skipped-with-ranking", "POST", "/api/change", "bearer", {"json": good(status="skipped")}, 400,
+     "ranking must be left out"),
+    ("change-not-judged", "POST", "/api/change", "bearer", {"json": good(status="skipped", ranking=None)}, 404, "no judgement of prompt 1"),
     # ids in URLs
     ("prompt-20-digits", "GET", "/api/prompt/99999999999999999999", "bearer", {}, 404, "no prompt with id 99999999999999999999"),
     ("prompt-2**63", "GET", f"/api/prompt/{BIG}", "bearer", {}, 404, f"no prompt with id {BIG}"),
@@ -271,3 +290,52 @@ def test_a_good_submission_still_works_and_the_log_is_clean(live):
         assert r.status_code == 200 and 'data-prompt="1"' in r.text
     log = live["log"].read_text(errors="replace")
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def _slow_request(live, path: str, headers: dict, sent: bytes, length: int) -> socket.socket:
+    """Open a request whose body never finishes arriving: `sent` of `length` bytes."""
+    s = socket.create_connection(("127.0.0.1", live["server"].port), timeout=30)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": str(length)}.items())
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{live['server'].port}\r\n{head}\r\n".encode() + sent)
+    return s
+
+
+def _read_response(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):  # the server closes the connection after a 408
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("path, auth", [("/api/submit", "bearer"), ("/login", "none")])
+def test_a_body_that_arrives_too_slowly_is_cut_off_with_408(live, path, auth):
+    before_db = fingerprint(live["db"])
+    before_log = live["log"].stat().st_size
+    headers = {"Content-Type": "application/json" if path.startswith("/api/") else "application/x-www-form-urlencoded"}
+    if auth == "bearer":
+        headers["Authorization"] = f"Bearer {live['tokens']['alice']}"
+    elif auth == "cookie":
+        headers["Cookie"] = live["cookie"]
+    t0 = time.monotonic()
+    slow = _slow_request(live, path, headers, b'{"prompt_i', 100)
+    try:
+        # other requests go on meanwhile
+        with httpx.Client(base_url=live["server"].url, timeout=5) as c:
+            for _ in range(3):
+                r = c.get("/api/next", headers={"Authorization": f"Bearer {live['tokens']['bob']}"})
+                assert r.status_code == 200
+        assert time.monotonic() - t0 < 3
+        answer = _read_response(slow)
+    finally:
+        slow.close()
+    took = time.monotonic() - t0
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"content-security-policy" in head.lower()
+    reason = json.loads(body)["error"]
+    assert "the request body did not arrive within 5 s" == reason
+    assert 4 < took < 15, took
+    time.sleep(0.05)
+    log = live["log"].read_bytes()[before_log:].decode("utf-8", "replace")
+    assert "Traceback" not in log and "ERROR" not in log and "Exception" not in log, log[-3000:]
+    assert fingerprint(live["db"]) == before_db

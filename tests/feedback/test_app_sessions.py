@@ -164,33 +164,101 @@ def test_rotate_token_invalidates_the_old_token_and_its_sessions(env):
     assert fresh.get("/api/next", headers={"Authorization": f"Bearer {new}"}).status_code == 401
 
 
-def test_failed_sign_ins_are_throttled_per_address(env):
+def bearer(app, token: str, addr: str):
+    return TestClient(app, base_url=BASE, client=(addr, 1)).get("/api/next", headers={"Authorization": f"Bearer {token}"})
+
+
+def test_failed_sign_ins_are_throttled_per_address_and_valid_tokens_never_are(env):
     app = create_app(str(env.db), failed_logins=(5, 1000, 300))
     for i in range(5):
         _, r = sign_in(app, f"guess-{i}", client=("10.0.0.1", 1))
         assert r.status_code == 401
-    _, r = sign_in(app, env.tokens["alice"], client=("10.0.0.1", 1))  # even the right token, for now
+    _, r = sign_in(app, "guess-5", client=("10.0.0.1", 1))  # one failure too many
     assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 301
     assert "Too many failed sign-ins" in r.text and session_rows(env.db) == []
-    # Bearer guesses count too, and are refused the same way
-    r = TestClient(app, base_url=BASE, client=("10.0.0.1", 1)).get(
-        "/api/next", headers={"Authorization": f"Bearer {env.tokens['alice']}"})
+    # Bearer guesses are refused the same way
+    r = bearer(app, "guess-6", "10.0.0.1")
     assert r.status_code == 429 and "too many failed sign-ins" in r.json()["error"] and r.headers["retry-after"]
+    # the right token still signs in from that very address, by form and by Bearer
+    _, r = sign_in(app, env.tokens["alice"], client=("10.0.0.1", 1))
+    assert r.status_code == 303 and len(session_rows(env.db)) == 1
+    assert bearer(app, env.tokens["alice"], "10.0.0.1").status_code == 200
+    # ... and a success does not wipe the address's failures: the next guess is still refused
+    assert bearer(app, "guess-7", "10.0.0.1").status_code == 429
+    _, r = sign_in(app, "guess-8", client=("10.0.0.1", 1))
+    assert r.status_code == 429
     # another address is not held back
-    _, r = sign_in(app, env.tokens["alice"], client=("10.0.0.2", 1))
+    assert bearer(app, "guess-9", "10.0.0.2").status_code == 401
+
+
+def test_failed_sign_ins_are_throttled_overall_and_valid_tokens_never_are(env):
+    app = create_app(str(env.db), failed_logins=(100, 6, 300))
+    for i in range(6):
+        assert bearer(app, f"guess-{i}", f"10.1.0.{i}").status_code == 401
+    _, r = sign_in(app, "guess-x", client=("10.2.0.1", 1))  # everyone's failures together: the ceiling
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert bearer(app, "guess-y", "10.2.0.2").status_code == 429
+    # valid credentials from anywhere go on working
+    _, r = sign_in(app, env.tokens["alice"], client=("10.2.0.1", 1))
+    assert r.status_code == 303
+    assert bearer(app, env.tokens["bob"], "10.2.0.3").status_code == 200
+    sid = env.store.create_session(env.store.annotator("bob"), ttl=60)
+    assert TestClient(app, base_url=BASE).get("/api/next", headers={"Cookie": f"{COOKIE}={sid}"}).status_code == 200
+
+
+def test_noise_from_many_addresses_never_locks_out_a_valid_token(env):
+    """The review's repro, with the default limits: 10 wrong Bearer tokens from each of ten
+    addresses; a valid token from another address (and from a noisy one) still gets in."""
+    app = create_app(str(env.db))
+    for a in range(2, 12):
+        for i in range(10):
+            assert bearer(app, f"wrong-{a}-{i}", f"127.0.0.{a}").status_code in (401, 429)
+    assert bearer(app, "wrong", "127.0.0.50").status_code == 429  # the overall ceiling holds for failures
+    assert bearer(app, env.tokens["bob"], "127.0.0.50").status_code == 200
+    assert bearer(app, env.tokens["bob"], "127.0.0.2").status_code == 200
+    _, r = sign_in(app, env.tokens["alice"], client=("127.0.0.3", 1))
     assert r.status_code == 303
 
 
-def test_failed_sign_ins_are_throttled_overall(env):
-    app = create_app(str(env.db), failed_logins=(100, 6, 300))
-    for i in range(6):
-        c = TestClient(app, base_url=BASE, client=(f"10.1.0.{i}", 1))
-        assert c.get("/api/next", headers={"Authorization": f"Bearer guess-{i}"}).status_code == 401
-    _, r = sign_in(app, env.tokens["alice"], client=("10.2.0.1", 1))
-    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
-    # a browser already signed in is not affected: its session is no token check
-    sid = env.store.create_session(env.store.annotator("bob"), ttl=60)
-    assert TestClient(app, base_url=BASE).get("/api/next", headers={"Cookie": f"{COOKIE}={sid}"}).status_code == 200
+def test_after_the_admin_closes_the_round_submits_and_changes_are_409_and_write_nothing(env):
+    boss = env.store.add_annotator("boss", is_admin=True)
+    alice = {"Authorization": f"Bearer {env.tokens['alice']}"}
+    c = TestClient(env.app, base_url=BASE)
+    r = c.post("/api/submit", json={"prompt_id": env.prompts[0], "status": "skipped", "submission_id": "before"},
+               headers=alice)
+    assert r.status_code == 200 and r.json()["recorded"] is True
+    assert c.post("/api/admin/close", headers={"Authorization": f"Bearer {boss}"}).status_code == 200
+    before = fingerprint(env.db)
+    for path, body in [
+        ("/api/submit", {"prompt_id": env.prompts[1], "status": "ranked", "ranking": [[0], [1], [2]],
+                         "submission_id": "after"}),
+        ("/api/submit", {"prompt_id": env.prompts[2], "status": "skipped", "submission_id": "after-2"}),
+        ("/api/change", {"prompt_id": env.prompts[0], "status": "ranked", "ranking": [[2], [1], [0]]}),
+    ]:
+        r = c.post(path, json=body, headers=alice)
+        assert r.status_code == 409, (path, r.text)
+        assert r.json()["error"].startswith("the round is closed") and "\n" not in r.json()["error"]
+        assert r.json()["closed"] is True
+    assert fingerprint(env.db) == before
+    # a browser session with its CSRF token is refused the same way
+    bc, _ = sign_in(env.app, env.tokens["bob"])
+    csrf = bc.get("/api/session").json()["csrf"]
+    before = fingerprint(env.db)
+    r = bc.post("/api/submit", json={"prompt_id": env.prompts[1], "status": "skipped", "submission_id": "b"},
+                headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 409 and "the round is closed" in r.json()["error"]
+    assert fingerprint(env.db) == before
+    assert [(j["prompt_id"], j["status"]) for j in env.store.judgements()] == [(env.prompts[0], "skipped")]
+    assert bc.get("/api/next").json()["closed"] is True
+    assert c.get(f"/api/prompt/{env.prompts[0]}", headers=alice).json()["closed"] is True
+
+
+def fingerprint(db) -> list:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("prompts", "candidates", "rankings")]
+    finally:
+        con.close()
 
 
 def test_a_locked_database_answers_503_to_submits_while_reads_go_on(tmp_path):
@@ -338,6 +406,7 @@ def test_every_exported_line_imports_and_round_trips(tmp_path):
     assert [d["status"] for d in one_tier] == ["ranked"]
     # importing into the database it came from adds nothing
     assert import_rankings(src, tmp_path / "r.jsonl")["already_there"] == 5
+    assert cli("feedback", "add-annotator", "x", "--db", str(tmp_path / "c.db")).returncode == 0
     r = cli("feedback", "import", str(tmp_path / "r.jsonl"), "--db", str(tmp_path / "c.db"))
     assert r.returncode == 0 and "5 read, 5 added" in r.stdout, r.stderr
 
@@ -349,6 +418,17 @@ def test_every_exported_line_imports_and_round_trips(tmp_path):
      "annotator names"),
     ('{"prompt": "q", "ranked": [' + ", ".join('{"text": "t%d", "rank": %d}' % (i, i + 1) for i in range(10)) + "]}",
      "2 to 9 candidates"),
+    # text SQLite cannot store (a lone surrogate, which JSON allows): FILE:LINE and the field
+    ('{"prompt": "\\ud800", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}',
+     "prompt (messages[0].content): not valid Unicode text"),
+    ('{"prompt": "q \\udc80", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}',
+     "prompt (messages[0].content): not valid Unicode text"),
+    ('{"prompt": "q", "ranked": [{"text": "a", "rank": 1}, {"text": "b\\udfff", "rank": 2}]}',
+     "ranked[1].text: not valid Unicode text"),
+    ('{"messages": [{"role": "system", "content": "\\ud83d"}, {"role": "user", "content": "q"}], '
+     '"ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}', "messages[0].content: not valid Unicode text"),
+    ('{"prompt": "q", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}], "annotator": "al\\ud800"}',
+     "annotator"),
 ])
 def test_import_is_all_or_nothing(tmp_path, bad_line, message):
     src = rich_store(tmp_path / "a.db")
@@ -366,3 +446,34 @@ def test_import_is_all_or_nothing(tmp_path, bad_line, message):
     assert len(r.stderr.strip().splitlines()) == 1
     after = [dst._con().execute(f"SELECT * FROM {t}").fetchall() for t in ("prompts", "candidates", "annotators", "rankings")]
     assert after == before  # not even the three good lines before it
+
+
+@pytest.mark.parametrize("action", [["import", "{rankings}"], ["rotate-token", "bob"], ["revoke-annotator", "bob"],
+                                    ["export", "-o", "{out}"], ["simulate", "--rule", "length"]])
+def test_commands_that_need_a_database_never_create_one(tmp_path, action):
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_text('{"prompt": "q", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}\n',
+                        encoding="utf-8")
+    args = [a.format(rankings=rankings, out=tmp_path / "out.jsonl") for a in action]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli("feedback", *args, "--db", str(tmp_path / "new.db"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == f"llmtrain feedback: error: --db {tmp_path / 'new.db'}: no such database " \
+                       f"(`llmtrain feedback generate` or `feedback add-annotator` creates one)\n", r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no new.db, no journal, no output
+
+
+def test_a_busy_port_is_one_line_naming_port_before_anything_starts(tmp_path):
+    db = tmp_path / "feedback.db"
+    FeedbackStore(db).add_annotator("alice")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        r = subprocess.run([sys.executable, "-m", "llmtrain", "feedback", "serve", "--db", str(db), "--port", str(port)],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr == f"llmtrain feedback: error: --port {port}: port {port} is already in use (another server " \
+                       f"listens on it; pick another port, or 0 for any free one)\n", r.stderr
+    assert r.stdout == ""  # nothing started: no "serving" line, no uvicorn lines

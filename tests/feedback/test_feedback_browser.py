@@ -238,3 +238,31 @@ def test_screenshot_of_the_ranking_page(chromium, tmp_path):
         ctx.close()
     finally:
         server.stop()
+
+
+def test_a_page_open_when_the_admin_closes_the_round_shows_the_closed_panel(page, tmp_path):
+    """The round closes while the page shows a prompt: Submit is refused (409), nothing is
+    recorded, and the page shows "This round is closed"; so does the edit page afterwards."""
+    import httpx
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    ids = [store.add_prompt(f"Prompt {i}.", [{"text": f"answer {i}.{j}"} for j in range(3)]) for i in range(2)]
+    ann, boss = store.add_annotator("ann"), store.add_annotator("boss", is_admin=True)
+    store.submit(store.annotator("ann"), ids[0], "skipped", None, "ann-1")
+    server = LiveServer(tmp_path / "feedback.db", tmp_path / "server.log").start()
+    try:
+        login(page, server, ann)
+        wait_prompt(page, ids[1])
+        r = httpx.post(f"{server.url}/api/admin/close", headers={"Authorization": f"Bearer {boss}"})
+        assert r.status_code == 200
+        page.click("#submit")
+        page.locator("#closed").wait_for(state="visible")
+        assert page.locator("#done").is_hidden() and page.locator("#cands").is_hidden()
+        assert [(j["prompt_id"], j["status"]) for j in store.judgements()] == [(ids[0], "skipped")]
+        page.goto(f"{server.url}/?prompt={ids[0]}")
+        page.locator("#closed").wait_for(state="visible")
+        assert page.locator("#cands").is_hidden()
+        log = (tmp_path / "server.log").read_text(errors="replace")
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    finally:
+        server.stop()

@@ -60,6 +60,7 @@
     if (!r.ok) {
       const err = new Error(data.error || `The server answered ${r.status}.`);
       err.status = r.status;
+      err.closed = !!data.closed;
       throw err;
     }
     return data;
@@ -296,11 +297,12 @@
     if (made[0]) made[0].focus({ preventScroll: true });
   }
 
-  function showDone(p, closed) {
+  function showDone(p, closed, always) {
     current = null;
-    showProgress(p);
+    if (p) showProgress(p);
     for (const sel of [".prompt", "#hint", "#cands", ".actions"]) root.querySelector(sel).hidden = true;
-    $(closed && p && p.done < p.total ? "closed" : "done").hidden = false;  // judged them all: "All done"
+    // judged them all: "All done"; `always`: the server refused a write because the round is closed
+    $(closed && (always || (p && p.done < p.total)) ? "closed" : "done").hidden = false;
   }
 
   async function loadNext() {
@@ -313,7 +315,8 @@
   async function loadOne(id) {
     const d = await withRetry(() => api("GET", `/api/prompt/${id}`));
     showProgress(d.progress);
-    render(d.prompt, d.judgement);
+    if (d.closed) showDone(d.progress, true, true);  // nothing can be changed once the round is closed
+    else render(d.prompt, d.judgement);
   }
 
   async function send(status) {
@@ -333,6 +336,7 @@
       await loadNext();
       say(r.duplicate ? "That one was recorded already." : what);
     } catch (e) {
+      if (e.status === 409 && e.closed) showDone(null, true, true);  // an admin closed the round meanwhile
       say(e.message || String(e), true);
     } finally {
       busy = false;
