@@ -101,6 +101,12 @@ def parse_line(obj) -> Ranking:
         scores.append(sc)
     if ranks != sorted(ranks):
         raise ValueError("'ranked' must be listed best first (ranks ascending)")
+    first: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        j = first.setdefault(t, i)
+        if ranks[j] != ranks[i]:
+            raise ValueError(f"ranked[{i}].text repeats ranked[{j}].text with a different rank ({ranks[i]}, not {ranks[j]}): "
+                             "a text cannot beat itself")
     status = obj.get("status", "ranked")
     if status not in ("ranked", "all_bad"):
         raise ValueError(f"status {status!r} is not 'ranked' or 'all_bad'")
