@@ -657,15 +657,19 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "", o
 def _check_warmup(obj: Any, data: dict, source: str, prefix: str, origins) -> None:
     """A stage's optim.warmup_steps, when given, must not exceed run.max_steps (> 0): the learning
     rate would never reach optim.lr (1e20 warm-up steps trained at lr 1e-23). A stage's own
-    default warm-up is left alone (a short run of a stage with a long default warm-up)."""
+    default warm-up, and a YAML file's warm-up when run.max_steps is shortened on the command
+    line (a quick try of a configured run), are left alone."""
     optim, run = getattr(obj, "optim", None), getattr(obj, "run", None)
     if not (isinstance(optim, OptimConfig) and isinstance(run, RunConfig)):
         return
     given = data.get("optim")
     if not (isinstance(given, dict) and "warmup_steps" in given):
         return
+    key = f"{prefix}optim.warmup_steps"
+    if (_origin(key, source, origins) != COMMAND_LINE
+            and _origin(f"{prefix}run.max_steps", source, origins) == COMMAND_LINE):
+        return  # a configured run shortened on the command line (e.g. `demo pretrain.run.max_steps=1`)
     if run.max_steps > 0 and optim.warmup_steps > run.max_steps:
-        key = f"{prefix}optim.warmup_steps"
         raise ConfigError(f"{_origin(key, source, origins)}: '{key}' must be <= {prefix}run.max_steps="
                           f"{run.max_steps} (the learning rate would never reach {prefix}optim.lr), "
                           f"got {optim.warmup_steps!r}")

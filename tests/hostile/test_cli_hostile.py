@@ -118,7 +118,7 @@ def fx(tmp_path_factory, pretrained, reward_ckpt, tokenizer_path, shards, corpus
             b"%c: &%c [%s]\n" % (c, c, b", ".join([b"*%c" % p] * 10)) for p, c in zip(b"abcdefg", b"bcdefgh"))
             + b"run: *h\n",
         "blank_out.yaml": b"run:\n  out_dir: '   '\n",
-        "warmup.yaml": b"optim:\n  warmup_steps: 50\n",
+        "warmup.yaml": b"optim:\n  warmup_steps: 50\nrun:\n  max_steps: 1\n",
     }
     for name, data in files.items():
         (d / name).write_bytes(data)
@@ -473,7 +473,8 @@ case("pretrain:override dup key", [*BASE["pretrain"], "optim={lr: 0.01, lr: -1}"
 # Warm-up past the end of the run (lr would never reach optim.lr).
 bad_value("pretrain", "optim.warmup_steps=100000000000000000000")
 bad_value("sft", "optim.warmup_steps=5")
-case("sft:yaml:warmup", ["sft", "-c", "{warmup.yaml}", *BASE["sft"][1:]], "{warmup.yaml}", "'optim.warmup_steps'")
+case("sft:yaml:warmup", ["sft", "-c", "{warmup.yaml}", *[a for a in BASE["sft"][1:] if not a.startswith("run.max_steps")]],
+     "{warmup.yaml}", "'optim.warmup_steps'")
 bad_value("demo", "pretrain.optim.warmup_steps=1000000")
 # A text ranked against itself; a line that is both prompt/response and messages.
 for cmd in ("reward", "dpo"):
@@ -590,3 +591,19 @@ def test_the_installed_entry_point_prints_one_line(args, needle, fx, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("llmtrain "), r.stderr
     assert list(work.iterdir()) == []
+
+
+def test_generate_says_when_max_new_tokens_does_not_fit(fx, tmp_path, monkeypatch, capsys):
+    """Not an error (the answer stops at the end of the context window), but said on stderr."""
+    from llmtrain import checkpoint
+    from llmtrain.cli import main as cli_main
+
+    ctx = checkpoint.model_config(checkpoint.resolve(fx["ckpt"])).max_seq_len
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["generate", fx["ckpt"], "--prompt", "hi", "--max-new-tokens", "1000000000", "--greedy"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 1000000000 does not fit" in err and f"context window of {ctx} tokens" in err, err
+    assert "Traceback" not in err
+    assert cli_main(["generate", fx["ckpt"], "--prompt", "hi", "--max-new-tokens", "2", "--greedy"]) == 0
+    assert "does not fit" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
