@@ -107,8 +107,7 @@ def fx(tmp_path_factory, pretrained, reward_ckpt, tokenizer_path, shards, corpus
         "surr_rank.jsonl": b'{"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "\\ud83d", "rank": 2}]}\n',
         "surr_key.jsonl": b'{"prompt": "p", "response": "r", "\\ud800": 1}\n',
         "surr_text.jsonl": b'{"text": "fine"}\n{"text": "\\ud800"}\n',
-        # Same text in two tiers; both prompt/response and messages on one line.
-        "dup_rank.jsonl": b'{"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "a", "rank": 3}]}\n',
+        # Both prompt/response and messages on one line.
         "both.jsonl": b'{"prompt": "a", "response": "b", "messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n',
         "both_prompt.jsonl": b'{"prompt": "a", "messages": [{"role": "user", "content": "c"}]}\n',
         # YAML: a key given twice (last would win), an alias bomb, a blank out_dir, warm-up past the end.
@@ -476,9 +475,8 @@ bad_value("sft", "optim.warmup_steps=5")
 case("sft:yaml:warmup", ["sft", "-c", "{warmup.yaml}", *[a for a in BASE["sft"][1:] if not a.startswith("run.max_steps")]],
      "{warmup.yaml}", "'optim.warmup_steps'")
 bad_value("demo", "pretrain.optim.warmup_steps=1000000")
-# A text ranked against itself; a line that is both prompt/response and messages.
-for cmd in ("reward", "dpo"):
-    case(f"{cmd}:data dup_rank.jsonl", [*BASE[cmd], "data.train={dup_rank.jsonl}"], "{dup_rank.jsonl}:1: ranked[2].text")
+# A line that is both prompt/response and messages. (A text ranked against itself is no pair:
+# data/preference.py, tests/unit/test_data.py; the app's export may hold one, so it is not refused.)
 case("sft:data both.jsonl", [*BASE["sft"], "data.train={both.jsonl}"], "{both.jsonl}:1: has both")
 case("ppo:prompts both_prompt.jsonl", [*BASE["ppo"], "prompts={both_prompt.jsonl}"], "{both_prompt.jsonl}:1: has both")
 case("fbgen:--prompts both_prompt.jsonl", [*BASE["fbgen"][:4], "{both_prompt.jsonl}", *BASE["fbgen"][5:]],

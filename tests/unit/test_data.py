@@ -103,7 +103,7 @@ def test_surrogates_in_tokenizer_inputs(tmp_path):
         list(iter_documents([str(p)]))
 
 
-def test_ambiguous_and_self_beating_lines(tmp_path):
+def test_ambiguous_lines_and_self_beating_pairs(tmp_path):
     from llmtrain.data.preference import read_rankings
     from llmtrain.data.prompts import read_prompts
     from llmtrain.data.sft import read_conversations
@@ -117,10 +117,10 @@ def test_ambiguous_and_self_beating_lines(tmp_path):
     with pytest.raises(DataError, match=f"^{p}:1: has both 'prompt' and 'messages'"):
         read_prompts(p)
     r = tmp_path / "r.jsonl"
-    tie = {"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "a", "rank": 1}, {"text": "b", "rank": 3}]}
-    bad = {"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "a", "rank": 3}]}
-    r.write_text(json.dumps(tie) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(DataError, match=rf"^{r}:2: ranked\[2\]\.text repeats ranked\[0\]\.text"):
-        read_rankings(r)
-    r.write_text(json.dumps(tie) + "\n")  # the same text tied with itself is fine
-    assert read_rankings(r)[0][0].pairs() == [(0, 2), (1, 2)]
+    # A person ranked two identical candidates apart (the app allows it and its export must import):
+    # "a beats a" is no preference pair; the ties and the real pairs stay.
+    line = {"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "a", "rank": 3},
+                                      {"text": "c", "rank": 3}]}
+    r.write_text(json.dumps(line) + "\n")
+    pairs = read_rankings(r)[0][0].pairs()
+    assert pairs == [(0, 1), (0, 3), (1, 2), (1, 3)]
