@@ -35,11 +35,11 @@ def _check_flags(**flags) -> None:
 
 
 def _sampling_flags(args) -> None:
-    from llmtrain.config import DEVICE, NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P
+    from llmtrain.config import DEVICE, NON_NEGATIVE, POSITIVE, SEED, TEMPERATURE, TOP_P
 
     _check_flags(**{"--temperature": (args.temperature, TEMPERATURE), "--top-p": (args.top_p, TOP_P),
                     "--top-k": (args.top_k, NON_NEGATIVE), "--max-new-tokens": (args.max_new_tokens, POSITIVE),
-                    "--device": (args.device, DEVICE)})
+                    "--seed": (args.seed, SEED), "--device": (args.device, DEVICE)})
 
 
 def _check_db(path: str, must_exist: bool) -> None:
@@ -130,7 +130,14 @@ def cmd_generate(args) -> int:
             print(f"generate: prompt {i} has {len(p)} tokens; the model sees <|bos|> and its last {room - 1} (a prompt "
                   f"keeps {room} of the context window of {model.config.max_seq_len} tokens with --max-new-tokens "
                   f"{args.max_new_tokens})", file=sys.stderr)
-    outs = generate(model, [truncate_left(p, room) for p in ids], sampling, pad_id=tok.pad_id, generator=gen)
+    ids = [truncate_left(p, room) for p in ids]
+    ctx = model.config.max_seq_len
+    fits = ctx - max(len(p) for p in ids)
+    if args.max_new_tokens > fits:  # generation stops at the end of the context window: say so up front
+        print(f"generate: --max-new-tokens {args.max_new_tokens} does not fit: the context window of {ctx} tokens "
+              f"leaves room for at most {fits} new tokens after the prompt"
+              + ("s" if len(ids) > 1 else "") + ", so answers stop there", file=sys.stderr)
+    outs = generate(model, ids, sampling, pad_id=tok.pad_id, generator=gen)
     for p, o in zip(prompts, outs):
         print(p + tok.decode(o, skip_special=True))
         if len(prompts) > 1:
@@ -566,8 +573,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_utf8(argv: list[str]) -> str | None:
+    """The flag or key whose value (or which itself) holds bytes that are not UTF-8: Python hands
+    them over as lone surrogates, which no tokenizer, file or terminal takes. None when all are text."""
+    from llmtrain.data.corpus import has_surrogate
+
+    for i, arg in enumerate(argv):
+        if not has_surrogate(arg):
+            continue
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            return name if not has_surrogate(name) else "an option's name"
+        key, sep, _ = arg.partition("=")
+        if sep and not has_surrogate(key):
+            return f"'{key.strip()}'"
+        if i > 0 and argv[i - 1].startswith("-") and not has_surrogate(argv[i - 1]):
+            return argv[i - 1]
+        return f"argument {i + 1}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    bad = _not_utf8(argv)
+    if bad is not None:
+        cmd = " ".join(argv[:2]) if tuple(argv[:2]) in SUB_ACTIONS else argv[0] if argv[0] in COMMANDS else ""
+        print(f"llmtrain{' ' + cmd if cmd else ''}: error: command line: {bad} is not UTF-8 text "
+              f"(give the value in UTF-8)", file=sys.stderr)
+        return 2
     parser = build_parser()
     sub_action = SUB_ACTIONS.get(tuple(argv[:2]))
     if sub_action is not None:  # e.g. `classify predict`: a sub-command with its own flags

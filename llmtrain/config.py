@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ TOP_P = Rule(lambda v: 0 < v <= 1, "> 0 and <= 1")
 FRACTION = Rule(lambda v: 0 <= v <= 1, "between 0 and 1")
 TEMPERATURE = Rule(lambda v: v >= 0, ">= 0 (0: greedy)")
 HELD_OUT_EVERY = Rule(lambda v: v >= 2, ">= 2 (every Nth item is held out)")
+SEED = Rule(lambda v: 0 <= v < 2**63, ">= 0 and < 2**63")  # torch and numpy take a signed 64-bit seed
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))  # far more threads than cores only slows; 100000 crashes torch
+THREADS = Rule(lambda v: 0 <= v <= MAX_THREADS, f">= 0 and <= {MAX_THREADS} (0: torch's default)")
 
 
 def at_least(n: int) -> Rule:
@@ -71,17 +75,21 @@ class _Writable(Rule):
     nearest existing parent is a directory this process can create files in. Probing creates
     and removes one temporary file, so a failed check leaves nothing behind."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, required: bool = False):
         super().__init__(None, f"a writable {kind} path")
-        self.kind = kind
+        self.kind, self.required = kind, required
 
     def problem(self, value) -> str | None:
-        return path_problem(value, self.kind) if value else None
+        if not value.strip():  # "" (where allowed) means "none" or "a default"; blanks never name a path
+            return f"must name a {self.kind}, not be empty" if self.required or value else None
+        return path_problem(value, self.kind)
 
 
 DEVICE = _Device()
 WRITABLE_DIR = _Writable("directory")
 WRITABLE_FILE = _Writable("file")
+OUTPUT_DIR = _Writable("directory", required=True)  # an output folder that must be given (never the cwd by accident)
+OUTPUT_FILE = _Writable("file", required=True)
 
 
 def path_problem(path: str | Path, kind: str = "directory") -> str | None:
@@ -217,7 +225,7 @@ class OptimConfig:
 class RunConfig:
     """What every training stage shares: where, how long, how big, how precise."""
 
-    out_dir: str = check("runs/pretrain", WRITABLE_DIR)
+    out_dir: str = check("runs/pretrain", OUTPUT_DIR)
     max_steps: int = check(1000, NON_NEGATIVE | "0: check everything, train nothing, save nothing")
     batch_size: int = check(8, POSITIVE)  # per process, per micro-step
     grad_accum: int = check(1, at_least(1))  # micro-steps per optimizer step
@@ -227,14 +235,14 @@ class RunConfig:
     save_every: int = check(0, NON_NEGATIVE | "0: only at the end")  # 0: only at the end
     keep_last: int = check(2, NON_NEGATIVE | "0: keep every one")  # step checkpoints kept on disk
     resume: bool = False
-    seed: int = check(1337, NON_NEGATIVE)
+    seed: int = check(1337, SEED)
     device: str = check("auto", DEVICE)  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     tensorboard: bool = False
-    threads: int = check(0, NON_NEGATIVE | "0: torch's default")  # CPU intra-op threads; 0 leaves torch's default
+    threads: int = check(0, THREADS)  # CPU intra-op threads; 0 leaves torch's default
 
 
 @dataclass
@@ -438,7 +446,7 @@ class EvaluateConfig:
 @dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
-    out: str = check("runs/tokenizer/tokenizer.json", WRITABLE_FILE)
+    out: str = check("runs/tokenizer/tokenizer.json", OUTPUT_FILE)
     vocab_size: int = check(4096, POSITIVE)
     min_frequency: int = check(2, POSITIVE)
     jsonl_field: str = "text"
@@ -449,7 +457,7 @@ class TokenizerConfig:
 class PrepareConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/corpus/chitchat.txt"])
     tokenizer: str = "runs/tokenizer/tokenizer.json"
-    out_dir: str = check("runs/data", WRITABLE_DIR)
+    out_dir: str = check("runs/data", OUTPUT_DIR)
     jsonl_field: str = "text"
     val_every: int = check(20, HELD_OUT_EVERY)  # every Nth document goes to validation (deterministic split)
     shard_tokens: int = check(50_000_000, POSITIVE)  # tokens per shard file
@@ -475,13 +483,65 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not sep or not key:
             raise ConfigError(f"{COMMAND_LINE}: {item!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"{COMMAND_LINE}: '{key}': the value {raw!r} is not valid YAML "
                               f"({getattr(e, 'problem', None) or type(e).__name__})") from None
-        set_dotted(data, key, value)
+        except _Refused as e:
+            raise ConfigError(f"{COMMAND_LINE}: '{key}': the value {raw!r} is not usable YAML ({e})") from None
+        set_dotted(data, key, value, source=str(path) if path else COMMAND_LINE, origins=cli)
         cli.add(key)
     return from_dict(cls, data, source=str(path) if path else COMMAND_LINE, origins=cli)
+
+
+MAX_YAML_VALUES = 100_000  # a config is small; aliases that expand past this are a "billion laughs"
+
+
+class _Refused(Exception):
+    """A YAML document refused by `safe_load` (duplicate key, too big once aliases expand)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last
+    silently) and counts the values aliases expand to."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _Refused(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice (first on "
+                                   f"line {seen[key]}); YAML would keep only the last")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(value: Any) -> int:
+    """How many values `value` holds once every alias is expanded (shared lists and dicts counted
+    each time they occur), computed without expanding; stops counting past MAX_YAML_VALUES."""
+    memo: dict[int, int] = {}
+
+    def size(v) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        if id(v) not in memo:
+            memo[id(v)] = 1  # a cycle (an alias inside itself) counts once
+            items = list(v.values()) if isinstance(v, dict) else v
+            memo[id(v)] = min(1 + sum(size(x) for x in items), MAX_YAML_VALUES + 1)
+        return memo[id(v)]
+
+    return size(value)
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys and alias bombs (raises _Refused)."""
+    loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    if _expanded_size(loaded) > MAX_YAML_VALUES:
+        raise _Refused(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+    return loaded
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -489,16 +549,22 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, not a YAML config file")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{p}: not a regular file (a device, pipe or socket), not a YAML config file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        loaded = safe_load(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a YAML file (not UTF-8 text: {e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    except _Refused as e:
+        if str(e).startswith("line"):
+            raise ConfigError(f"{p} {e}") from None
+        raise ConfigError(f"{p}: not a usable YAML config ({e})") from None
     except RecursionError:
         raise ConfigError(f"{p}: not a usable YAML config (nested too deeply)") from None
     except OSError as e:
@@ -515,7 +581,10 @@ def _kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
-def set_dotted(data: dict, key: str, value: Any) -> None:
+def set_dotted(data: dict, key: str, value: Any, source: str = COMMAND_LINE, origins=None) -> None:
+    """Set dotted `key` of the override `key=value`. When a section on the way holds a value
+    that is not a mapping, the error blames where that value came from (`source`, the YAML
+    file, unless the command line set it: `origins`)."""
     node = data
     parts = key.split(".")
     if not all(parts):
@@ -523,7 +592,12 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"{COMMAND_LINE}: '{key}': {'.'.join(parts[:i + 1])} is not a section")
+            section = ".".join(parts[:i + 1])
+            where = _origin(section, source, origins)
+            if where == COMMAND_LINE:
+                raise ConfigError(f"{COMMAND_LINE}: '{key}': {section} is not a section")
+            raise ConfigError(f"{where}: '{section}' must be a mapping (a section), got {_kind(nxt)}; "
+                              f"so '{key}' given on the command line cannot be set")
         node = nxt
     node[parts[-1]] = value
 
@@ -584,7 +658,29 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "", o
             for part in key[len(prefix):].split("."):
                 value = getattr(value, part)
             raise ConfigError(f"{_origin(key, source, origins)}: '{key}' {problem}, got {value!r}")
+    _check_warmup(obj, data, source, prefix, origins)
     return obj
+
+
+def _check_warmup(obj: Any, data: dict, source: str, prefix: str, origins) -> None:
+    """A stage's optim.warmup_steps, when given, must not exceed run.max_steps (> 0): the learning
+    rate would never reach optim.lr (1e20 warm-up steps trained at lr 1e-23). A stage's own
+    default warm-up, and a YAML file's warm-up when run.max_steps is shortened on the command
+    line (a quick try of a configured run), are left alone."""
+    optim, run = getattr(obj, "optim", None), getattr(obj, "run", None)
+    if not (isinstance(optim, OptimConfig) and isinstance(run, RunConfig)):
+        return
+    given = data.get("optim")
+    if not (isinstance(given, dict) and "warmup_steps" in given):
+        return
+    key = f"{prefix}optim.warmup_steps"
+    if (_origin(key, source, origins) != COMMAND_LINE
+            and _origin(f"{prefix}run.max_steps", source, origins) == COMMAND_LINE):
+        return  # a configured run shortened on the command line (e.g. `demo pretrain.run.max_steps=1`)
+    if run.max_steps > 0 and optim.warmup_steps > run.max_steps:
+        raise ConfigError(f"{_origin(key, source, origins)}: '{key}' must be <= {prefix}run.max_steps="
+                          f"{run.max_steps} (the learning rate would never reach {prefix}optim.lr), "
+                          f"got {optim.warmup_steps!r}")
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str, origins=None) -> Any:

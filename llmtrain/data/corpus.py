@@ -25,6 +25,8 @@ def list_files(inputs: list[str]) -> list[Path]:
             if not found:
                 raise DataError(f"{p}: no .txt, .md or .jsonl files in this directory")
             files += found
+        elif p.exists() and not p.is_file():
+            raise DataError(f"{p}: not a regular file (a device, pipe or socket)")
         elif p.is_file():
             if p.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
                 raise DataError(f"{p}: unsupported file type {p.suffix!r} (expected .txt, .md or .jsonl)")
@@ -115,4 +117,32 @@ def loads_line(line: str):
                     raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
             elif ch in "]}":
                 depth -= 1
-    return json.loads(line)
+    obj = json.loads(line)
+    if "\\u" in line:  # a lone surrogate can only come from a \uD8xx escape (the bytes were UTF-8)
+        where = _surrogate_at(obj)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape), not text")
+    return obj
+
+
+def has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _surrogate_at(obj, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string (value or key) holds a lone surrogate, named as a
+    field path ("field 'prompt'", "field 'messages[0].content'"), or None."""
+    stack = [(obj, path)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if has_surrogate(v):
+                return f"field '{at}'" if at else "the line"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if has_surrogate(k):
+                    return f"a key of {'field ' + repr(at) if at else 'the line'}"
+                stack.append((x, f"{at}.{k}" if at else k))
+        elif isinstance(v, list):
+            stack += [(x, f"{at}[{i}]") for i, x in enumerate(v)]
+    return None

@@ -45,12 +45,14 @@ class Ranking:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
     def pairs(self, min_score_gap: float = 0.0) -> list[tuple[int, int]]:
-        """All (better, worse) index pairs with a strict preference: C(K,2) minus ties, and
-        minus pairs whose scores differ by less than `min_score_gap` (when scores are given)."""
+        """All (better, worse) index pairs with a strict preference: C(K,2) minus ties, minus
+        pairs of the same text (a person may rank two identical candidates apart; "a beats a"
+        is no preference, and the export must stay importable), and minus pairs whose scores
+        differ by less than `min_score_gap` (when scores are given)."""
         out = []
         for i in range(len(self.texts)):
             for j in range(len(self.texts)):
-                if self.ranks[i] < self.ranks[j]:
+                if self.ranks[i] < self.ranks[j] and self.texts[i] != self.texts[j]:
                     if min_score_gap and self.scores is not None and self.scores[i] - self.scores[j] < min_score_gap:
                         continue
                     out.append((i, j))

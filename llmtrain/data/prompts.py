@@ -11,6 +11,8 @@ from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
 
 
 def parse_prompt(obj) -> list[dict]:
+    if isinstance(obj, dict) and "prompt" in obj and "messages" in obj:
+        raise ValueError("has both 'prompt' and 'messages': ambiguous, give one or the other")
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
         msgs = [{"role": "user", "content": obj["prompt"]}]
         if isinstance(obj.get("system"), str):

@@ -32,6 +32,8 @@ def parse_line(obj) -> list[dict]:
     """One JSON value -> a list of messages, or ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
+    if "messages" in obj and ("prompt" in obj or "response" in obj):
+        raise ValueError("has both 'messages' and 'prompt'/'response': ambiguous, give one or the other")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -63,6 +65,8 @@ def read_jsonl(path: str | Path, parse, skip_bad_lines: bool = False) -> tuple[l
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p}: is a directory, not a JSONL data file")
+    if p.exists() and not p.is_file():
+        raise DataError(f"{p}: not a regular file (a device, pipe or socket), not a JSONL data file")
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     items, skipped = [], 0

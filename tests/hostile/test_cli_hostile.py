@@ -98,6 +98,26 @@ def fx(tmp_path_factory, pretrained, reward_ckpt, tokenizer_path, shards, corpus
         "tab.yaml": b"run:\n\tmax_steps: 3\n",
         "not_json_tok.json": b"not a tokenizer\n",
         "binary_tok.json": bytes(range(256)) * 4,
+        # Lone surrogates: valid JSON escapes that are not text (the tokenizer raised TypeError on them).
+        "surr_sft.jsonl": b'{"prompt": "a", "response": "b"}\n{"prompt": "\\ud800", "response": "x"}\n',
+        "surr_msgs.jsonl": b'{"messages": [{"role": "user", "content": "hi \\udfff"}, {"role": "assistant", "content": "y"}]}\n',
+        "surr_response.jsonl": b'{"prompt": "p", "response": "ok \\uDC80"}\n',
+        "surr_classify.jsonl": b'{"text": "\\ud800", "label": "a"}\n',
+        "surr_prompts.jsonl": b'{"prompt": "\\udc80 x"}\n',
+        "surr_rank.jsonl": b'{"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "\\ud83d", "rank": 2}]}\n',
+        "surr_key.jsonl": b'{"prompt": "p", "response": "r", "\\ud800": 1}\n',
+        "surr_text.jsonl": b'{"text": "fine"}\n{"text": "\\ud800"}\n',
+        # Both prompt/response and messages on one line.
+        "both.jsonl": b'{"prompt": "a", "response": "b", "messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n',
+        "both_prompt.jsonl": b'{"prompt": "a", "messages": [{"role": "user", "content": "c"}]}\n',
+        # YAML: a key given twice (last would win), an alias bomb, a blank out_dir, warm-up past the end.
+        "dup.yaml": b"optim:\n  lr: 0.01\n  lr: -1\n",
+        "dup_section.yaml": b"run:\n  max_steps: 1\nmodel:\n  dim: 32\nrun:\n  max_steps: 2\n",
+        "bomb.yaml": b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(  # 10**8 values once expanded
+            b"%c: &%c [%s]\n" % (c, c, b", ".join([b"*%c" % p] * 10)) for p, c in zip(b"abcdefg", b"bcdefgh"))
+            + b"run: *h\n",
+        "blank_out.yaml": b"run:\n  out_dir: '   '\n",
+        "warmup.yaml": b"optim:\n  warmup_steps: 50\nrun:\n  max_steps: 1\n",
     }
     for name, data in files.items():
         (d / name).write_bytes(data)
@@ -395,6 +415,81 @@ case("export:checkpoint missing", ["export", "{missing_dir}", "-o", OUT], "{miss
 case("export:-o a file", ["export", "{ckpt}", "-o", "{corpus}"], "{corpus}")
 
 
+# --- found by the adversarial review of #15 (each failed before its fix)
+# Lone surrogates in a data line: the file, the line and the field.
+for cmd, key, name, where in [
+        ("sft", "data.train", "surr_sft.jsonl", ":2: field 'prompt'"),
+        ("sft", "data.train", "surr_msgs.jsonl", ":1: field 'messages[0].content'"),
+        ("sft", "data.train", "surr_response.jsonl", ":1: field 'response'"),
+        ("sft", "data.train", "surr_key.jsonl", ":1: a key"),
+        ("classify", "data.train", "surr_classify.jsonl", ":1: field 'text'"),
+        ("reward", "data.train", "surr_rank.jsonl", ":1: field 'ranked[1].text'"),
+        ("dpo", "data.train", "surr_rank.jsonl", ":1: field 'ranked[1].text'"),
+        ("ppo", "prompts", "surr_prompts.jsonl", ":1: field 'prompt'"),
+        ("evaluate", "prompts", "surr_prompts.jsonl", ":1: field 'prompt'")]:
+    case(f"{cmd}:{key} {name}", [*BASE[cmd], f"{key}={{{name}}}"], *at(name, where))
+case("fbgen:--prompts surr_prompts.jsonl", [*BASE["fbgen"][:4], "{surr_prompts.jsonl}", *BASE["fbgen"][5:]],
+     "{surr_prompts.jsonl}:1: field 'prompt'")
+case("tokenizer:inputs surr_text.jsonl", [*BASE["tokenizer"], "inputs=[{surr_text.jsonl}]"],
+     "{surr_text.jsonl}:2: field 'text'")
+case("prepare:inputs surr_text.jsonl", [*BASE["prepare"], "inputs=[{surr_text.jsonl}]"],
+     "{surr_text.jsonl}:2: field 'text'")
+case("classify predict:--input surr_classify.jsonl", ["classify", "predict", "{ckpt}", "--input", "{surr_classify.jsonl}"],
+     "{surr_classify.jsonl}:1: field 'text'")
+case("reward score:--input surr_response.jsonl", ["reward", "score", "{ckpt}", "--input", "{surr_response.jsonl}"],
+     "{surr_response.jsonl}:1: field 'response'")
+# Bytes that are not UTF-8 on the command line (Python passes them as lone surrogates).
+for cmd, argv, needle in [("generate", ["generate", "{ckpt}", "--prompt", "hi \udcff"], "--prompt"),
+                          ("chat", ["chat", "{ckpt}", "--prompt", "\udcc3("], "--prompt"),
+                          ("chat", ["chat", "{ckpt}", "--prompt", "hi", "--system", "\udcff"], "--system"),
+                          ("generate", ["generate", "{ckpt}", "--prompt=\udcff"], "--prompt"),
+                          ("pretrain", [*BASE["pretrain"], "run.out_dir={work}/\udcff"], "'run.out_dir'"),
+                          ("sft", [*BASE["sft"], "data.train={work}/\udcfe.jsonl"], "'data.train'"),
+                          ("pretrain", ["pretrain", "-c", "{work}/\udcff.yaml"], "-c"),
+                          ("fbgen", [*BASE["fbgen"][:4], "{work}/\udcff.jsonl", *BASE["fbgen"][5:]], "--prompts"),
+                          ("classify predict", ["classify", "predict", "{ckpt}", "--text", "\udcff"], "--text")]:
+    case(f"{cmd}:argv not UTF-8 {len(CASES)}", argv, needle, "not UTF-8")
+# Seeds that do not fit 64 bits; threads beyond any machine; blank output paths.
+for o in ["run.seed=18446744073709551617", "run.seed=9223372036854775808", "run.threads=100000"]:
+    bad_value("pretrain", o)
+for o in ["run.seed=18446744073709551617", "run.threads=100000", "run.out_dir=", "run.out_dir= "]:
+    bad_value("sft", o)
+bad_value("pretrain", "run.out_dir=")
+bad_value("prepare", "out_dir=")
+bad_value("tokenizer", "out=")
+bad_value("dpo", "run.seed=99999999999999999999")
+for cmd in ("generate", "chat", "fbgen"):
+    bad_flag(cmd, "--seed", "18446744073709551617")
+    bad_flag(cmd, "--seed", "-1")
+case("pretrain:yaml:blank_out", ["pretrain", "-c", "{blank_out.yaml}",
+                                 *[a for a in BASE["pretrain"][1:] if not a.startswith("run.out_dir")]],
+     "{blank_out.yaml}", "'run.out_dir'")
+# A key given twice in a YAML mapping (the last used to win silently): file, line and key.
+case("pretrain:yaml:dup key", ["pretrain", "-c", "{dup.yaml}", *BASE["pretrain"][1:]], "{dup.yaml} line 3", "'lr'")
+case("pretrain:yaml:dup section", ["pretrain", "-c", "{dup_section.yaml}", *BASE["pretrain"][1:]],
+     "{dup_section.yaml} line 5", "'run'")
+case("pretrain:override dup key", [*BASE["pretrain"], "optim={lr: 0.01, lr: -1}"], "'optim'", "given twice")
+# Warm-up past the end of the run (lr would never reach optim.lr).
+bad_value("pretrain", "optim.warmup_steps=100000000000000000000")
+bad_value("sft", "optim.warmup_steps=5")
+case("sft:yaml:warmup", ["sft", "-c", "{warmup.yaml}", *[a for a in BASE["sft"][1:] if not a.startswith("run.max_steps")]],
+     "{warmup.yaml}", "'optim.warmup_steps'")
+bad_value("demo", "pretrain.optim.warmup_steps=1000000")
+# A line that is both prompt/response and messages. (A text ranked against itself is no pair:
+# data/preference.py, tests/unit/test_data.py; the app's export may hold one, so it is not refused.)
+case("sft:data both.jsonl", [*BASE["sft"], "data.train={both.jsonl}"], "{both.jsonl}:1: has both")
+case("ppo:prompts both_prompt.jsonl", [*BASE["ppo"], "prompts={both_prompt.jsonl}"], "{both_prompt.jsonl}:1: has both")
+case("fbgen:--prompts both_prompt.jsonl", [*BASE["fbgen"][:4], "{both_prompt.jsonl}", *BASE["fbgen"][5:]],
+     "{both_prompt.jsonl}:1: has both")
+# Not a regular file (reading /dev/zero would never end), and the YAML file blamed for its own values.
+case("pretrain:-c /dev/zero", ["pretrain", "-c", "/dev/zero", *BASE["pretrain"][1:]], "/dev/zero", "not a regular file")
+case("sft:data.train /dev/zero", [*BASE["sft"], "data.train=/dev/zero"], "/dev/zero", "not a regular file")
+case("tokenizer:inputs /dev/zero", [*BASE["tokenizer"], "inputs=[/dev/zero]"], "/dev/zero", "not a regular file")
+case("pretrain:yaml:alias bomb", ["pretrain", "-c", "{bomb.yaml}", *BASE["pretrain"][1:]], "{bomb.yaml}", "aliases")
+case("pretrain:yaml:run a list + run.out_dir", ["pretrain", "-c", "{run_list.yaml}", *BASE["pretrain"][1:]],
+     "{run_list.yaml}: 'run' must be a mapping")
+
+
 # ----------------------------------------------------------------------------- the check
 
 
@@ -403,8 +498,14 @@ def _listing(root: Path) -> dict:
 
 
 def _fill(template: str, paths: dict) -> str:
-    """{name} -> the fixture path of that name (names hold dots, so not str.format)."""
-    return re.sub(r"\{([^{}]+)\}", lambda m: paths[m.group(1)], template)
+    """{name} -> the fixture path of that name (names hold dots, so not str.format); a YAML flow
+    mapping such as {lr: 1} (not a fixture's name) is left as it is."""
+    return re.sub(r"\{([^{}]+)\}", lambda m: _placeholder(m, paths), template)
+
+
+def _placeholder(m: re.Match, paths: dict) -> str:
+    name = m.group(1)
+    return m.group(0) if name not in paths and ": " in name else paths[name]
 
 
 def outcome(argv: list[str], needles: list[str], is_argparse: bool, paths: dict, work: Path, capsys) -> tuple[str, str]:
@@ -488,3 +589,19 @@ def test_the_installed_entry_point_prints_one_line(args, needle, fx, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("llmtrain "), r.stderr
     assert list(work.iterdir()) == []
+
+
+def test_generate_says_when_max_new_tokens_does_not_fit(fx, tmp_path, monkeypatch, capsys):
+    """Not an error (the answer stops at the end of the context window), but said on stderr."""
+    from llmtrain import checkpoint
+    from llmtrain.cli import main as cli_main
+
+    ctx = checkpoint.model_config(checkpoint.resolve(fx["ckpt"])).max_seq_len
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["generate", fx["ckpt"], "--prompt", "hi", "--max-new-tokens", "1000000000", "--greedy"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 1000000000 does not fit" in err and f"context window of {ctx} tokens" in err, err
+    assert "Traceback" not in err
+    assert cli_main(["generate", fx["ckpt"], "--prompt", "hi", "--max-new-tokens", "2", "--greedy"]) == 0
+    assert "does not fit" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

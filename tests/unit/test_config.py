@@ -225,3 +225,72 @@ def test_more_processes_than_gpus_is_one_line_naming_run_device(monkeypatch):
     with pytest.raises(ConfigError, match=r"^run\.device: 2 processes on this node need 2 CUDA devices .* has 1: "
                                           r"start at most 1 \(torchrun --nproc_per_node 1\) or set run\.device=cpu$"):
         dist._check_rank_has_gpu(torch.device("cuda", 1), 1, 2)
+
+
+# ----------------------------------------------------------------------------- #15 review: YAML and limits
+
+
+def test_a_key_given_twice_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.01\n  warmup_steps: 0\n  lr: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, p)
+    assert str(e.value) == f"{p} line 4: key 'lr' is given twice (first on line 2); YAML would keep only the last"
+
+
+def test_merge_keys_may_still_be_overridden():
+    from llmtrain.config import safe_load
+
+    assert safe_load("a: &b {lr: 0.5}\noptim:\n  <<: *b\n  lr: 0.25\n")["optim"] == {"lr": 0.25}
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    text = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")) + "run: *h\n"
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="aliases expand to more than 100,000 values") as e:
+        load_config(PretrainConfig, p, ["run.out_dir=x"])
+    assert str(e.value).startswith(str(p))
+    # A small alias is an ordinary YAML feature.
+    q = write(tmp_path, "x: &n 3\n")
+    from llmtrain.config import safe_load
+
+    assert safe_load(q.read_text() + "y: *n\n") == {"x": 3, "y": 3}
+
+
+def test_a_section_from_the_file_is_blamed_on_the_file(tmp_path):
+    p = write(tmp_path, "run: [1, 2]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, p, ["run.out_dir=x"])
+    assert str(e.value).startswith(f"{p}: 'run' must be a mapping") and "command line" in str(e.value)
+    with pytest.raises(ConfigError, match="^command line: 'run.out_dir': run is not a section"):
+        load_config(PretrainConfig, None, ["run=3", "run.out_dir=x"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("run.seed=9223372036854775808", "'run.seed' must be >= 0 and < 2**63"),
+    ("run.threads=100000", "'run.threads' must be >= 0 and <="),
+    ("run.out_dir=", "'run.out_dir' must name a directory"),
+    ("optim.warmup_steps=11", "'optim.warmup_steps' must be <= run.max_steps=10"),
+])
+def test_limits(override, needle):
+    with pytest.raises(ConfigError, match="^command line: " + needle.replace("*", r"\*").replace(".", r"\.")):
+        load_config(PretrainConfig, None, ["run.max_steps=10", override])
+
+
+def test_limits_accept_the_edges():
+    cfg = load_config(PretrainConfig, None, ["run.seed=9223372036854775807", "run.threads=4", "run.max_steps=10",
+                                             "optim.warmup_steps=10"])
+    assert cfg.run.seed == 2**63 - 1 and cfg.optim.warmup_steps == 10
+    # A stage's own default warm-up is not an error on a short run; nor is max_steps 0.
+    from llmtrain.config import DPOConfig
+
+    assert load_config(DPOConfig, None, ["run.max_steps=1"]).optim.warmup_steps == 10
+    assert load_config(PretrainConfig, None, ["run.max_steps=0", "optim.warmup_steps=50"]).run.max_steps == 0
+
+
+def test_a_configured_warmup_on_a_run_shortened_on_the_command_line_is_left_alone(tmp_path):
+    p = write(tmp_path, "optim:\n  warmup_steps: 20\nrun:\n  max_steps: 100\n")
+    assert load_config(PretrainConfig, p, ["run.max_steps=1"]).optim.warmup_steps == 20
+    q = write(tmp_path, "optim:\n  warmup_steps: 20\nrun:\n  max_steps: 10\n")
+    with pytest.raises(ConfigError, match=f"^{q}: 'optim.warmup_steps' must be <= run.max_steps=10"):
+        load_config(PretrainConfig, q)

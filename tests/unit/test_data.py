@@ -76,3 +76,51 @@ def test_window_partition_across_micro_steps_and_ranks(shards):
     ranks = np.concatenate([w.batch(2, 2, rank=r, world=2)[0].numpy() for r in range(2)])
     assert (micro == big.numpy()).all() and (ranks == big.numpy()).all()
     assert not (w.batch(3, 4)[0] == big).all()
+
+
+# ----------------------------------------------------------------------------- #15 review: text that is not text
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"prompt": "\\ud800", "response": "x"}', "field 'prompt' holds a lone surrogate"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\\uDFFF"}]}',
+     "field 'messages[1].content'"),
+    ('{"\\ud800": 1, "prompt": "a", "response": "b"}', "a key of the line"),
+])
+def test_a_lone_surrogate_names_file_line_and_field(tmp_path, line, needle):
+    from llmtrain.data.sft import read_conversations
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "ok \\ud83d\\ude00", "response": "fine"}\n' + line + "\n")  # a pair is text
+    with pytest.raises(DataError, match=f"^{p}:2: {needle}".replace("[", r"\[").replace("]", r"\]")):
+        read_conversations(p)
+
+
+def test_surrogates_in_tokenizer_inputs(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "\\udc80"}\n')
+    with pytest.raises(DataError, match=f"^{p}:2: field 'text'"):
+        list(iter_documents([str(p)]))
+
+
+def test_ambiguous_lines_and_self_beating_pairs(tmp_path):
+    from llmtrain.data.preference import read_rankings
+    from llmtrain.data.prompts import read_prompts
+    from llmtrain.data.sft import read_conversations
+
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "response": "b", "messages": [{"role": "user", "content": "c"},
+                                                                          {"role": "assistant", "content": "d"}]}) + "\n")
+    with pytest.raises(DataError, match=f"^{p}:1: has both 'messages' and 'prompt'/'response'"):
+        read_conversations(p)
+    p.write_text(json.dumps({"prompt": "a", "messages": [{"role": "user", "content": "c"}]}) + "\n")
+    with pytest.raises(DataError, match=f"^{p}:1: has both 'prompt' and 'messages'"):
+        read_prompts(p)
+    r = tmp_path / "r.jsonl"
+    # A person ranked two identical candidates apart (the app allows it and its export must import):
+    # "a beats a" is no preference pair; the ties and the real pairs stay.
+    line = {"prompt": "p", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "a", "rank": 3},
+                                      {"text": "c", "rank": 3}]}
+    r.write_text(json.dumps(line) + "\n")
+    pairs = read_rankings(r)[0][0].pairs()
+    assert pairs == [(0, 1), (0, 3), (1, 2), (1, 3)]
