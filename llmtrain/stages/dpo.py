@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from llmtrain import checkpoint, dist, training
-from llmtrain.config import DPOConfig, to_dict
+from llmtrain.config import DPOConfig
 from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
-from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.metrics import Progress
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.tokenizer import Tokenizer, render_answer
-from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, optimizer_step
 
 
 def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
@@ -48,13 +48,7 @@ def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking],
 def main(cfg: DPOConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    run_dir = Path(run.out_dir)
-    if not cfg.policy:
-        raise ConfigError("policy is not set: give the SFT checkpoint")
-    sft_ckpt = checkpoint.resolve(cfg.policy)
-    tok_path = checkpoint.tokenizer_of(sft_ckpt)
-    tok = Tokenizer.load(tok_path)
-    mcfg = checkpoint.model_config(sft_ckpt)
+    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint")
     max_len = cfg.data.max_len or mcfg.max_seq_len
 
     train_r, val_r, counts = load_pairs_data(cfg.data)
@@ -78,13 +72,13 @@ def main(cfg: DPOConfig) -> Path:
         raise ConfigError("run.resume with lora.enabled is not supported by dpo yet (checkpoints hold merged weights)")
     if cfg.lora.enabled and run.strategy == "fsdp" and env.distributed:
         raise ConfigError("dpo with lora.enabled runs under run.strategy=ddp (adapters are small)")
-    train_model, optimizer, resumed, done = training.prepare(policy, cfg.optim, run, env, run_dir)
-    start_step = done.get("step", 0)
+    s = training.start("dpo", cfg, policy, mcfg, tok_path, env)
+    log, optimizer, start_step = s.log, s.optimizer, s.start_step
 
-    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(policy)
-    log.print(f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs; "
-              f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {counts['skipped_lines']} bad lines skipped")
+    training.announce(s, f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts "
+                         f"with pairs; {trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; "
+                         f"{counts['skipped_lines']} bad lines skipped")
 
     def pair_rewards(model, rows):
         lp, starts = answer_logprobs(model, tok, rows, max_len, env.device)
@@ -97,7 +91,7 @@ def main(cfg: DPOConfig) -> Path:
         b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
         return lp[b], lp[w], ref[b], ref[w]
 
-    def evaluate() -> dict:
+    def held_out() -> dict:
         policy.eval()
         rc, rr, losses = [], [], []
         with torch.no_grad(), dist.autocast(env.device, run.precision):
@@ -114,16 +108,24 @@ def main(cfg: DPOConfig) -> Path:
                 "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
                 "loss": sum(losses) / len(rc), "pairs": len(rc)}
 
+    def evaluate(done: int) -> dict:
+        result = held_out()
+        log.log(done, "val", **result)
+        log.print(f"step {done:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
+        return result
+
+    def save(step: int, pairs: int, result: dict) -> None:
+        training.save(s, step, {"tokens": 0, **result})
+
     if start_step == 0:
-        r = evaluate()
+        r = held_out()
         log.log(0, "val", **r)
         log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
     policy.train()
     progress = Progress(start_step, run.max_steps, 0, unit="pairs")
     result, pairs_seen = {}, 0
     for step in range(start_step, run.max_steps):
-        lr = lr_at(step, cfg.optim, run.max_steps)
-        set_lr(optimizer, lr)
+        lr = training.step_lr(s, step)
         total_pairs = batches.n_pairs(step)
 
         def loss_of(micro, m):
@@ -132,24 +134,9 @@ def main(cfg: DPOConfig) -> Path:
             n = sum(len(r.pairs(cfg.data.min_score_gap)) for r in rows)
             return loss * n * env.world / total_pairs  # mean over this micro-batch -> share of the global mean
 
-        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        step_loss = training.accumulate(s.train_model, run.grad_accum, loss_of, env, run.precision)
         grad_norm = optimizer_step(policy, optimizer, cfg.optim.grad_clip)
         pairs_seen += total_pairs
-        d = step + 1
-        if d % run.log_every == 0 or d == run.max_steps:
-            loss_v = float(dist.all_reduce_mean(step_loss, env))
-            line, _ = progress.line(d, pairs_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
-            log.log(d, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
-            log.print(line)
-        if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
-            result = evaluate()
-            log.log(d, "val", **result)
-            log.print(f"step {d:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
-        if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
-            checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": "dpo", "config": to_dict(cfg)},
-                            meta={"tokens": 0, **result}, tokenizer_path=str(tok_path), optimizer=optimizer,
-                            rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
-    log.print(f"dpo done in {fmt_duration(progress.elapsed())}; peak memory {dist.peak_memory_mb(env.device):,.0f} MB")
-    log.close()
-    dist.teardown()
-    return run_dir
+        result = training.end_step(s, progress, step + 1, step_loss, lr, grad_norm, pairs_seen, evaluate, save, result)
+
+    return training.finish(s, progress)
