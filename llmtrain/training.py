@@ -200,11 +200,19 @@ def announce(s: Session, *lines: str) -> None:
         s.log.print(f"resumed from {s.resumed} at step {s.start_step}")
 
 
-def step_lr(s: Session, step: int) -> float:
-    """Set and return the learning rate of `step`."""
-    lr = lr_at(step, s.cfg.optim, s.cfg.run.max_steps)
-    set_lr(s.optimizer, lr)
-    return lr
+def begin(s: Session, seen: int = 0, unit: str = "tok") -> Progress:
+    """Into training mode; the progress line counts from `seen` tokens (or pairs, texts)."""
+    s.model.train()
+    return Progress(s.start_step, s.cfg.run.max_steps, seen, unit=unit)
+
+
+def steps(s: Session):
+    """The steps still to run (a resumed run goes on where it stopped), each as (step, its
+    learning rate), the rate already set on the optimizer."""
+    for step in range(s.start_step, s.cfg.run.max_steps):
+        lr = lr_at(step, s.cfg.optim, s.cfg.run.max_steps)
+        set_lr(s.optimizer, lr)
+        yield step, lr
 
 
 def end_step(s: Session, progress: Progress, done: int, step_loss: torch.Tensor, lr: float, grad_norm: float,

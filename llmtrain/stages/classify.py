@@ -18,7 +18,6 @@ from llmtrain.config import ClassifyConfig
 from llmtrain.data import classify as cls_data
 from llmtrain.data.sft import LengthBatches, split
 from llmtrain.errors import CheckpointError, DataError
-from llmtrain.metrics import Progress
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.tokenizer import Tokenizer
@@ -85,11 +84,9 @@ def main(cfg: ClassifyConfig) -> Path:
         training.save(s, step, {"tokens": 0, "accuracy": result.get("accuracy")}, labels=labels)
 
     # ---- the loop
-    model.train()
-    progress = Progress(start_step, run.max_steps, start_step * global_batch, unit="texts")
+    progress = training.begin(s, start_step * global_batch, unit="texts")
     result = {}
-    for step in range(start_step, run.max_steps):
-        lr = training.step_lr(s, step)
+    for step, lr in training.steps(s):
 
         def loss_of(micro, m):
             rows = batches.rows(step, run.batch_size, micro, env.rank, env.world)

@@ -19,7 +19,6 @@ from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
-from llmtrain.metrics import Progress
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.tokenizer import Tokenizer, render_answer
@@ -117,15 +116,16 @@ def main(cfg: DPOConfig) -> Path:
     def save(step: int, pairs: int, result: dict) -> None:
         training.save(s, step, {"tokens": 0, **result})
 
+    # ---- the loop
+    result, pairs_seen = {}, 0  # the last evaluation (saved with each checkpoint), pairs trained on
     if start_step == 0:
         r = held_out()
         log.log(0, "val", **r)
         log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
-    policy.train()
-    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
-    result, pairs_seen = {}, 0
-    for step in range(start_step, run.max_steps):
-        lr = training.step_lr(s, step)
+    progress = training.begin(s, 0, unit="pairs")
+    for step, lr in training.steps(s):
+        # The step's loss is the mean over every pair of the global batch, however the pairs
+        # fall into micro-batches and processes.
         total_pairs = batches.n_pairs(step)
 
         def loss_of(micro, m):

@@ -17,7 +17,6 @@ from llmtrain.config import PretrainConfig
 from llmtrain.data.pretrain import TokenWindows, load_meta
 from llmtrain.errors import ConfigError
 from llmtrain.losses import lm_loss
-from llmtrain.metrics import Progress
 from llmtrain.model import Transformer
 from llmtrain.training import count_params, optimizer_step
 
@@ -70,11 +69,9 @@ def main(cfg: PretrainConfig) -> Path:
         training.save(s, step, {"tokens": tokens, "data": {"seed": run.seed, "next_step": step}, "val_loss": val_loss})
 
     # ---- the loop
-    model.train()
-    progress = Progress(s.start_step, run.max_steps, tokens_seen)
+    progress = training.begin(s, tokens_seen)
     val_loss = float("nan")
-    for step in range(s.start_step, run.max_steps):
-        lr = training.step_lr(s, step)
+    for step, lr in training.steps(s):
 
         def loss_of(micro, m):
             x, y = train_data.batch(step, run.batch_size, micro, run.grad_accum, env.rank, env.world)

@@ -22,7 +22,6 @@ from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, p
 from llmtrain.data.prompts import fit_prompts, prompt_room
 from llmtrain.generate import SamplingConfig, answer_text, generate
 from llmtrain.losses import pairwise_ranking_loss
-from llmtrain.metrics import Progress
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
@@ -88,11 +87,9 @@ def main(cfg: RewardConfig) -> Path:
         training.save(s, step, {"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}}, reward=norm)
 
     # ---- the loop
-    model.train()
-    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
+    progress = training.begin(s, 0, unit="pairs")
     result, pairs_seen = {}, 0
-    for step in range(start_step, run.max_steps):
-        lr = training.step_lr(s, step)
+    for step, lr in training.steps(s):
         total_pairs = batches.n_pairs(step)
 
         def loss_of(micro, m):

@@ -20,7 +20,6 @@ from llmtrain.data import sft as sft_data
 from llmtrain.data.prompts import last_user
 from llmtrain.generate import greedy_answers, prompt_budget
 from llmtrain.losses import lm_loss
-from llmtrain.metrics import Progress
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
 from llmtrain.tokenizer import Tokenizer, render_chat
@@ -118,11 +117,9 @@ def main(cfg: SFTConfig) -> Path:
         log_samples(0)
 
     # ---- the loop
-    model.train()
-    progress = Progress(start_step, run.max_steps, tokens_seen)
+    progress = training.begin(s, tokens_seen)
     val_loss = float("nan")
-    for step in range(start_step, run.max_steps):
-        lr = training.step_lr(s, step)
+    for step, lr in training.steps(s):
         # The step's loss is the sum over all its response tokens / their number, whatever
         # the split into micro-steps and processes (DDP averages over ranks: hence * world).
         n_targets = batches.target_tokens(step)
