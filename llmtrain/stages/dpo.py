@@ -53,20 +53,7 @@ def main(cfg: DPOConfig) -> Path:
     train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
-    torch.manual_seed(run.seed)
-    policy = Transformer(mcfg)
-    checkpoint.load_weights(sft_ckpt, policy)
-    if cfg.lora.enabled:
-        # The base weights stay frozen: the reference is the policy with its adapters off.
-        apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        reference = None
-    else:
-        reference = Transformer(mcfg)
-        checkpoint.load_weights(sft_ckpt, reference)
-        reference.requires_grad_(False)
-        reference.to(env.device).eval()  # replicated on every process, never sharded
-        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
-    policy.to(env.device)
+    policy, reference = build_models(cfg, sft_ckpt, mcfg, env)
     if run.resume and cfg.lora.enabled:
         raise ConfigError("run.resume with lora.enabled is not supported by dpo yet (checkpoints hold merged weights)")
     if cfg.lora.enabled and run.strategy == "fsdp" and env.distributed:
@@ -90,25 +77,8 @@ def main(cfg: DPOConfig) -> Path:
         b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
         return lp[b], lp[w], ref[b], ref[w]
 
-    def held_out() -> dict:
-        policy.eval()
-        rc, rr, losses = [], [], []
-        with torch.no_grad(), dist.autocast(env.device, run.precision):
-            for i in range(0, len(val_r), run.batch_size):
-                loss, c, r = dpo_loss(*pair_rewards(policy, val_r[i:i + run.batch_size]), cfg.beta)
-                rc.append(c)
-                rr.append(r)
-                losses.append(float(loss) * len(c))
-        policy.train()
-        rc, rr = torch.cat(rc), torch.cat(rr)
-        # A tie (as before training, when policy == reference) counts half, like a coin flip.
-        acc = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
-        return {"accuracy": acc, "margin": float((rc - rr).mean()),
-                "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
-                "loss": sum(losses) / len(rc), "pairs": len(rc)}
-
     def evaluate(done: int) -> dict:
-        result = held_out()
+        result = held_out(policy, pair_rewards, val_r, cfg, env.device)
         log.log(done, "val", **result)
         log.print(f"step {done:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
         return result
@@ -119,7 +89,7 @@ def main(cfg: DPOConfig) -> Path:
     # ---- the loop
     result, pairs_seen = {}, 0  # the last evaluation (saved with each checkpoint), pairs trained on
     if start_step == 0:
-        r = held_out()
+        r = held_out(policy, pair_rewards, val_r, cfg, env.device)
         log.log(0, "val", **r)
         log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
     progress = training.begin(s, 0, unit="pairs")
@@ -140,3 +110,43 @@ def main(cfg: DPOConfig) -> Path:
         result = training.end_step(s, progress, step + 1, step_loss, lr, grad_norm, pairs_seen, evaluate, save, result)
 
     return training.finish(s, progress)
+
+
+def build_models(cfg: DPOConfig, sft_ckpt: Path, mcfg, env) -> tuple[Transformer, Transformer | None]:
+    """-> (policy, frozen reference). With LoRA there is no reference model: it is the policy
+    with its adapters off, since the base weights stay frozen."""
+    torch.manual_seed(cfg.run.seed)
+    policy = Transformer(mcfg)
+    checkpoint.load_weights(sft_ckpt, policy)
+    if cfg.lora.enabled:
+        apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        reference = None
+    else:
+        reference = Transformer(mcfg)
+        checkpoint.load_weights(sft_ckpt, reference)
+        reference.requires_grad_(False)
+        reference.to(env.device).eval()  # replicated on every process, never sharded
+        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
+    policy.to(env.device)
+    return policy, reference
+
+
+def held_out(policy: Transformer, pair_rewards, rankings: list[Ranking], cfg: DPOConfig, device) -> dict:
+    """Implicit-reward accuracy, margin, chosen/rejected rewards and loss over held-out pairs;
+    `pair_rewards(model, rows)` gives the four log-prob tensors of `dpo_loss`."""
+    run = cfg.run
+    policy.eval()
+    rc, rr, losses = [], [], []
+    with torch.no_grad(), dist.autocast(device, run.precision):
+        for i in range(0, len(rankings), run.batch_size):
+            loss, c, r = dpo_loss(*pair_rewards(policy, rankings[i:i + run.batch_size]), cfg.beta)
+            rc.append(c)
+            rr.append(r)
+            losses.append(float(loss) * len(c))
+    policy.train()
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    # A tie (as before training, when policy == reference) counts half, like a coin flip.
+    acc = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+    return {"accuracy": acc, "margin": float((rc - rr).mean()),
+            "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
+            "loss": sum(losses) / len(rc), "pairs": len(rc)}

@@ -40,15 +40,7 @@ def main(cfg: SFTConfig) -> Path:
     model.to(env.device)
 
     max_len = cfg.data.max_len or mcfg.max_seq_len
-    convs, skipped = sft_data.read_conversations(cfg.data.train, cfg.data.skip_bad_lines)
-    if cfg.data.val:
-        val_convs, skipped_val = sft_data.read_conversations(cfg.data.val, cfg.data.skip_bad_lines)
-        skipped += skipped_val
-        train_convs = convs
-    else:
-        train_convs, val_convs = sft_data.split(convs, cfg.data.val_every)
-    train_ex, dropped = sft_data.encode(tok, train_convs, max_len)
-    val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
+    train_ex, val_ex, val_convs, skipped, dropped = read_data(cfg, tok, max_len)
     batches = sft_data.LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
     # Sample answers to the first held-out prompts: lengths checked now (too long: cut from the left).
     sample_convs = [msgs for _, msgs in val_convs[: cfg.sample_prompts]]
@@ -64,36 +56,15 @@ def main(cfg: SFTConfig) -> Path:
     training.announce(s, f"sft: from {base}; {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
                          f"({len(frozen)} tensors frozen); {env.world} process(es) on {env.device}, {run.precision}",
                       f"sft data: {len(train_ex)} train / {len(val_ex)} held-out examples; {skipped} bad lines "
-                      f"skipped, {dropped + dropped_val} dropped (no response token within {max_len})")
+                      f"skipped, {dropped} dropped (no response token within {max_len})")
     if long_samples:
         log.print(f"sft: {long_samples} of {len(sample_convs)} sample prompts longer than {room} tokens (of the context "
                   f"window of {mcfg.max_seq_len} with sample_tokens {cfg.sample_tokens}) are cut from the left for their "
                   "sample answers")
 
-    sharded = dist.is_sharded(model)
-
-    def response_loss() -> float:
-        """Held-out response loss: summed over every response token, divided by their count."""
-        model.eval()
-        # Each process its share; a sharded model's every forward is a collective, so there
-        # every process runs the whole set (the same number of forwards; the mean is unchanged).
-        mine = val_ex if sharded else val_ex[env.rank::env.world]
-        limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size * (env.world if sharded else 1)
-        total_loss = torch.zeros((), device=env.device)
-        n_tok = torch.zeros((), device=env.device)
-        with torch.no_grad(), dist.autocast(env.device, run.precision):
-            for i in range(0, min(limit, len(mine)), run.batch_size):
-                x, y = sft_data.collate(mine[i:i + run.batch_size], tok.pad_id)
-                y = y.to(env.device)
-                total_loss += lm_loss(model(x.to(env.device)), y, reduction="sum")
-                n_tok += (y != -100).sum()
-        model.train()
-        total_loss = dist.all_reduce_mean(total_loss, env)
-        n_tok = dist.all_reduce_mean(n_tok.float(), env)
-        return float(total_loss / n_tok.clamp(min=1))
-
     def log_samples(step: int) -> None:
-        if not sample_convs or not (env.is_main or sharded):
+        # A sharded model's forward is a collective: every process generates, the main one logs.
+        if not sample_convs or not (env.is_main or dist.is_sharded(model)):
             return
         answers = sample_answers(model, tok, sample_convs, cfg.sample_tokens)
         log.log(step, "samples", samples=[{"prompt": last_user(c), "answer": a} for c, a in zip(sample_convs, answers)])
@@ -101,7 +72,7 @@ def main(cfg: SFTConfig) -> Path:
             log.print(f"  Q: {last_user(c)}\n  A: {a}")
 
     def evaluate(done: int) -> float:
-        val_loss = response_loss()
+        val_loss = response_loss(model, tok, val_ex, run, env)
         log.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50)))
         log.print(f"step {done:>6} | held-out response loss {val_loss:.4f}")
         log_samples(done)
@@ -111,7 +82,7 @@ def main(cfg: SFTConfig) -> Path:
         training.save(s, step, {"tokens": tokens, "data": {"seed": run.seed, "next_step": step}, "val_loss": val_loss})
 
     if start_step == 0:
-        val_loss = response_loss()
+        val_loss = response_loss(model, tok, val_ex, run, env)
         log.log(0, "val", loss=val_loss)
         log.print(f"before fine-tuning: held-out response loss {val_loss:.4f}; samples:")
         log_samples(0)
@@ -134,6 +105,43 @@ def main(cfg: SFTConfig) -> Path:
         val_loss = training.end_step(s, progress, step + 1, step_loss, lr, grad_norm, tokens_seen, evaluate, save, val_loss)
 
     return training.finish(s, progress)
+
+
+def read_data(cfg: SFTConfig, tok: Tokenizer, max_len: int):
+    """-> (train examples, held-out examples, held-out conversations, bad lines skipped,
+    conversations dropped for want of a response token within max_len)."""
+    convs, skipped = sft_data.read_conversations(cfg.data.train, cfg.data.skip_bad_lines)
+    if cfg.data.val:
+        val_convs, skipped_val = sft_data.read_conversations(cfg.data.val, cfg.data.skip_bad_lines)
+        skipped += skipped_val
+        train_convs = convs
+    else:
+        train_convs, val_convs = sft_data.split(convs, cfg.data.val_every)
+    train_ex, dropped = sft_data.encode(tok, train_convs, max_len)
+    val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
+    return train_ex, val_ex, val_convs, skipped, dropped + dropped_val
+
+
+def response_loss(model: Transformer, tok: Tokenizer, val_ex: list, run, env) -> float:
+    """Held-out response loss: summed over every response token, divided by their count."""
+    model.eval()
+    # Each process its share; a sharded model's every forward is a collective, so there
+    # every process runs the whole set (the same number of forwards; the mean is unchanged).
+    sharded = dist.is_sharded(model)
+    mine = val_ex if sharded else val_ex[env.rank::env.world]
+    limit = len(mine) if run.eval_batches == 0 else run.eval_batches * run.batch_size * (env.world if sharded else 1)
+    total_loss = torch.zeros((), device=env.device)
+    n_tok = torch.zeros((), device=env.device)
+    with torch.no_grad(), dist.autocast(env.device, run.precision):
+        for i in range(0, min(limit, len(mine)), run.batch_size):
+            x, y = sft_data.collate(mine[i:i + run.batch_size], tok.pad_id)
+            y = y.to(env.device)
+            total_loss += lm_loss(model(x.to(env.device)), y, reduction="sum")
+            n_tok += (y != -100).sum()
+    model.train()
+    total_loss = dist.all_reduce_mean(total_loss, env)
+    n_tok = dist.all_reduce_mean(n_tok.float(), env)
+    return float(total_loss / n_tok.clamp(min=1))
 
 
 def prompt_ids(tok: Tokenizer, msgs: list[dict]) -> list[int]:
