@@ -171,7 +171,7 @@ class Session:
     log: Metrics
     resumed: Path | None
     start_step: int
-    done: dict  # the resumed checkpoint's meta.json, {} on a fresh start
+    resumed_meta: dict  # the resumed checkpoint's meta.json, {} on a fresh start
     # Token-counting stages (pretrain, sft) log tokens and tokens/s, and their first step too.
     counts_tokens: bool = False
 

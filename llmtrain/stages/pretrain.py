@@ -45,7 +45,7 @@ def main(cfg: PretrainConfig) -> Path:
 
     s = training.start("pretrain", cfg, model, mcfg, meta["tokenizer"], env, counts_tokens=True)
     log, optimizer = s.log, s.optimizer
-    tokens_seen = s.done.get("tokens", 0)
+    tokens_seen = s.resumed_meta.get("tokens", 0)
     trainable, total = count_params(model)
     tokens_per_step = run.batch_size * run.grad_accum * env.world * seq_len
     training.announce(s, f"pretrain: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "

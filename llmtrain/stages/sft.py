@@ -49,7 +49,7 @@ def main(cfg: SFTConfig) -> Path:
 
     s = training.start("sft", cfg, model, mcfg, tok_path, env, counts_tokens=True)
     log, optimizer, start_step = s.log, s.optimizer, s.start_step
-    tokens_seen = s.done.get("tokens", 0)
+    tokens_seen = s.resumed_meta.get("tokens", 0)
     trainable, total = count_params(model)
     log.log(start_step, "setup", trainable_params=trainable, total_params=total, frozen_tensors=len(frozen),
             train_examples=len(train_ex), val_examples=len(val_ex), skipped_lines=skipped, long_sample_prompts=long_samples)
