@@ -159,6 +159,28 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     return results
 
 
+def answer_text(tok, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:
+    """A generated answer -> (its text, without the stop token, stripped; whether it ended with
+    a stop token: finished rather than cut off at max_new_tokens). `tok` is a `Tokenizer`."""
+    finished = bool(ids) and ids[-1] in stop_ids
+    return tok.decode(ids[:-1] if finished else ids, skip_special=True).strip(), finished
+
+
+def greedy_answers(model: Transformer, tok, prompts: Sequence[Sequence[int]], max_new: int,
+                   batch_size: int = 32) -> list[tuple[str, bool]]:
+    """Greedy answers (stopping at <|end|> or <|eos|>) to prompts of token ids, `batch_size` at
+    a time -> (text, finished) each (`answer_text`). Greedy, so that the change between two
+    models or two evaluations is readable, not sampling noise. A prompt longer than
+    `prompt_budget` is cut from the left (`truncate_left`)."""
+    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
+    room = prompt_budget(model.config.max_seq_len, max_new)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        outs = generate(model, [truncate_left(p, room) for p in prompts[i:i + batch_size]], s, pad_id=tok.pad_id)
+        out += [answer_text(tok, o, s.stop_ids) for o in outs]
+    return out
+
+
 def _tail_pos(positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = out.shape[1]
     return positions[:, -1:] + torch.arange(1, n + 1, device=positions.device)[None, :]

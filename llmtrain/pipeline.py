@@ -558,21 +558,16 @@ def style_check(cfg, base: Path, models: dict[str, Path]) -> dict:
 
 def _answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
     from llmtrain import checkpoint
-    from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
+    from llmtrain.generate import greedy_answers
     from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer, render_chat
 
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
     model = Transformer(checkpoint.model_config(ckpt))
     checkpoint.load_weights(ckpt, model)
-    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
-    room = prompt_budget(model.config.max_seq_len, max_new)  # as SFT's sample answers: too long, cut from the left
-    out = []
-    for i in range(0, len(convs), 32):
-        gens = generate(model, [truncate_left(render_chat(tok, c, add_generation_prompt=True)[0], room)
-                                for c in convs[i:i + 32]], s, pad_id=tok.pad_id)
-        out += [tok.decode(g, skip_special=True).strip() for g in gens]
-    return out
+    # As SFT's sample answers: a prompt too long is cut from the left.
+    prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
+    return [text for text, _ in greedy_answers(model, tok, prompts, max_new)]
 
 
 def answers_side_by_side(cfg, base: Path, r: Run) -> list[dict]:

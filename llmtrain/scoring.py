@@ -14,7 +14,7 @@ from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking
 from llmtrain.data.prompts import last_user
 from llmtrain.errors import CheckpointError
-from llmtrain.generate import SamplingConfig, generate
+from llmtrain.generate import SamplingConfig, generate, greedy_answers
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import rollout_rows, sequence_kl, token_logprobs
@@ -81,13 +81,9 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreMode
                     max_new_tokens: int, true_rule: str = "") -> dict:
     """Greedy answers to held-out prompts: mean reward-model score and, with a simulated rule,
     the mean 'true' score of that rule."""
-    s = SamplingConfig(max_new_tokens, 0.0, stop_ids=(tok.end_id, tok.eos_id))
-    answers = []
-    for i in range(0, len(convs), 32):
-        outs = generate(policy, [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs[i:i + 32]], s,
-                        pad_id=tok.pad_id)
-        answers += [{"text": tok.decode(o[:-1] if o and o[-1] in s.stop_ids else o, skip_special=True).strip(),
-                     "finished": bool(o) and o[-1] in s.stop_ids} for o in outs]
+    # Callers fit the prompts first (`data.prompts.fit_prompts`), so none is cut here.
+    prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
+    answers = [{"text": t, "finished": f} for t, f in greedy_answers(policy, tok, prompts, max_new_tokens)]
     rewards = score_texts(reward_model, tok, [(c, a["text"], a["finished"]) for c, a in zip(convs, answers)],
                           offset=norm.get("offset", 0.0))
     out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards,

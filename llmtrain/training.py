@@ -1,17 +1,25 @@
-"""Pieces every training stage shares: optimizer, learning-rate schedule, one optimizer step.
+"""Pieces every training stage shares: the checkpoint it starts from, optimizer, learning-rate
+schedule, one optimizer step, the end of each step (log, evaluate, save) and of the run.
 
 Deliberately functions, not a trainer class: a stage's main() reads top to bottom and calls
-these where it needs them.
+these where it needs them. What they share about one run (model, optimizer, log, where it
+resumed) travels in a `Session`, a plain record.
 """
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from llmtrain.config import OptimConfig
-from llmtrain.errors import CheckpointError
+from llmtrain import checkpoint, dist
+from llmtrain.config import ModelConfig, OptimConfig, to_dict
+from llmtrain.errors import CheckpointError, ConfigError
+from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.tokenizer import Tokenizer
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -65,11 +73,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
     """Clip (if asked), step, zero the grads; returns the gradient norm before clipping."""
-    from llmtrain.dist import to_local_float
-
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ also measures the norm of sharded (FSDP2) gradients; inf clips nothing.
-    norm = to_local_float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))) \
+    norm = dist.to_local_float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))) \
         if params else 0.0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -95,8 +101,6 @@ def prepare(model: torch.nn.Module, cfg: OptimConfig, run, env, run_dir):
     order matters for FSDP2: shard first, then the optimizer sees the sharded parameters, then
     a checkpoint loads into both.
     """
-    from llmtrain import dist
-
     train_model = dist.wrap(model, env, run.strategy, run.precision, run.activation_checkpointing)
     optimizer = build_optimizer(model, cfg, env.device)
     resumed, done = resume(run_dir, model, optimizer, env, run.resume)
@@ -110,8 +114,6 @@ def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, en
 
     Returns (folder or None, its meta.json dict or {}); training continues at meta['step'].
     """
-    from llmtrain import checkpoint, dist
-
     steps = checkpoint.step_dirs(run_dir)
     if not enabled or not steps:
         return None, {}
@@ -133,8 +135,6 @@ def accumulate(train_model: torch.nn.Module, n_micro: int, loss_of, env, precisi
     `loss_of(micro, model)` returns that micro-step's loss, already scaled so that the sum
     over micro-steps is the step's loss (e.g. mean loss / n_micro). Returns that sum, detached.
     """
-    from llmtrain import dist
-
     total = torch.zeros((), device=env.device)
     for m in range(n_micro):
         with dist.no_sync(train_model, sync=m == n_micro - 1):
@@ -143,3 +143,119 @@ def accumulate(train_model: torch.nn.Module, n_micro: int, loss_of, env, precisi
             loss.backward()
         total += loss.detach()
     return total
+
+
+# ----------------------------------------------------------------------------- a stage's skeleton
+
+def load_base(path: str, key: str, what: str) -> tuple[Path, Path, Tokenizer, ModelConfig]:
+    """The checkpoint a stage starts from -> (its folder, tokenizer file, tokenizer, model config).
+    An empty `path` is a ConfigError naming `key` and `what` it should be."""
+    if not path:
+        raise ConfigError(f"{key} is not set: give {what}")
+    base = checkpoint.resolve(path)
+    tok_path = checkpoint.tokenizer_of(base)
+    return base, tok_path, Tokenizer.load(tok_path), checkpoint.model_config(base)
+
+
+@dataclass
+class Session:
+    """What the shared steps of one stage's run need: a plain record, no behaviour of its own."""
+    name: str  # the stage: console lines and checkpoints say it
+    cfg: Any  # the stage's config (its .run and .optim)
+    env: dist.DistEnv
+    model: torch.nn.Module
+    model_config: ModelConfig
+    tokenizer_path: str | Path
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    log: Metrics
+    resumed: Path | None
+    start_step: int
+    resumed_meta: dict  # the resumed checkpoint's meta.json, {} on a fresh start
+    # Token-counting stages (pretrain, sft) log tokens and tokens/s, and their first step too.
+    counts_tokens: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.out_dir)
+
+
+def start(name: str, cfg, model: torch.nn.Module, model_config: ModelConfig, tokenizer_path: str | Path, env,
+          counts_tokens: bool = False) -> Session:
+    """Wrap the model, build its optimizer, resume when asked (`prepare`), open metrics.jsonl."""
+    run = cfg.run
+    train_model, optimizer, resumed, done = prepare(model, cfg.optim, run, env, Path(run.out_dir))
+    start_step = done.get("step", 0)
+    log = Metrics(run.out_dir, enabled=env.is_main, tensorboard=run.tensorboard,
+                  resume_step=start_step if resumed else None)
+    return Session(name, cfg, env, model, model_config, tokenizer_path, train_model, optimizer, log, resumed,
+                   start_step, done, counts_tokens)
+
+
+def announce(s: Session, *lines: str) -> None:
+    """The stage's opening lines, then where it resumed (every stage says so)."""
+    for line in lines:
+        s.log.print(line)
+    if s.resumed:
+        s.log.print(f"resumed from {s.resumed} at step {s.start_step}")
+
+
+def begin(s: Session, seen: int = 0, unit: str = "tok") -> Progress:
+    """Into training mode; the progress line counts from `seen` tokens (or pairs, texts)."""
+    s.model.train()
+    return Progress(s.start_step, s.cfg.run.max_steps, seen, unit=unit)
+
+
+def steps(s: Session):
+    """The steps still to run (a resumed run goes on where it stopped), each as (step, its
+    learning rate), the rate already set on the optimizer."""
+    for step in range(s.start_step, s.cfg.run.max_steps):
+        lr = lr_at(step, s.cfg.optim, s.cfg.run.max_steps)
+        set_lr(s.optimizer, lr)
+        yield step, lr
+
+
+def end_step(s: Session, progress: Progress, done: int, step_loss: torch.Tensor, lr: float, grad_norm: float,
+             seen: int, evaluate: Callable[[int], Any], save: Callable[[int, int, Any], None], result: Any) -> Any:
+    """The tail of every step: log (every run.log_every), evaluate (every run.eval_every), save
+    (every run.save_every), each at the last step too. `done` steps are done, `seen` tokens (or
+    pairs, texts) seen. `evaluate(done)` logs and prints its own figures and returns them; they
+    are the new `result`, which `save(done, seen, result)` receives. Returns the result."""
+    run = s.cfg.run
+    last = done == run.max_steps
+    if done % run.log_every == 0 or last or (s.counts_tokens and done == s.start_step + 1):
+        loss = float(dist.all_reduce_mean(step_loss, s.env))  # a collective: every process logs at the same steps
+        line, tps = progress.line(done, seen, loss=loss, lr=lr, gnorm=grad_norm)
+        rates = {"tokens": seen, "tokens_per_s": tps} if s.counts_tokens else {}
+        s.log.log(done, "train", loss=loss, lr=lr, grad_norm=grad_norm, **rates)
+        s.log.print(line)
+    if (run.eval_every and done % run.eval_every == 0) or last:
+        result = evaluate(done)
+    if (run.save_every and done % run.save_every == 0) or last:
+        save(done, seen, result)
+    return result
+
+
+def save(s: Session, step: int, meta: dict, **config) -> None:
+    """A step checkpoint: weights, optimizer, RNG; its config.json holds the model's config, the
+    stage, `config` (e.g. labels) and the stage's whole config; meta.json holds `meta`."""
+    run, env = s.cfg.run, s.env
+    checkpoint.save(s.run_dir, step, s.model,
+                    config={"model": to_dict(s.model_config), "stage": s.name, **config, "config": to_dict(s.cfg)},
+                    meta=meta, tokenizer_path=str(s.tokenizer_path), optimizer=s.optimizer, rng=dist.rng_state(),
+                    keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
+
+
+def finish(s: Session, progress: Progress) -> Path:
+    """The closing line (time, peak memory, where the checkpoints are), then close the log and
+    the process group. Returns the run folder."""
+    run = s.cfg.run
+    if s.start_step >= run.max_steps:
+        s.log.print(f"nothing to do: the checkpoint is at step {s.start_step} >= run.max_steps={run.max_steps}")
+    where = (f"checkpoint in {s.run_dir / 'checkpoints'}" if checkpoint.step_dirs(s.run_dir)
+             else "no checkpoint written (run.max_steps=0)")
+    s.log.print(f"{s.name} done in {fmt_duration(progress.elapsed())}; "
+                f"peak memory {dist.peak_memory_mb(s.env.device):,.0f} MB; {where}")
+    s.log.close()
+    dist.teardown()
+    return s.run_dir

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmtrain.data.prompts import last_user
 from llmtrain.data.sft import read_jsonl
 from llmtrain.errors import DataError
 from llmtrain.tokenizer import ROLES
@@ -42,7 +43,7 @@ class Ranking:
 
     @property
     def prompt(self) -> str:
-        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+        return last_user(self.messages)
 
     def pairs(self, min_score_gap: float = 0.0) -> list[tuple[int, int]]:
         """All (better, worse) index pairs with a strict preference: C(K,2) minus ties, minus

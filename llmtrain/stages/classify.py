@@ -14,29 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain import checkpoint, dist, training
-from llmtrain.config import ClassifyConfig, to_dict
+from llmtrain.config import ClassifyConfig
 from llmtrain.data import classify as cls_data
 from llmtrain.data.sft import LengthBatches, split
-from llmtrain.errors import CheckpointError, ConfigError, DataError
-from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.errors import CheckpointError, DataError
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.tokenizer import Tokenizer
-from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, optimizer_step
 
 
 def main(cfg: ClassifyConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    run_dir = Path(run.out_dir)
-    if not cfg.init_from:
-        raise ConfigError("init_from is not set: give a pretrained or fine-tuned checkpoint")
+    base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from",
+                                                   "a pretrained or fine-tuned checkpoint")
 
     # ---- data, labels, model
-    base = checkpoint.resolve(cfg.init_from)
-    tok_path = checkpoint.tokenizer_of(base)
-    tok = Tokenizer.load(tok_path)
-    mcfg = checkpoint.model_config(base)
     max_len = cfg.data.max_len or mcfg.max_seq_len
     items, skipped = cls_data.read(cfg.data.train, cfg.data.skip_bad_lines)
     if cfg.data.val:
@@ -59,18 +53,17 @@ def main(cfg: ClassifyConfig) -> Path:
     checkpoint.load_weights(base, model, new_head=("score.",))
     frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
     model.to(env.device)
-    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
-    start_step = done.get("step", 0)
+    s = training.start("classify", cfg, model, mcfg, tok_path, env)
+    log, optimizer, start_step = s.log, s.optimizer, s.start_step
     batches = LengthBatches(train_ex, run.batch_size * run.grad_accum * env.world, run.seed)
 
-    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(model)
-    log.print(f"classify: {len(labels)} labels {labels}; {len(train_ex)} train / {len(val_ex)} held-out texts "
-              f"({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
-              f"({len(frozen)} tensors frozen)")
+    training.announce(s, f"classify: {len(labels)} labels {labels}; {len(train_ex)} train / {len(val_ex)} held-out "
+                         f"texts ({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
+                         f"parameters trainable ({len(frozen)} tensors frozen)")
     global_batch = run.batch_size * run.grad_accum * env.world
 
-    def evaluate() -> dict:
+    def evaluate(done: int) -> dict:
         model.eval()
         confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)
         with torch.no_grad(), dist.autocast(env.device, run.precision):
@@ -81,16 +74,19 @@ def main(cfg: ClassifyConfig) -> Path:
                 for r, p in zip(rows, pred.tolist()):
                     confusion[r.label, p] += 1
         model.train()
-        acc = float(confusion.diag().sum() / confusion.sum().clamp(min=1))
-        return {"accuracy": acc, "confusion": confusion.tolist()}
+        result = {"accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
+                  "confusion": confusion.tolist()}
+        log.log(done, "val", **result)
+        log.print(f"step {done:>6} | held-out accuracy {result['accuracy']:.3f}")
+        return result
+
+    def save(step: int, texts: int, result: dict) -> None:
+        training.save(s, step, {"tokens": 0, "accuracy": result.get("accuracy")}, labels=labels)
 
     # ---- the loop
-    model.train()
-    progress = Progress(start_step, run.max_steps, start_step * global_batch, unit="texts")
+    progress = training.begin(s, start_step * global_batch, unit="texts")
     result = {}
-    for step in range(start_step, run.max_steps):
-        lr = lr_at(step, cfg.optim, run.max_steps)
-        set_lr(optimizer, lr)
+    for step, lr in training.steps(s):
 
         def loss_of(micro, m):
             rows = batches.rows(step, run.batch_size, micro, env.rank, env.world)
@@ -99,30 +95,14 @@ def main(cfg: ClassifyConfig) -> Path:
             # Sum over this micro-batch's rows / the global batch: the step's mean over all rows.
             return F.cross_entropy(m(x.to(env.device), lengths).float(), y, reduction="sum") * env.world / global_batch
 
-        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        step_loss = training.accumulate(s.train_model, run.grad_accum, loss_of, env, run.precision)
         grad_norm = optimizer_step(model, optimizer, cfg.optim.grad_clip)
         done = step + 1
-        if done % run.log_every == 0 or done == run.max_steps:
-            loss_v = float(dist.all_reduce_mean(step_loss, env))
-            line, _ = progress.line(done, done * global_batch, loss=loss_v, lr=lr, gnorm=grad_norm)
-            log.log(done, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
-            log.print(line)
-        if (run.eval_every and done % run.eval_every == 0) or done == run.max_steps:
-            result = evaluate()
-            log.log(done, "val", **result)
-            log.print(f"step {done:>6} | held-out accuracy {result['accuracy']:.3f}")
-        if (run.save_every and done % run.save_every == 0) or done == run.max_steps:
-            checkpoint.save(run_dir, done, model,
-                            config={"model": to_dict(mcfg), "stage": "classify", "labels": labels, "config": to_dict(cfg)},
-                            meta={"tokens": 0, "accuracy": result.get("accuracy")}, tokenizer_path=str(tok_path),
-                            optimizer=optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
-                            barrier=lambda: dist.barrier(env))
+        result = training.end_step(s, progress, done, step_loss, lr, grad_norm, done * global_batch, evaluate, save,
+                                   result)
     if result:
         log.print("confusion matrix (rows: true label, columns: predicted)\n" + format_confusion(labels, result["confusion"]))
-    log.print(f"classify done in {fmt_duration(progress.elapsed())}; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
-    log.close()
-    dist.teardown()
-    return run_dir
+    return training.finish(s, progress)
 
 
 def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:

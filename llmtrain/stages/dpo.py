@@ -14,16 +14,15 @@ from pathlib import Path
 import torch
 
 from llmtrain import checkpoint, dist, training
-from llmtrain.config import DPOConfig, to_dict
+from llmtrain.config import DPOConfig
 from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.errors import ConfigError
 from llmtrain.losses import IGNORE, dpo_loss
-from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import adapters_off, apply_lora, freeze
 from llmtrain.tokenizer import Tokenizer, render_answer
-from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, optimizer_step
 
 
 def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking], max_len: int, device):
@@ -48,43 +47,24 @@ def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking],
 def main(cfg: DPOConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    run_dir = Path(run.out_dir)
-    if not cfg.policy:
-        raise ConfigError("policy is not set: give the SFT checkpoint")
-    sft_ckpt = checkpoint.resolve(cfg.policy)
-    tok_path = checkpoint.tokenizer_of(sft_ckpt)
-    tok = Tokenizer.load(tok_path)
-    mcfg = checkpoint.model_config(sft_ckpt)
+    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint")
     max_len = cfg.data.max_len or mcfg.max_seq_len
 
     train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
-    torch.manual_seed(run.seed)
-    policy = Transformer(mcfg)
-    checkpoint.load_weights(sft_ckpt, policy)
-    if cfg.lora.enabled:
-        # The base weights stay frozen: the reference is the policy with its adapters off.
-        apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        reference = None
-    else:
-        reference = Transformer(mcfg)
-        checkpoint.load_weights(sft_ckpt, reference)
-        reference.requires_grad_(False)
-        reference.to(env.device).eval()  # replicated on every process, never sharded
-        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
-    policy.to(env.device)
+    policy, reference = build_models(cfg, sft_ckpt, mcfg, env)
     if run.resume and cfg.lora.enabled:
         raise ConfigError("run.resume with lora.enabled is not supported by dpo yet (checkpoints hold merged weights)")
     if cfg.lora.enabled and run.strategy == "fsdp" and env.distributed:
         raise ConfigError("dpo with lora.enabled runs under run.strategy=ddp (adapters are small)")
-    train_model, optimizer, resumed, done = training.prepare(policy, cfg.optim, run, env, run_dir)
-    start_step = done.get("step", 0)
+    s = training.start("dpo", cfg, policy, mcfg, tok_path, env)
+    log, optimizer, start_step = s.log, s.optimizer, s.start_step
 
-    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(policy)
-    log.print(f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs; "
-              f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; {counts['skipped_lines']} bad lines skipped")
+    training.announce(s, f"dpo: from {sft_ckpt}; beta {cfg.beta}; {len(train_r)} train / {len(val_r)} held-out prompts "
+                         f"with pairs; {trainable / 1e6:.3f}M of {total / 1e6:.2f}M trainable; "
+                         f"{counts['skipped_lines']} bad lines skipped")
 
     def pair_rewards(model, rows):
         lp, starts = answer_logprobs(model, tok, rows, max_len, env.device)
@@ -97,33 +77,25 @@ def main(cfg: DPOConfig) -> Path:
         b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
         return lp[b], lp[w], ref[b], ref[w]
 
-    def evaluate() -> dict:
-        policy.eval()
-        rc, rr, losses = [], [], []
-        with torch.no_grad(), dist.autocast(env.device, run.precision):
-            for i in range(0, len(val_r), run.batch_size):
-                loss, c, r = dpo_loss(*pair_rewards(policy, val_r[i:i + run.batch_size]), cfg.beta)
-                rc.append(c)
-                rr.append(r)
-                losses.append(float(loss) * len(c))
-        policy.train()
-        rc, rr = torch.cat(rc), torch.cat(rr)
-        # A tie (as before training, when policy == reference) counts half, like a coin flip.
-        acc = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
-        return {"accuracy": acc, "margin": float((rc - rr).mean()),
-                "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
-                "loss": sum(losses) / len(rc), "pairs": len(rc)}
+    def evaluate(done: int) -> dict:
+        result = held_out(policy, pair_rewards, val_r, cfg, env.device)
+        log.log(done, "val", **result)
+        log.print(f"step {done:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
+        return result
 
+    def save(step: int, pairs: int, result: dict) -> None:
+        training.save(s, step, {"tokens": 0, **result})
+
+    # ---- the loop
+    result, pairs_seen = {}, 0  # the last evaluation (saved with each checkpoint), pairs trained on
     if start_step == 0:
-        r = evaluate()
+        r = held_out(policy, pair_rewards, val_r, cfg, env.device)
         log.log(0, "val", **r)
         log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
-    policy.train()
-    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
-    result, pairs_seen = {}, 0
-    for step in range(start_step, run.max_steps):
-        lr = lr_at(step, cfg.optim, run.max_steps)
-        set_lr(optimizer, lr)
+    progress = training.begin(s, 0, unit="pairs")
+    for step, lr in training.steps(s):
+        # The step's loss is the mean over every pair of the global batch, however the pairs
+        # fall into micro-batches and processes.
         total_pairs = batches.n_pairs(step)
 
         def loss_of(micro, m):
@@ -132,24 +104,49 @@ def main(cfg: DPOConfig) -> Path:
             n = sum(len(r.pairs(cfg.data.min_score_gap)) for r in rows)
             return loss * n * env.world / total_pairs  # mean over this micro-batch -> share of the global mean
 
-        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        step_loss = training.accumulate(s.train_model, run.grad_accum, loss_of, env, run.precision)
         grad_norm = optimizer_step(policy, optimizer, cfg.optim.grad_clip)
         pairs_seen += total_pairs
-        d = step + 1
-        if d % run.log_every == 0 or d == run.max_steps:
-            loss_v = float(dist.all_reduce_mean(step_loss, env))
-            line, _ = progress.line(d, pairs_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
-            log.log(d, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
-            log.print(line)
-        if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
-            result = evaluate()
-            log.log(d, "val", **result)
-            log.print(f"step {d:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
-        if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
-            checkpoint.save(run_dir, d, policy, config={"model": to_dict(mcfg), "stage": "dpo", "config": to_dict(cfg)},
-                            meta={"tokens": 0, **result}, tokenizer_path=str(tok_path), optimizer=optimizer,
-                            rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
-    log.print(f"dpo done in {fmt_duration(progress.elapsed())}; peak memory {dist.peak_memory_mb(env.device):,.0f} MB")
-    log.close()
-    dist.teardown()
-    return run_dir
+        result = training.end_step(s, progress, step + 1, step_loss, lr, grad_norm, pairs_seen, evaluate, save, result)
+
+    return training.finish(s, progress)
+
+
+def build_models(cfg: DPOConfig, sft_ckpt: Path, mcfg, env) -> tuple[Transformer, Transformer | None]:
+    """-> (policy, frozen reference). With LoRA there is no reference model: it is the policy
+    with its adapters off, since the base weights stay frozen."""
+    torch.manual_seed(cfg.run.seed)
+    policy = Transformer(mcfg)
+    checkpoint.load_weights(sft_ckpt, policy)
+    if cfg.lora.enabled:
+        apply_lora(policy, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        reference = None
+    else:
+        reference = Transformer(mcfg)
+        checkpoint.load_weights(sft_ckpt, reference)
+        reference.requires_grad_(False)
+        reference.to(env.device).eval()  # replicated on every process, never sharded
+        freeze(policy, cfg.freeze.patterns, cfg.freeze.first_layers)
+    policy.to(env.device)
+    return policy, reference
+
+
+def held_out(policy: Transformer, pair_rewards, rankings: list[Ranking], cfg: DPOConfig, device) -> dict:
+    """Implicit-reward accuracy, margin, chosen/rejected rewards and loss over held-out pairs;
+    `pair_rewards(model, rows)` gives the four log-prob tensors of `dpo_loss`."""
+    run = cfg.run
+    policy.eval()
+    rc, rr, losses = [], [], []
+    with torch.no_grad(), dist.autocast(device, run.precision):
+        for i in range(0, len(rankings), run.batch_size):
+            loss, c, r = dpo_loss(*pair_rewards(policy, rankings[i:i + run.batch_size]), cfg.beta)
+            rc.append(c)
+            rr.append(r)
+            losses.append(float(loss) * len(c))
+    policy.train()
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    # A tie (as before training, when policy == reference) counts half, like a coin flip.
+    acc = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+    return {"accuracy": acc, "margin": float((rc - rr).mean()),
+            "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
+            "loss": sum(losses) / len(rc), "pairs": len(rc)}

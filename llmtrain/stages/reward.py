@@ -17,33 +17,25 @@ import numpy as np
 import torch
 
 from llmtrain import checkpoint, dist, training
-from llmtrain.config import RewardConfig, to_dict
+from llmtrain.config import RewardConfig
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.data.prompts import fit_prompts, prompt_room
-from llmtrain.errors import ConfigError
-from llmtrain.generate import SamplingConfig, generate
+from llmtrain.generate import SamplingConfig, answer_text, generate
 from llmtrain.losses import pairwise_ranking_loss
-from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel
 from llmtrain.scoring import forward_rankings, score_texts
 from llmtrain.tokenizer import Tokenizer, render_chat
-from llmtrain.training import count_params, lr_at, optimizer_step, set_lr
+from llmtrain.training import count_params, optimizer_step
 
 
 def main(cfg: RewardConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    run_dir = Path(run.out_dir)
-    if not cfg.init_from:
-        raise ConfigError("init_from is not set: give the fine-tuned (SFT) checkpoint")
+    base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from", "the fine-tuned (SFT) checkpoint")
 
     # ---- data
-    base = checkpoint.resolve(cfg.init_from)
-    tok_path = checkpoint.tokenizer_of(base)
-    tok = Tokenizer.load(tok_path)
-    mcfg = checkpoint.model_config(base)
     max_len = cfg.data.max_len or mcfg.max_seq_len
     prompt_room(mcfg.max_seq_len, cfg.norm_max_new_tokens, "norm_max_new_tokens", f" of {base}")  # now, not after training
     train_r, val_r, counts = load_pairs_data(cfg.data)
@@ -55,15 +47,15 @@ def main(cfg: RewardConfig) -> Path:
     checkpoint.load_weights(base, model, new_head=("score.",))
     frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
     model.to(env.device)
-    train_model, optimizer, resumed, done = training.prepare(model, cfg.optim, run, env, run_dir)
-    start_step = done.get("step", 0)
+    s = training.start("reward", cfg, model, mcfg, tok_path, env)
+    log, optimizer, start_step = s.log, s.optimizer, s.start_step
 
-    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_step if resumed else None)
     trainable, total = count_params(model)
     n_pairs = lambda rs: sum(len(r.pairs(cfg.data.min_score_gap)) for r in rs)
-    log.print(f"reward: from {base}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs "
-              f"({n_pairs(train_r)} / {n_pairs(val_r)} pairs; {counts['without_pairs']} rankings without "
-              f"a pair left out, {counts['skipped_lines']} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M trainable")
+    training.announce(s, f"reward: from {base}; {len(train_r)} train / {len(val_r)} held-out prompts with pairs "
+                         f"({n_pairs(train_r)} / {n_pairs(val_r)} pairs; {counts['without_pairs']} rankings without "
+                         f"a pair left out, {counts['skipped_lines']} bad lines skipped); {trainable / 1e6:.2f}M of "
+                         f"{total / 1e6:.2f}M trainable")
     log.log(start_step, "setup", train_prompts=len(train_r), val_prompts=len(val_r), train_pairs=n_pairs(train_r),
             val_pairs=n_pairs(val_r), trainable_params=trainable, total_params=total, frozen_tensors=len(frozen))
 
@@ -73,17 +65,31 @@ def main(cfg: RewardConfig) -> Path:
               for r in val_r for i, j in r.pairs(cfg.data.min_score_gap)]
     length_baseline = sum(longer) / len(longer)
 
-    def evaluate() -> dict:
+    def evaluate(done: int) -> dict:
         res = evaluate_pairs(model, tok, val_r, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
-        return {**res, "longer_text_baseline": length_baseline}
+        res = {**res, "longer_text_baseline": length_baseline}
+        log.log(done, "val", **{k: v for k, v in res.items() if k != "calibration"})
+        log.print(f"step {done:>6} | held-out pairwise accuracy {res['accuracy']:.3f} (always-longer baseline "
+                  f"{length_baseline:.3f}) | mean margin {res['mean_margin']:.3f} | loss {res['loss']:.4f}")
+        return res
+
+    def save(step: int, pairs: int, result: dict) -> None:
+        """The last checkpoint carries the reward's normalisation (offset, std); the others none."""
+        norm = {}
+        if step == run.max_steps:
+            norm = normalise(cfg, model, tok, base, val_r or train_r, env)
+            log.log(step, "normalisation", **norm)
+            log.log(step, "calibration", bins=result["calibration"])
+            log.print(f"normalisation: offset {norm['offset']:.4f} makes the SFT model's answers to "
+                      f"{norm['n']} held-out prompts score mean 0 (std {norm['std']:.4f})"
+                      + (f"; {norm['skipped_long']} prompts longer than the context less norm_max_new_tokens "
+                         "skipped" if norm["skipped_long"] else ""))
+        training.save(s, step, {"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}}, reward=norm)
 
     # ---- the loop
-    model.train()
-    progress = Progress(start_step, run.max_steps, 0, unit="pairs")
+    progress = training.begin(s, 0, unit="pairs")
     result, pairs_seen = {}, 0
-    for step in range(start_step, run.max_steps):
-        lr = lr_at(step, cfg.optim, run.max_steps)
-        set_lr(optimizer, lr)
+    for step, lr in training.steps(s):
         total_pairs = batches.n_pairs(step)
 
         def loss_of(micro, m):
@@ -93,39 +99,12 @@ def main(cfg: RewardConfig) -> Path:
             # The sum over this micro-batch's pairs / all pairs of the global batch.
             return pairwise_ranking_loss(rewards[b], rewards[w], margin, reduction="sum") * env.world / total_pairs
 
-        step_loss = training.accumulate(train_model, run.grad_accum, loss_of, env, run.precision)
+        step_loss = training.accumulate(s.train_model, run.grad_accum, loss_of, env, run.precision)
         grad_norm = optimizer_step(model, optimizer, cfg.optim.grad_clip)
         pairs_seen += total_pairs
-        d = step + 1
-        if d % run.log_every == 0 or d == run.max_steps:
-            loss_v = float(dist.all_reduce_mean(step_loss, env))
-            line, _ = progress.line(d, pairs_seen, loss=loss_v, lr=lr, gnorm=grad_norm)
-            log.log(d, "train", loss=loss_v, lr=lr, grad_norm=grad_norm)
-            log.print(line)
-        if (run.eval_every and d % run.eval_every == 0) or d == run.max_steps:
-            result = evaluate()
-            log.log(d, "val", **{k: v for k, v in result.items() if k != "calibration"})
-            log.print(f"step {d:>6} | held-out pairwise accuracy {result['accuracy']:.3f} (always-longer baseline "
-                      f"{length_baseline:.3f}) | mean margin {result['mean_margin']:.3f} | loss {result['loss']:.4f}")
-        last = d == run.max_steps
-        if (run.save_every and d % run.save_every == 0) or last:
-            norm = normalise(cfg, model, tok, base, val_r or train_r, env) if last else {}
-            if last:
-                log.log(d, "normalisation", **norm)
-                log.log(d, "calibration", bins=result["calibration"])
-                log.print(f"normalisation: offset {norm['offset']:.4f} makes the SFT model's answers to "
-                          f"{norm['n']} held-out prompts score mean 0 (std {norm['std']:.4f})"
-                          + (f"; {norm['skipped_long']} prompts longer than the context less norm_max_new_tokens "
-                             "skipped" if norm["skipped_long"] else ""))
-            checkpoint.save(run_dir, d, model, config={"model": to_dict(mcfg), "stage": "reward", "reward": norm,
-                                                       "config": to_dict(cfg)},
-                            meta={"tokens": 0, **{k: v for k, v in result.items() if k != "calibration"}},
-                            tokenizer_path=str(tok_path), optimizer=optimizer, rng=dist.rng_state(),
-                            keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
-    log.print(f"reward done in {fmt_duration(progress.elapsed())}; {'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
-    log.close()
-    dist.teardown()
-    return run_dir
+        result = training.end_step(s, progress, step + 1, step_loss, lr, grad_norm, pairs_seen, evaluate, save, result)
+
+    return training.finish(s, progress)
 
 
 def evaluate_pairs(model, tok, rankings: list[Ranking], max_len: int, batch_size: int, min_gap: float, device,
@@ -181,8 +160,7 @@ def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, 
     for i in range(0, len(prompts), 32):
         outs = generate(sft, prompts[i:i + 32], s, pad_id=tok.pad_id, generator=gen)
         for k, o in enumerate(outs, start=i):  # prompt k answers conversation k // norm_samples
-            done = bool(o) and o[-1] in s.stop_ids
-            items.append((convs[k // cfg.norm_samples], tok.decode(o[:-1] if done else o, skip_special=True).strip(), done))
+            items.append((convs[k // cfg.norm_samples], *answer_text(tok, o, s.stop_ids)))
     scores = np.array(score_texts(model, tok, items))
     return {"offset": float(scores.mean()), "std": float(scores.std()), "n": len(convs), "samples": len(items),
             "skipped_long": len(long)}
