@@ -164,7 +164,7 @@ def cmd_classify(args) -> int:
 def cmd_classify_predict(argv: list[str]) -> int:
     import json
 
-    from llmtrain.data.sft import read_jsonl
+    from llmtrain.data.jsonl import read_jsonl
     from llmtrain.stages import classify
 
     p = argparse.ArgumentParser(prog="llmtrain classify predict", description="label new text with a classifier")
@@ -211,7 +211,7 @@ def cmd_reward_score(argv: list[str]) -> int:
     import json
 
     from llmtrain import scoring
-    from llmtrain.data.sft import read_jsonl
+    from llmtrain.data.jsonl import read_jsonl
 
     p = argparse.ArgumentParser(prog="llmtrain reward score", description="score answers with a reward model")
     p.add_argument("checkpoint")
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _not_utf8(argv: list[str]) -> str | None:
     """The flag or key whose value (or which itself) holds bytes that are not UTF-8: Python hands
     them over as lone surrogates, which no tokenizer, file or terminal takes. None when all are text."""
-    from llmtrain.data.corpus import has_surrogate
+    from llmtrain.data.jsonl import has_surrogate
 
     for i, arg in enumerate(argv):
         if not has_surrogate(arg):

@@ -217,7 +217,7 @@ def _held_out(cfg, base) -> tuple[list, list]:
     """The SFT data's split into (train, held-out) conversations: the held-out prompts are
     never trained on by any stage and are where every model is compared."""
     from llmtrain.data.prompts import read_prompts
-    from llmtrain.data.sft import split
+    from llmtrain.data.jsonl import split
 
     return split(read_prompts(_abs(cfg.sft.data.train, base)), cfg.sft.data.val_every)
 

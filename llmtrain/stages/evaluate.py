@@ -21,7 +21,7 @@ from pathlib import Path
 from llmtrain import checkpoint
 from llmtrain.config import EvaluateConfig
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
-from llmtrain.data.sft import split
+from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.model import Transformer
 from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate

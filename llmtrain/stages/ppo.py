@@ -39,7 +39,7 @@ from llmtrain import checkpoint, dist
 from llmtrain.config import PPOConfig, to_dict
 from llmtrain.data.pretrain import TokenWindows
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
-from llmtrain.data.sft import split
+from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
