@@ -9,13 +9,22 @@ each stage writes (folders inside one run directory) and hands outputs on throug
 A stage whose output is complete is skipped, so a killed pipeline continues where it
 stopped (training stages resume from their last step checkpoint); `--from STAGE` deletes
 that stage's output and everything after it, and reruns from there.
+
+Each step imports its stage inside its function (lazily), so a bad pipeline YAML or --from is
+refused before torch loads; only the CLI imports this module (tests/unit/test_layers.py).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import secrets
+import select
 import shutil
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,9 +387,6 @@ def _bind(port: int):
     """A listening socket on 127.0.0.1:port for the ranking app, or a one-line error naming
     feedback.port. Bound here, not inside uvicorn's thread, so a busy port never leaves the
     pipeline waiting for a server that is not there."""
-    import errno
-    import socket
-
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"feedback.port={port}: not a port number (0-65535; 0 takes any free port), e.g. feedback.port=8001")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -402,8 +408,6 @@ def _start_app(db: Path, port: int, cleanup: contextlib.ExitStack) -> tuple[int,
     the thread (alive while the app serves).
     Stopped when `cleanup` closes (the end of the run). A server that does not come up is an
     error at once, never a wait."""
-    import threading
-
     import uvicorn
 
     from llmtrain.feedback.app import create_app
@@ -442,10 +446,6 @@ def _wait_for_people(cfg, r, store):
     prompt has been judged by a person (ranked, all unacceptable or skipped: a skip leaves the
     prompt out), when an admin closes the round at /admin, or when Enter is pressed with at
     least one ranking. Says which prompts are still open whenever that changes."""
-    import secrets
-    import select
-    import sys
-
     # The round is closed only while this run goes on (pages then say it is over); a later
     # run, or `llmtrain feedback serve`, finds it open, with what was judged kept.
     r.cleanup.callback(store.reopen_round)  # registered first: runs after the app has stopped

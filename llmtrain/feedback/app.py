@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import hmac
 import html
@@ -852,8 +853,6 @@ def bind(host: str, port: int, port_flag: str = "--port", host_flag: str = "--ho
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        import errno
-
         why = {errno.EADDRINUSE: "is already in use (another server listens on it; pick another port, or 0 for any free one)",
                errno.EACCES: "needs privileges to bind (ports below 1024); pick a port from 1024 up",
                errno.EADDRNOTAVAIL: f"cannot be bound on {host} (not an address of this machine)"}.get(
