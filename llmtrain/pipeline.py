@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from llmtrain.config import (NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P, WRITABLE_DIR, DPOConfig, EvaluateConfig,
                              PPOConfig, PrepareConfig, PretrainConfig, RewardConfig, Rule, SFTConfig, TokenizerConfig,
                              check, load_config, to_dict)
@@ -145,7 +147,7 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     print(f"pipeline '{cfg.name}': all outputs in {root.resolve()}")
     timing_path = root / "timings.json"
     timings: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    (root / "pipeline.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def stage(name: str, done: bool, fn) -> None:
         if done:
