@@ -344,3 +344,16 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              "llmtrain/config.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
+
+
+def test_dist_finds_the_decoder_blocks_by_their_mark():
+    """dist.shard (base) no longer imports model.transformer to find the blocks FSDP shards one
+    by one: it takes the modules marked shard_unit, which must be exactly the decoder layers."""
+    from llmtrain.config import ModelConfig
+    from llmtrain.model import Transformer
+    from llmtrain.model.heads import ScoreModel
+
+    c = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, ffn_dim=48, max_seq_len=16)
+    for model in (Transformer(c), ScoreModel(c, 1)):
+        marked = [m for m in model.modules() if getattr(m, "shard_unit", False)]
+        assert marked == list(model.model.layers) and len(marked) == 3
