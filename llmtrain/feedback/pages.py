@@ -22,7 +22,8 @@ from llmtrain.feedback.web import LOGIN_COOKIE, cookie_name, endpoint, parse_id,
 
 TEMPLATES = Path(__file__).parent / "templates"
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                          trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+                          trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+                          auto_reload=False)  # templates ship with the package: no stat per page
 _env.filters["score"] = lambda x: "–" if x is None else f"{x:.3f}"
 templates = Jinja2Templates(env=_env)
 
