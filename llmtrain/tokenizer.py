@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from llmtrain.errors import DataError
+from llmtrain.files import publish
 
 SPECIAL_TOKENS = {
     "pad": "<|pad|>",
@@ -122,7 +123,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, out: str | Path, min_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tk.save(str(tmp))
-    os.replace(tmp, out)
+    publish(tmp, out)
     return Tokenizer(tk, out)
 
 

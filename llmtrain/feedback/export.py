@@ -9,6 +9,7 @@ from pathlib import Path
 from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
 from llmtrain.errors import DataError
 from llmtrain.feedback.store import FeedbackStore, StoreError
+from llmtrain.files import publish
 
 
 def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, only_simulated: str = "") -> dict:
@@ -41,7 +42,7 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    publish(tmp, out)
     counts["exported"] = len(lines)
     return counts
 

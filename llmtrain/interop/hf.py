@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from llmtrain import checkpoint
 from llmtrain.config import ModelConfig, to_dict
 from llmtrain.errors import CheckpointError
+from llmtrain.files import publish
 from llmtrain.tokenizer import SPECIAL_TOKENS
 
 # architecture in config.json -> our family name (model_type)
@@ -419,7 +420,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "auto", adapter
             summary = _export_model(d, tmp, dtype)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "out": str(out)}
