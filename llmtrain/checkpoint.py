@@ -10,7 +10,11 @@ A run directory holds `checkpoints/step_NNNNNNN/` folders, each complete or abse
 
 Everything is written into `step_NNNNNNN.tmp`, fsynced (files, then the folder), and renamed
 into place (then the parent folder is fsynced), so a kill or power cut at any moment leaves the
-previous checkpoint whole. Old steps are pruned by renaming them to `.trash-step_NNNNNNN` before
+previous checkpoint whole. Saving a step that is already there (a resumed run saving its
+start step again) renames the finished `step_N.tmp` to `step_N.ready` first, then the old
+`step_N` aside, then `.ready` into place: a kill between those renames leaves a complete
+`step_N.ready`, which step_dirs() (so resolve and resume) puts back as `step_N`, never no
+copy at all. Old steps are pruned by renaming them to `.trash-step_NNNNNNN` before
 deleting them; leftovers of either kind are removed at the next save and never resolved. A full
 disk is a one-line DiskFullError naming the file, and the partial folder is removed. Training state is read with `weights_only=True`, so
 loading a checkpoint never runs code from a pickle.
@@ -38,14 +42,46 @@ from llmtrain.model.adapters import merged_state_dict
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 TRASH = ".trash-"  # prefix of a step folder renamed away before it is deleted
+READY = ".ready"  # suffix of a complete, fsynced step folder about to replace one of the same step
+# Sizes beyond these in a checkpoint's config.json are damage, not a model: refused before the
+# model is built (10**12 positions would ask for terabytes for the rotary tables alone).
+LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+          "ffn_dim": 1 << 18, "max_seq_len": 1 << 21, "rope_original_max_len": 1 << 21}
 
 
 def step_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
+        if root.exists() or root.is_symlink():  # never "no checkpoints": that would restart from step 0
+            raise CheckpointError(f"{root}: is not a folder (expected the run's checkpoints/ folder; "
+                                  "move it away or choose another run.out_dir)")
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    _restore_ready(root)
+    found = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name) or (p.name.endswith(READY) and STEP_RE.match(p.name[:-len(READY)]))
+        ready = p.name.endswith(READY)
+        if ready and (root / p.name[:-len(READY)]).exists():
+            continue  # a re-save killed before its renames: the step folder itself is whole
+        if m and p.is_dir():  # a .ready still here could not be renamed back (read-only): read it as is
+            found.append((int(m.group(1)), ready, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def _restore_ready(root: Path) -> None:
+    """Put back a complete step_N.ready whose step_N is missing (a kill between the renames of a
+    re-save). Safe against a save or another reader doing the same at once: one rename wins."""
+    for p in list(root.iterdir()):
+        if not p.name.endswith(READY) or not STEP_RE.match(p.name[:-len(READY)]):
+            continue
+        final = root / p.name[:-len(READY)]
+        if final.exists():
+            continue
+        try:
+            os.replace(p, final)
+            fsync_dir(root)
+        except OSError:
+            pass  # renamed by someone else meanwhile, or a read-only folder: step_dirs reads it as is
 
 
 def resolve(path: str | Path) -> Path:
@@ -125,11 +161,24 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
         raise
     barrier()
     if rank == 0:
-        if final.exists():  # the same step saved again: the old folder goes only once the new one is whole
+        if final.exists():
+            # The same step saved again. The new folder is first renamed to .ready (complete,
+            # fsynced), and only then the old one aside: at every moment one complete copy has a
+            # name that step_dirs() takes, so a kill between the renames loses nothing.
+            ready = root / f"{final.name}{READY}"
             old = root / f"{TRASH}{final.name}"
+            remove(ready)
             remove(old)
+            os.replace(tmp, ready)
+            fsync_dir(root)
             os.replace(final, old)
-        os.replace(tmp, final)
+            try:
+                os.replace(ready, final)
+            except FileNotFoundError:  # a reader's step_dirs() put it back meanwhile
+                if not final.is_dir():
+                    raise
+        else:
+            os.replace(tmp, final)
         fsync_dir(root)
         remove(root / f"{TRASH}{final.name}")
         if keep_last > 0:
@@ -157,7 +206,9 @@ def prune(root: Path, keep_last: int) -> None:
 
 def _clear_leftovers(root: Path) -> None:
     """Remove what killed saves and prunes left behind: step_N.tmp folders (which may be what
-    filled the disk) and .trash-step_N folders. resolve() never picks either."""
+    filled the disk) and .trash-step_N folders. resolve() never picks either. A complete
+    step_N.ready whose step_N is missing is put back first, never deleted."""
+    _restore_ready(root)
     for p in root.iterdir():
         if p.name.startswith(TRASH) or (p.name.startswith("step_") and not STEP_RE.match(p.name)):
             remove(p)
@@ -218,7 +269,43 @@ def read_config(ckpt: str | Path) -> dict:
 
 
 def model_config(ckpt: str | Path) -> ModelConfig:
-    return from_dict(ModelConfig, read_config(ckpt)["model"], source=str(resolve(ckpt) / "config.json"), prefix="model.")
+    """The checkpoint's model config, checked before any model is built: sizes within LIMITS,
+    and vocab_size, dim, n_layers and ffn_dim equal to the shapes of the saved weights (read
+    from the safetensors header only)."""
+    d = resolve(ckpt)
+    p = d / "config.json"
+    section = read_config(d)["model"]
+    for key, limit in LIMITS.items():
+        v = section.get(key)
+        if type(v) is int and v > limit:
+            raise CheckpointError(f"{p}: damaged, 'model.{key}' is {_short(v)}, beyond any model this trains "
+                                  f"(at most {limit:,})")
+    cfg = from_dict(ModelConfig, section, source=str(p), prefix="model.")
+    _check_against_weights(cfg, d, p)
+    return cfg
+
+
+def _check_against_weights(cfg: ModelConfig, d: Path, p: Path) -> None:
+    try:
+        with safe_open(str(d / "model.safetensors"), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:
+        return  # unreadable weights: load_weights names the file when the model loads them
+    def differs(key: str, config_value: int, weights_value: int, where: str) -> None:
+        if config_value != weights_value:
+            raise CheckpointError(f"{p}: damaged, 'model.{key}' is {_short(config_value)} but {where} in "
+                                  f"model.safetensors says {weights_value}")
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is not None and len(emb) == 2:
+        if cfg.vocab_size:
+            differs("vocab_size", cfg.vocab_size, emb[0], "model.embed_tokens.weight")
+        differs("dim", cfg.dim, emb[1], "model.embed_tokens.weight")
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if layers:
+        differs("n_layers", cfg.n_layers, max(layers) + 1, "the number of model.layers.N")
+    gate = shapes.get("model.layers.0.mlp.gate_proj.weight")
+    if cfg.ffn_dim and gate is not None and len(gate) == 2:
+        differs("ffn_dim", cfg.ffn_dim, gate[0], "model.layers.0.mlp.gate_proj.weight")
 
 
 def _short(value) -> str:

@@ -112,3 +112,16 @@ def remove(path: str | Path) -> None:
             p.unlink()
         except FileNotFoundError:
             pass
+
+
+def publish(tmp: str | Path, final: str | Path) -> None:
+    """Rename a fully written `tmp` (a file or a folder) to `final`, durably: its bytes (every
+    file of a folder) are fsynced before the rename, and the parent folder after it, so a power
+    cut leaves the old `final` or the whole new one, never an empty or partial file."""
+    tmp, final = Path(tmp), Path(final)
+    if tmp.is_dir():
+        fsync_tree(tmp)
+    else:
+        fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)

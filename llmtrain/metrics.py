@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from llmtrain.errors import DataError
-from llmtrain.files import disk_full, is_disk_full, remove
+from llmtrain.files import disk_full, fsync_dir, is_disk_full, remove
 
 
 def fmt_duration(seconds: float) -> str:
@@ -34,6 +34,9 @@ class Metrics:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if (self.path.exists() or self.path.is_symlink()) and not self.path.is_file():
+            raise DataError(f"{self.path}: is not a file (a folder or a broken link where the run's metrics go; "
+                            "move it away or choose another run.out_dir)")
         if resume_step is None:
             _rewrite(self.path, b"")
         elif self.path.exists():
@@ -120,6 +123,7 @@ def _rewrite(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power cut
     except OSError as e:
         remove(tmp)
         if is_disk_full(e, tmp):

@@ -246,6 +246,7 @@ def _feedback_convs(cfg, base) -> list:
 
 def _candidates(cfg, base, r):
     from llmtrain.feedback.candidates import generate_to_db
+    from llmtrain.files import publish
     from llmtrain.generate import SamplingConfig
 
     shutil.rmtree(r.feedback, ignore_errors=True)
@@ -257,7 +258,7 @@ def _candidates(cfg, base, r):
     s = SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p)
     tmp = r.feedback / "feedback.db.tmp"
     res = generate_to_db(str(r.sft), str(r.prompts), str(tmp), f.k, s, seed=cfg.sft.run.seed, rounds=f.rounds)
-    tmp.rename(r.db)
+    publish(tmp, r.db)
     print(f"candidates: {res['prompts']} prompts x {f.k} answers" + (f" x {f.rounds} rounds" if f.rounds > 1 else "")
           + f" from the SFT model -> {r.db}")
 

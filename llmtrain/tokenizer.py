@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmtrain.errors import DataError
+from llmtrain.files import publish
 
 SPECIAL_TOKENS = {
     "pad": "<|pad|>",
@@ -120,7 +121,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, out: str | Path, min_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tk.save(str(tmp))
-    os.replace(tmp, out)
+    publish(tmp, out)
     return Tokenizer(tk, out)
 
 

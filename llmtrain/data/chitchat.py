@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmtrain.data.preference import Ranking
 from llmtrain.errors import DataError
+from llmtrain.files import publish
 
 
 def load_chats() -> dict:
@@ -57,5 +58,5 @@ def convert(out: str | Path, k_max: int = 4, max_chars: int = 400) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rankings), encoding="utf-8")
-    os.replace(tmp, out)
+    publish(tmp, out)
     return {"prompts": len(by_prompt), "rankings": len(rankings), "chats": sum(len(r.texts) for r in rankings)}

@@ -94,12 +94,32 @@ class _ShardWriter:
                 pass
 
 
+def restore_ready(out: str | Path) -> None:
+    """Put back a complete `out.readyPID` when `out` is missing: a prepare killed between
+    setting the old output aside and renaming the new one into place. One rename wins if a
+    reader and the prepare itself do it at once."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        return
+    ready = sorted(out.parent.glob(out.name + ".ready*"), key=lambda p: p.stat().st_mtime if p.exists() else 0)
+    for p in reversed(ready):  # the newest first
+        if p.name[len(out.name) + 6:].isdigit() and p.is_dir():
+            try:
+                os.replace(p, out)
+                fsync_dir(out.parent)
+                return
+            except OSError:
+                if out.exists():
+                    return
+
+
 def _stale_temps(out: Path) -> list[Path]:
-    """Temp (.tmpPID) and set-aside (.oldPID) folders of earlier prepares into `out` whose
-    process is gone (killed, crashed)."""
+    """Temp (.tmpPID), finished (.readyPID) and set-aside (.oldPID) folders of earlier
+    prepares into `out` whose process is gone (killed, crashed)."""
     found = []
-    for p in [*out.parent.glob(out.name + ".tmp*"), *out.parent.glob(out.name + ".old*")]:
-        pid = p.name[len(out.name) + 4:]
+    for p in [*out.parent.glob(out.name + ".tmp*"), *out.parent.glob(out.name + ".old*"),
+              *out.parent.glob(out.name + ".ready*")]:
+        pid = p.name[len(out.name) + (6 if p.name[len(out.name):].startswith(".ready") else 4):]
         if not pid.isdigit():
             continue
         try:
@@ -150,6 +170,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    restore_ready(out)  # a complete output a killed prepare left under its .ready name comes back first
     for stale in _stale_temps(out):
         remove(stale)
         print(f"prepare: removed {stale}, the temp folder of an interrupted earlier run", flush=True)
@@ -197,11 +218,20 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
             current = tmp / "meta.json"
             current.write_text(json.dumps(meta, indent=2))
             fsync_tree(tmp)
-            # The old output goes aside first and only then away: a kill between leaves one whole.
+            # The finished output is renamed .ready first, then the old output aside, then .ready
+            # into place: at every moment one whole output has a name restore_ready() takes, so a
+            # kill between the renames loses neither.
+            ready = out.with_name(out.name + f".ready{os.getpid()}")
             old = out.with_name(out.name + f".old{os.getpid()}")
+            os.replace(tmp, ready)
+            fsync_dir(out.parent)
             if out.exists():
                 os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(ready, out)
+            except FileNotFoundError:  # a reader's restore_ready() put it in place meanwhile
+                if not out.is_dir():
+                    raise
             fsync_dir(out.parent)
             remove(old)
     except BaseException as e:
@@ -221,6 +251,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
 def load_meta(shard_dir: str | Path) -> dict:
     d = Path(shard_dir)
     p = d / "meta.json"
+    restore_ready(d)  # a prepare killed mid-swap left its whole output as d.readyPID
     if d.exists() and not d.is_dir():
         raise DataError(f"{d}: is a file, not a directory of token shards (written by `llmtrain prepare`)")
     if not p.is_file():

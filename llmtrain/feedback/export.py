@@ -9,6 +9,7 @@ from pathlib import Path
 from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
 from llmtrain.errors import DataError
 from llmtrain.feedback.store import FeedbackStore, StoreError
+from llmtrain.files import publish
 
 
 def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, only_simulated: str = "") -> dict:
@@ -41,38 +42,16 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    publish(tmp, out)
     counts["exported"] = len(lines)
     return counts
 
 
-def _unencodable(r: Ranking) -> str | None:
-    """The field (as the file names it) holding text that is not valid Unicode (a lone
-    surrogate such as "\\ud800", which JSON allows and SQLite cannot store), or None."""
-    def bad(s) -> bool:
-        try:
-            s.encode("utf-8")
-            return False
-        except UnicodeEncodeError:
-            return True
-        except AttributeError:
-            return False
-    fields = [(f"messages[{i}].{k}", v) for i, m in enumerate(r.messages) for k, v in m.items()]
-    fields += [(f"ranked[{i}].text", t) for i, t in enumerate(r.texts)]
-    fields += [("annotator", r.annotator), ("status", r.status)]
-    return next((name for name, v in fields if bad(v)), None)
-
-
 def read_import(path: str | Path) -> list[Ranking]:
-    """read_rankings, and every text storable: a lone surrogate is a DataError naming FILE:LINE
-    and the field."""
+    """read_rankings: a malformed line, or text that is not valid Unicode (a lone surrogate,
+    which JSON allows and SQLite cannot store), is a DataError naming FILE:LINE and the field
+    (the JSONL reader checks every string of a line)."""
     rankings, _ = read_rankings(path)
-    for r in rankings:
-        name = _unencodable(r)
-        if name is not None:
-            if name == f"messages[{len(r.messages) - 1}].content":
-                name = f"prompt ({name})"  # a line may give the prompt as "prompt" or as messages
-            raise DataError(f"{r.where}: {name}: not valid Unicode text (a lone surrogate such as \\ud800)")
     return rankings
 
 

@@ -5,20 +5,21 @@ transaction keyed by a client-made submission id, so a double click or a retry r
 a ranking that `submit` returned for is committed and survives a killed server.
 
 This module is plain Python + sqlite3: the web app imports it, never the torch training code.
+Annotators and sessions are in annotators.py, the errors and the write transaction in db.py.
 
 A ranking is a list of tiers, best first; each tier lists candidate indices (0..K-1) that
 the annotator judged equal (a tie). Every candidate appears exactly once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from llmtrain.feedback.annotators import Annotator, AnnotatorsAndSessions
+from llmtrain.feedback.db import StoreBusy, StoreError, Tx, is_busy
 
 SCHEMA_VERSION = 2
 STATUSES = ("ranked", "skipped", "all_bad")
@@ -58,30 +59,6 @@ CREATE INDEX IF NOT EXISTS sessions_by_annotator ON sessions(annotator_id);
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no row
 
 
-class StoreError(ValueError):
-    """A request the store refuses (unknown prompt, malformed ranking, ...)."""
-
-
-class StoreBusy(StoreError):
-    """Another program holds the database's write lock for longer than the busy timeout."""
-
-
-@dataclass
-class Annotator:
-    id: int
-    name: str
-    is_admin: bool
-    simulated: bool
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def is_busy(e: sqlite3.OperationalError) -> bool:
-    return "locked" in str(e) or "busy" in str(e)
-
-
 def check_ranking(ranking, k: int) -> list[list[int]]:
     """Validate tiers of candidate indices: every index 0..k-1 exactly once, no empty tier."""
     if not isinstance(ranking, list) or not ranking:
@@ -108,7 +85,7 @@ def _check_text(s: str, what: str) -> None:
         raise StoreError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
-class FeedbackStore:
+class FeedbackStore(AnnotatorsAndSessions):
     def __init__(self, path: str | Path, busy_timeout: float = 30.0):
         """busy_timeout: seconds a write waits for another program's write lock before StoreBusy
         (the web app uses a short one and answers 503; commands wait longer)."""
@@ -150,7 +127,7 @@ class FeedbackStore:
 
     def _tx(self):
         con = self._con()
-        return _Tx(con)
+        return Tx(con)
 
     def transaction(self):
         """One all-or-nothing write transaction around several store calls (on this thread)."""
@@ -195,93 +172,6 @@ class FeedbackStore:
     def generation(self, generation_id: int) -> dict:
         row = self._con().execute("SELECT settings FROM generations WHERE id=?", (generation_id,)).fetchone()
         return json.loads(row[0]) if row else {}
-
-    # ---- annotators
-
-    def add_annotator(self, name: str, is_admin: bool = False, simulated: bool = False) -> str:
-        """Create an annotator; returns the secret token (only its hash is stored)."""
-        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise StoreError("annotator names are 1-64 letters, digits, '-', '_' or '.'")
-        token = secrets.token_urlsafe(32)  # 256 random bits
-        try:
-            with self._tx() as con:
-                con.execute("INSERT INTO annotators (name, token_hash, is_admin, simulated, created) VALUES (?, ?, ?, ?, ?)",
-                            (name, hash_token(token), int(is_admin), int(simulated), time.time()))
-        except sqlite3.IntegrityError:
-            raise StoreError(f"an annotator named {name!r} exists already") from None
-        return token
-
-    def annotator_by_token(self, token: str | None) -> Annotator | None:
-        """The enabled annotator whose token this is (None for a wrong, rotated or revoked one)."""
-        if not token:
-            return None
-        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE token_hash=? AND disabled=0",
-                                  (hash_token(token),)).fetchone()
-        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
-
-    def annotator(self, name: str) -> Annotator | None:
-        row = self._con().execute("SELECT id, name, is_admin, simulated FROM annotators WHERE name=?", (name,)).fetchone()
-        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
-
-    def ensure_annotator(self, name: str, simulated: bool = False) -> Annotator:
-        a = self.annotator(name)
-        if a is None:
-            self.add_annotator(name, simulated=simulated)
-            a = self.annotator(name)
-        return a
-
-    def annotators(self) -> list[Annotator]:
-        return [Annotator(r[0], r[1], bool(r[2]), bool(r[3]))
-                for r in self._con().execute("SELECT id, name, is_admin, simulated FROM annotators ORDER BY id")]
-
-    def _named(self, con: sqlite3.Connection, name: str) -> int:
-        row = con.execute("SELECT id FROM annotators WHERE name=?", (name,)).fetchone()
-        if row is None:
-            raise StoreError(f"no annotator named {name!r} in {self.path}")
-        return row[0]
-
-    def revoke_annotator(self, name: str) -> int:
-        """Disable an annotator: their token stops working and their sessions end at once (their
-        rankings stay). Returns the number of sessions ended. `rotate_token` re-admits them."""
-        with self._tx() as con:
-            aid = self._named(con, name)
-            con.execute("UPDATE annotators SET disabled=1 WHERE id=?", (aid,))
-            return con.execute("DELETE FROM sessions WHERE annotator_id=?", (aid,)).rowcount
-
-    def rotate_token(self, name: str) -> str:
-        """Issue a new token (returned; only its hash is stored): the old token and every session
-        made with it stop working. Re-enables a revoked annotator."""
-        token = secrets.token_urlsafe(32)  # 256 random bits
-        with self._tx() as con:
-            aid = self._named(con, name)
-            con.execute("UPDATE annotators SET token_hash=?, disabled=0 WHERE id=?", (hash_token(token), aid))
-            con.execute("DELETE FROM sessions WHERE annotator_id=?", (aid,))
-        return token
-
-    # ---- sessions (the web app's logins)
-
-    def create_session(self, annotator: Annotator, ttl: float) -> str:
-        """A new random session id for this annotator, valid for ttl seconds; only its hash is stored."""
-        sid = secrets.token_urlsafe(32)
-        now = time.time()
-        with self._tx() as con:
-            con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
-            con.execute("INSERT INTO sessions (id_hash, annotator_id, created, expires) VALUES (?, ?, ?, ?)",
-                        (hash_token(sid), annotator.id, now, now + ttl))
-        return sid
-
-    def session_annotator(self, session_id: str | None) -> Annotator | None:
-        """The enabled annotator of a live (unexpired, unrevoked) session; None otherwise. A read."""
-        if not session_id:
-            return None
-        row = self._con().execute(
-            "SELECT a.id, a.name, a.is_admin, a.simulated FROM sessions s JOIN annotators a ON a.id = s.annotator_id "
-            "WHERE s.id_hash=? AND s.expires > ? AND a.disabled=0", (hash_token(session_id), time.time())).fetchone()
-        return Annotator(row[0], row[1], bool(row[2]), bool(row[3])) if row else None
-
-    def revoke_session(self, session_id: str) -> bool:
-        with self._tx() as con:
-            return con.execute("DELETE FROM sessions WHERE id_hash=?", (hash_token(session_id),)).rowcount == 1
 
     # ---- rankings
 
@@ -395,39 +285,3 @@ class FeedbackStore:
         if con is not None:
             con.close()
             self._local.con = None
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error): one write transaction. Nested inside
-    another on the same connection it is a savepoint, so `FeedbackStore.transaction()` can make
-    several store calls one all-or-nothing transaction. A write lock held by another program
-    for longer than the busy timeout is StoreBusy."""
-
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.nested = self.con.in_transaction
-        try:
-            self.con.execute("SAVEPOINT nested" if self.nested else "BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            if is_busy(e):
-                raise StoreBusy("the database is locked by another program; try again in a moment") from None
-            raise
-        return self.con
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.nested:
-            if exc_type:
-                self.con.execute("ROLLBACK TO nested")
-            self.con.execute("RELEASE nested")
-        elif exc_type:
-            self.con.execute("ROLLBACK")
-        else:
-            try:
-                self.con.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                self.con.execute("ROLLBACK")
-                if is_busy(e):
-                    raise StoreBusy("the database is locked by another program; try again in a moment") from None
-                raise

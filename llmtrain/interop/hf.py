@@ -41,6 +41,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from llmtrain import checkpoint
 from llmtrain.config import ModelConfig, to_dict
 from llmtrain.errors import CheckpointError
+from llmtrain.files import publish
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
 from llmtrain.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -413,7 +414,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "auto", adapter
             summary = _export_model(d, tmp, dtype)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "out": str(out)}

@@ -420,13 +420,13 @@ def test_every_exported_line_imports_and_round_trips(tmp_path):
      "2 to 9 candidates"),
     # text SQLite cannot store (a lone surrogate, which JSON allows): FILE:LINE and the field
     ('{"prompt": "\\ud800", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}',
-     "prompt (messages[0].content): not valid Unicode text"),
+     "field 'prompt' holds a lone surrogate"),
     ('{"prompt": "q \\udc80", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}',
-     "prompt (messages[0].content): not valid Unicode text"),
+     "field 'prompt' holds a lone surrogate"),
     ('{"prompt": "q", "ranked": [{"text": "a", "rank": 1}, {"text": "b\\udfff", "rank": 2}]}',
-     "ranked[1].text: not valid Unicode text"),
+     "field 'ranked[1].text' holds a lone surrogate"),
     ('{"messages": [{"role": "system", "content": "\\ud83d"}, {"role": "user", "content": "q"}], '
-     '"ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}', "messages[0].content: not valid Unicode text"),
+     '"ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}', "field 'messages[0].content' holds a lone surrogate"),
     ('{"prompt": "q", "ranked": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}], "annotator": "al\\ud800"}',
      "annotator"),
 ])

@@ -357,3 +357,57 @@ def test_real_full_tmpfs_during_checkpoint_then_resume(shards, full, tmp_path):
     assert (out / "rc2").read_text().strip() == "0", (out / "err2").read_text()
     assert "resumed from" in (out / "out2").read_text()
     assert_equals_uninterrupted(out / "run", full)
+
+
+# ------------------------------------------- a kill between the two renames of a re-save or a swap
+
+KILL_MID_SWAP = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    real = os.replace
+    target = Path(sys.argv[1])
+
+    def replace(a, b):
+        if Path(b) == target and not target.exists():  # the old copy is aside, the new not yet in
+            os._exit(9)
+        return real(a, b)
+
+    os.replace = replace
+    from llmtrain.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_kill_between_the_renames_of_a_resaved_checkpoint_then_resume(shards, full, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(run_args(shards, run, max_steps=4)) == 0  # steps 2 and 4 exist
+    capsys.readouterr()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    step4 = run / "checkpoints" / "step_0000004"
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SWAP, str(step4), *run_args(shards, run)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]  # a fresh run over the old one, killed re-saving step 4
+    assert checkpoint.resolve(run) == step4  # the new step 4 is whole and found, not lost
+    out = resume(shards, run, capsys)
+    assert f"resumed from {step4} at step 4" in out
+    assert leftovers(run) == []
+    assert_equals_uninterrupted(run, full)
+
+
+def test_kill_between_the_renames_of_prepare_then_read_and_rerun(corpus_file, tokenizer_path, prepared, tmp_path,
+                                                                 capsys):
+    from llmtrain.data.pretrain import load_meta
+
+    out = tmp_path / "data"
+    shutil.copytree(prepared, out)
+    (out / "marker").write_text("old")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SWAP, str(out), *prepare_args(corpus_file, tokenizer_path, out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert load_meta(out)["format"] == "llmtrain-shards-v1"  # a reader finds the whole new output
+    assert tree_bytes(out) == tree_bytes(prepared)
+    capsys.readouterr()
+    assert cli_main(prepare_args(corpus_file, tokenizer_path, out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the set-aside old output is cleaned up
+    assert tree_bytes(out) == tree_bytes(prepared)

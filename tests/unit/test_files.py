@@ -364,3 +364,197 @@ def test_report_md_escapes_model_text(tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "![x](http://evil/x.png)" in html
     assert "[click](javascript:alert(1))" in html and "a | b | c" in html and "&amp;lt;img src=x&amp;gt;" in html
     assert "(empty)" in html
+
+
+# ------------------------------------------- damaged run folders: one line before training
+
+def _pretrain_into(saved_run, run, capsys, **r):
+    cfg = tiny_pretrain_config(Path(saved_run.shards), run, max_steps=6, save_every=2, **r)
+    capsys.readouterr()
+    rc = cli_main(["pretrain", *cli_args(cfg)])
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_checkpoints_a_file_is_one_line_error_before_training(saved_run, tmp_path, capsys, resume):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    before = tree(run)
+    rc, out = _pretrain_into(saved_run, run, capsys, resume=resume)
+    assert rc == 2, out.err
+    line = one_line_error(out.err)
+    assert f"{run / 'checkpoints'}: is not a folder" in line
+    assert "step " not in out.out  # no training step ran, never a silent restart from step 0
+    assert tree(run) == before  # nothing written (no metrics.jsonl, no .tmp)
+
+
+@pytest.mark.parametrize("what", ["folder", "broken-link"])
+def test_metrics_jsonl_not_a_file_is_one_line_error_before_training(saved_run, tmp_path, capsys, what):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    m = run / "metrics.jsonl"
+    m.unlink()
+    if what == "folder":
+        m.mkdir()
+        (m / "x").write_text("x")
+    else:
+        m.symlink_to(tmp_path / "nowhere")
+    before = tree(run)
+    rc, out = _pretrain_into(saved_run, run, capsys, resume=True)
+    assert rc == 2, out.err
+    line = one_line_error(out.err)
+    assert f"{m}: is not a file" in line
+    assert "step " not in out.out
+    assert tree(run) == before
+
+
+# --------------------------------- a checkpoint's config.json that does not describe its weights
+
+CONFIG_CASES = {  # model key -> a value that is damage, not a model
+    "max_seq_len-1e12": ("max_seq_len", 10**12, "beyond"),
+    "max_seq_len-2^40": ("max_seq_len", 2**40, "beyond"),
+    "dim-1e12": ("dim", 10**12, "beyond"),
+    "vocab_size-1e12": ("vocab_size", 10**12, "beyond"),
+    "n_layers-1e12": ("n_layers", 10**12, "beyond"),
+    "n_heads-1e12": ("n_heads", 10**12, "beyond"),
+    "ffn_dim-1e12": ("ffn_dim", 10**12, "beyond"),
+    "dim-other": ("dim", 64, "model.embed_tokens.weight"),
+    "vocab_size-other": ("vocab_size", 4096, "model.embed_tokens.weight"),
+    "n_layers-more": ("n_layers", 40, "model.layers.N"),
+    "n_layers-fewer": ("n_layers", 1, "model.layers.N"),
+    "ffn_dim-other": ("ffn_dim", 256, "gate_proj"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_absurd_or_mismatched_config_json_is_one_line_error(saved_run, tmp_path, capsys, case, monkeypatch):
+    key, value, said = CONFIG_CASES[case]
+    ck = tmp_path / "ck"
+    shutil.copytree(saved_run / "checkpoints" / "step_0000004", ck)
+    conf = json.loads((ck / "config.json").read_text())
+    conf["model"][key] = value
+    (ck / "config.json").write_text(json.dumps(conf))
+    before = tree(tmp_path)
+    built = []
+    import llmtrain.model as model_pkg
+    real = model_pkg.Transformer.__init__
+    monkeypatch.setattr(model_pkg.Transformer, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k)))
+    capsys.readouterr()
+    rc = cli_main(["generate", str(ck), "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = one_line_error(err, "generate")
+    assert str(ck / "config.json") in line and f"'model.{key}'" in line and said in line, line
+    assert built == []  # refused before any model (and its allocation) is built
+    assert tree(tmp_path) == before
+
+
+def test_good_config_json_still_loads(saved_run):
+    cfg = checkpoint.model_config(saved_run)
+    assert (cfg.dim, cfg.n_layers) == (32, 2)
+
+
+# ------------------------------- a kill between the two renames of a re-saved step loses nothing
+
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("then", ["resolve", "next-save"])
+def test_kill_between_the_renames_of_a_resave_keeps_a_complete_step(tmp_path, monkeypatch, then):
+    m = _tiny_model()
+    checkpoint.save(tmp_path, 1, m, config={"model": {}}, meta={"tokens": 0})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    new = {k: v.clone() for k, v in checkpoint.model_state(m).items()}
+    real_replace = os.replace
+    root = tmp_path / "checkpoints"
+
+    class Killed(BaseException):
+        pass
+
+    def replace(a, b):
+        if Path(b) == root / "step_0000001" and not Path(b).exists():  # the old copy is aside: die here
+            raise Killed
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        checkpoint.save(tmp_path, 1, m, config={"model": {}}, meta={"tokens": 1})
+    monkeypatch.setattr(os, "replace", real_replace)
+    if then == "resolve":
+        d = checkpoint.resolve(tmp_path)
+    else:  # the next save must not delete the only complete copies
+        checkpoint.save(tmp_path, 2, m, config={"model": {}}, meta={"tokens": 2})
+        d = checkpoint.step_dirs(tmp_path)[0]
+    assert d == root / "step_0000001"
+    assert checkpoint.read_meta(d)["tokens"] == 1  # the finished new save, complete
+    got = _weights(d)
+    assert got.keys() == new.keys() and all(torch.equal(got[k], new[k]) for k in new)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == (["step_0000001"] if then == "resolve" else ["step_0000001", "step_0000002"]) or \
+        left == [".trash-step_0000001", "step_0000001"]  # the old copy goes at the next save
+
+
+def test_resave_killed_before_the_old_is_moved_keeps_the_old(tmp_path, monkeypatch):
+    m = _tiny_model()
+    checkpoint.save(tmp_path, 1, m, config={"model": {}}, meta={"tokens": 0})
+    real_replace = os.replace
+    root = tmp_path / "checkpoints"
+
+    class Killed(BaseException):
+        pass
+
+    def replace(a, b):
+        if Path(a) == root / "step_0000001":
+            raise Killed
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        checkpoint.save(tmp_path, 1, m, config={"model": {}}, meta={"tokens": 1})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_0000001"]  # one, never two
+    assert checkpoint.read_meta(tmp_path)["tokens"] == 0
+    checkpoint.save(tmp_path, 2, m, config={"model": {}}, meta={"tokens": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001", "step_0000002"]
+
+
+def test_publish_fsyncs_before_and_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(files, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(files, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(a).name)), real_replace(a, b)))
+    (tmp_path / "f.tmp").write_text("x")
+    files.publish(tmp_path / "f.tmp", tmp_path / "f")
+    assert events == [("file", "f.tmp"), ("rename", "f.tmp"), ("dir", tmp_path.name)]
+    assert (tmp_path / "f").read_text() == "x"
+    events.clear()
+    (tmp_path / "d.tmp").mkdir()
+    (tmp_path / "d.tmp" / "a").write_text("a")
+    files.publish(tmp_path / "d.tmp", tmp_path / "d")
+    assert events == [("file", "a"), ("dir", "d.tmp"), ("rename", "d.tmp"), ("dir", tmp_path.name)]
+
+
+@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf", "data.chitchat", "pipeline"])
+def test_writers_publish_through_the_fsyncing_helper(module):
+    import importlib
+    import inspect
+
+    src = inspect.getsource(importlib.import_module(f"llmtrain.{module}"))
+    assert "publish(tmp" in src
+    assert "os.replace(tmp" not in src and ".rename(r.db)" not in src
+
+
+def test_metrics_rewrite_fsyncs_the_folder(tmp_path, monkeypatch):
+    import llmtrain.metrics as metrics_mod
+
+    events = []
+    monkeypatch.setattr(metrics_mod, "fsync_dir", lambda p: events.append(Path(p)), raising=False)
+    Metrics(tmp_path, stream=open(os.devnull, "w"))
+    assert events == [tmp_path]

@@ -56,7 +56,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
     # imports another (the feedback package's own modules import each other).
     ("commands", ["llmtrain.stages", "llmtrain.stages.pretrain", "llmtrain.stages.sft", "llmtrain.stages.classify",
                   "llmtrain.stages.reward", "llmtrain.stages.ppo", "llmtrain.stages.dpo", "llmtrain.stages.evaluate",
-                  "llmtrain.feedback", "llmtrain.feedback.store", "llmtrain.feedback.agreement",
+                  "llmtrain.feedback", "llmtrain.feedback.db", "llmtrain.feedback.annotators",
+                  "llmtrain.feedback.store", "llmtrain.feedback.agreement", "llmtrain.feedback.web",
+                  "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
                   "llmtrain.interop.hf"], "package"),
