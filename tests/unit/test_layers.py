@@ -8,7 +8,7 @@ fails naming FILE:LINE for
   - a sideways import the layer does not allow: a stage importing another stage, one command
     importing another (a stage the feedback app, the report a stage, ...);
   - feedback/ reaching torch training code (training, losses, rl, rl_models, scoring), even
-    through another module;
+    through another module, and the web app (feedback.app) reaching torch at all;
   - a function-local import, unless it is listed in LAZY_LLMTRAIN (an llmtrain module, with the
     reason, which the file must state too) or its package in LAZY_THIRD_PARTY (heavy, optional
     or version-dependent third-party imports);
@@ -69,6 +69,8 @@ NEVER_SIDEWAYS = ("llmtrain.stages.",)  # packages whose modules never import ea
 
 # The feedback app and its helpers never reach torch training code, not even through another module.
 TRAINING_CODE = {"llmtrain.training", "llmtrain.losses", "llmtrain.rl", "llmtrain.rl_models", "llmtrain.scoring"}
+# The ranking web app loads no torch at all (it starts in a blink and runs beside training).
+NO_TORCH = {"llmtrain.feedback.app"}
 
 # Function-local imports of llmtrain modules: (file, module or "*": any import) -> why. The file
 # must say so too (the word "lazily" or a "# lazy:" comment). An import cycle is never a reason:
@@ -198,6 +200,11 @@ def violations(root: Path, layers=LAYERS, lazy_llmtrain=LAZY_LLMTRAIN, lazy_thir
             bad.append(f"{key[0]}: its function-local imports are allowed in LAZY_LLMTRAIN, but the file does not "
                        f"say why (the word 'lazily' or a '# lazy:' comment)")
     bad += _cycles(graph, rel)
+    torch_users = {src for src, _, target, _ in imports if target == "torch" or target.startswith("torch.")}
+    for m in sorted(NO_TORCH & set(files)):
+        for user in sorted((_closure(graph, m) | {m}) & torch_users):
+            bad.append(f"{rel[m]}: {m} must not load torch, but reaches {user}, which imports it: "
+                       + " -> ".join(_path(graph, m, user)))
     for m in sorted(files):
         if m.startswith("llmtrain.feedback"):
             reached = _closure(graph, m) & TRAINING_CODE
@@ -319,6 +326,9 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/pipeline.py:2: an import by a computed name (__import__, importlib.import_module)"),
     ("llmtrain/generate.py", "import importlib\nstage = importlib.import_module('llmtrain.stages.ppo')\n",
      "llmtrain/generate.py:2: an import by a computed name"),
+    ("llmtrain/feedback/web.py", "import torch\n",  # app -> web (the fake app imports it below)
+     "llmtrain/feedback/app.py: llmtrain.feedback.app must not load torch, but reaches llmtrain.feedback.web, "
+     "which imports it: llmtrain.feedback.app -> llmtrain.feedback.web"),
     ("llmtrain/extra.py", "",
      "llmtrain/extra.py: module llmtrain.extra is in no layer of tests/unit/test_layers.py LAYERS"),
     ("llmtrain/cli.py", "def f():\n    import llmtrain.errors\n",  # allowed, but the file must say why
@@ -328,6 +338,8 @@ def test_the_check_catches_a_bad_import(tmp_path, path, source, expected):
     files = {path: source}
     if "cycle" in expected:
         files["llmtrain/metrics.py"] = "from llmtrain import config\n"
+    if "must not load torch" in expected:
+        files["llmtrain/feedback/app.py"] = "from llmtrain.feedback import web\n"
     if "reaches torch" in expected:
         files["llmtrain/data/sft.py"] = "from llmtrain.losses import IGNORE\n"
     bad = violations(fake_package(tmp_path, files))
