@@ -32,8 +32,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "llmtrain"
 # (layer, modules, which imports within the layer are allowed), lowest first. A module may
 # import any module of a lower layer; within its own layer only as `sideways` says:
 #   "acyclic": any module of the layer, as long as no import cycle forms (checked below);
-#   "package": only modules of its own package (feedback.app -> feedback.store), never a
-#              stage another stage (llmtrain.stages is its own rule: "never");
+#   "package": only modules of its own package (feedback.app -> feedback.store); and the
+#              stages not even that (NEVER_SIDEWAYS: a stage never imports another stage).
 LAYERS: list[tuple[str, list[str], str]] = [
     # No model, no data: errors, atomic files, typed configs, devices/torchrun, metrics files.
     ("base", ["llmtrain", "llmtrain.errors", "llmtrain.files", "llmtrain.config", "llmtrain.dist",
