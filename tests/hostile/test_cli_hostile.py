@@ -133,6 +133,9 @@ def fx(tmp_path_factory, pretrained, reward_ckpt, tokenizer_path, shards, corpus
         (d / f"{name}.yaml").write_text(text)
     (d / "adir").mkdir()
     (d / "empty_dir").mkdir()
+    from llmtrain.feedback.store import FeedbackStore  # an existing, empty feedback database (import needs one)
+
+    FeedbackStore(d / "fb_empty.db").close()
     # Token-shard folders with a damaged meta.json.
     for name, meta in {"meta_empty": b"{}", "meta_binary": bytes(range(256)), "meta_deep": DEEP.encode(),
                        "meta_list": b"[]", "meta_nodtype": None}.items():
@@ -162,7 +165,7 @@ def fx(tmp_path_factory, pretrained, reward_ckpt, tokenizer_path, shards, corpus
     # A Hugging Face folder whose config.json is not JSON.
     (d / "hf_bad").mkdir()
     (d / "hf_bad" / "config.json").write_bytes(b"\xff\xfe not json")
-    paths = {name: str(d / name) for name in [*files, "adir", "empty_dir", "sft.jsonl", "prompts.jsonl",
+    paths = {name: str(d / name) for name in [*files, "adir", "empty_dir", "fb_empty.db", "sft.jsonl", "prompts.jsonl",
                                                 "classify.jsonl", "rankings.jsonl", "ckpt_bad_weights", "hf_bad"]}
     paths.update({f"{n}.yaml": str(d / f"{n}.yaml") for n in ["lr_neg", "lr_nan", "beta1", "batch0", "heads0",
                                                                "unknown", "run_list", "device", "log0", "accum0",
@@ -393,7 +396,7 @@ case("feedback serve:--port 70000", ["feedback", "serve", "--db", "{work}/fb.db"
 case("feedback serve:--port -1", ["feedback", "serve", "--db", "{work}/fb.db", "--port", "-1"], "--port")
 for name, where in [("deep.jsonl", ":1: JSON nested"), ("bad_utf8.jsonl", ":1: not UTF-8"),
                     ("rank_zero.jsonl", ":1: ranked[0].rank")]:
-    case(f"feedback import:{name}", ["feedback", "import", "{%s}" % name, "--db", "{work}/fb.db"], *at(name, where))
+    case(f"feedback import:{name}", ["feedback", "import", "{%s}" % name, "--db", "{fb_empty.db}"], *at(name, where))
 
 # --- classify predict, reward score, import, export
 for name, where in [("deep.jsonl", ":1: JSON nested"), ("bad_utf8.jsonl", ":1: not UTF-8"),
