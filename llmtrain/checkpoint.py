@@ -38,6 +38,7 @@ from llmtrain.config import ModelConfig, from_dict
 from llmtrain.dist import is_sharded
 from llmtrain.errors import CheckpointError
 from llmtrain.files import disk_full, fsync_dir, fsync_file, fsync_tree, is_disk_full, remove
+from llmtrain.model.adapters import merged_state_dict
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 TRASH = ".trash-"  # prefix of a step folder renamed away before it is deleted
@@ -97,8 +98,6 @@ def resolve(path: str | Path) -> Path:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from llmtrain.model.adapters import merged_state_dict
-
     sd = merged_state_dict(model)  # LoRA updates merged: saved weights never need adapters
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_embeddings", False):

@@ -1,14 +1,22 @@
 """`llmtrain <command> [-c cfg.yaml] [key=value ...]`: a table {command: function}.
 
 Errors the user can fix (config, data, checkpoints) print as one line and exit with status 2.
+
+Each command imports what it runs inside its function (lazily): `llmtrain --help`, a bad flag
+or a feedback command answers in a tenth of a second instead of first loading torch (about 2 s).
+Nothing imports this module, so no import cycle can hide behind that (tests/unit/test_layers.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sqlite3
 import sys
 from pathlib import Path
 
-from llmtrain.errors import LlmtrainError
+from llmtrain.data.jsonl import has_surrogate, read_jsonl
+from llmtrain.errors import ConfigError, LlmtrainError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -19,10 +27,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _check_flags(**flags) -> None:
     """Command-line flags against the rules their config fields follow (llmtrain.config):
     `_check_flags(**{"--top-p": (value, TOP_P)})`; a one-line ConfigError naming the flag."""
-    import math
-
     from llmtrain.config import COMMAND_LINE
-    from llmtrain.errors import ConfigError
 
     for name, (value, rule) in flags.items():
         if value is None:
@@ -45,7 +50,6 @@ def _sampling_flags(args) -> None:
 def _check_db(path: str, must_exist: bool) -> None:
     """--db: an SQLite database (or, when it may be created, a writable new path)."""
     from llmtrain.config import path_problem
-    from llmtrain.errors import ConfigError
 
     p = Path(path)
     if p.is_dir():
@@ -65,7 +69,6 @@ def _check_db(path: str, must_exist: bool) -> None:
 
 def _check_out(flag: str, path: str | None, kind: str) -> None:
     from llmtrain.config import path_problem
-    from llmtrain.errors import ConfigError
 
     problem = path_problem(path, kind) if path else None
     if problem:
@@ -162,9 +165,6 @@ def cmd_classify(args) -> int:
 
 
 def cmd_classify_predict(argv: list[str]) -> int:
-    import json
-
-    from llmtrain.data.sft import read_jsonl
     from llmtrain.stages import classify
 
     p = argparse.ArgumentParser(prog="llmtrain classify predict", description="label new text with a classifier")
@@ -208,10 +208,7 @@ def cmd_reward(args) -> int:
 
 
 def cmd_reward_score(argv: list[str]) -> int:
-    import json
-
     from llmtrain import scoring
-    from llmtrain.data.sft import read_jsonl
 
     p = argparse.ArgumentParser(prog="llmtrain reward score", description="score answers with a reward model")
     p.add_argument("checkpoint")
@@ -275,7 +272,6 @@ def rl_command(algorithm: str):
     """`llmtrain ppo|grpo|rloo`: the one RL stage (llmtrain/stages/ppo.py) with its algorithm set."""
     def cmd(args) -> int:
         from llmtrain.config import PPOConfig, load_config
-        from llmtrain.errors import ConfigError
         from llmtrain.stages import ppo
 
         cfg = load_config(PPOConfig, args.config, [f"algorithm={algorithm}", *args.overrides])
@@ -319,8 +315,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_feedback(args) -> int:
-    import sqlite3
-
     from llmtrain.config import NON_NEGATIVE, Rule
     from llmtrain.feedback.store import StoreError
 
@@ -576,8 +570,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _not_utf8(argv: list[str]) -> str | None:
     """The flag or key whose value (or which itself) holds bytes that are not UTF-8: Python hands
     them over as lone surrogates, which no tokenizer, file or terminal takes. None when all are text."""
-    from llmtrain.data.corpus import has_surrogate
-
     for i, arg in enumerate(argv):
         if not has_surrogate(arg):
             continue

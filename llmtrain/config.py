@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class _Device(Rule):
         super().__init__(None, "a device of this machine")
 
     def problem(self, value) -> str | None:
+        # lazy: dist imports torch (about 2 s) to ask which devices exist; configs are also read
+        # by commands that never run a model (tests/unit/test_layers.py LAZY_LLMTRAIN)
         from llmtrain.dist import device_problem
 
         return device_problem(value)
@@ -94,9 +97,6 @@ OUTPUT_FILE = _Writable("file", required=True)
 
 def path_problem(path: str | Path, kind: str = "directory") -> str | None:
     """Why `path` cannot be written as a `kind` ("directory" or "file"), or None."""
-    import os
-    import tempfile
-
     p = Path(path)
     if p.exists():
         if kind == "directory" and not p.is_dir():

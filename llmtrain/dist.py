@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from llmtrain.errors import ConfigError
 
 
 @dataclass
@@ -61,8 +65,6 @@ def device_problem(pref: str) -> str | None:
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     problem = device_problem(pref)
     if problem:
-        from llmtrain.errors import ConfigError
-
         raise ConfigError(f"device {pref!r} {problem}")
     if pref == "auto":
         if torch.cuda.is_available():
@@ -81,8 +83,6 @@ def _check_rank_has_gpu(dev: torch.device, local_rank: int, local_world: int) ->
         return
     n = torch.cuda.device_count()
     if local_world > n or dev.index >= n:
-        from llmtrain.errors import ConfigError
-
         raise ConfigError(f"run.device: {local_world} processes on this node need {local_world} CUDA devices (one each), "
                           f"but it has {n}: start at most {n} (torchrun --nproc_per_node {n}) or set run.device=cpu")
 
@@ -160,8 +160,6 @@ def _warn_slow_cpu_bf16() -> None:
     except Exception:  # a private helper: if it is missing or fails, say nothing
         native = True
     if not native:
-        import warnings
-
         warnings.warn("this CPU has no native bf16: matmuls run a slow fallback; run.precision=fp32 is faster here",
                       stacklevel=3)
 
@@ -174,8 +172,6 @@ def wrap(model: torch.nn.Module, env: DistEnv, strategy: str = "ddp", precision:
     """The module to train. One process: the model itself. ddp: a DDP wrapper around it.
     fsdp: the model, sharded in place (so build the optimizer after this call)."""
     if strategy not in STRATEGIES:
-        from llmtrain.errors import ConfigError
-
         raise ConfigError(f"run.strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
     for m in model.modules():
         if hasattr(m, "gradient_checkpointing"):
@@ -196,13 +192,11 @@ def shard(model: torch.nn.Module, env: DistEnv, precision: str = "fp32") -> torc
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmtrain.model.transformer import DecoderLayer
-
     mesh = init_device_mesh(env.device.type, (env.world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     for m in model.modules():
-        if isinstance(m, DecoderLayer):
+        if getattr(m, "shard_unit", False):  # a decoder block (model/transformer.py sets it)
             fully_shard(m, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
@@ -242,8 +236,6 @@ def all_max(n: int) -> int:
 def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 

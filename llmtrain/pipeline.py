@@ -9,16 +9,27 @@ each stage writes (folders inside one run directory) and hands outputs on throug
 A stage whose output is complete is skipped, so a killed pipeline continues where it
 stopped (training stages resume from their last step checkpoint); `--from STAGE` deletes
 that stage's output and everything after it, and reruns from there.
+
+Each step imports its stage inside its function (lazily), so a bad pipeline YAML or --from is
+refused before torch loads; only the CLI imports this module (tests/unit/test_layers.py).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import secrets
+import select
 import shutil
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from llmtrain.config import (NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P, WRITABLE_DIR, DPOConfig, EvaluateConfig,
                              PPOConfig, PrepareConfig, PretrainConfig, RewardConfig, Rule, SFTConfig, TokenizerConfig,
@@ -136,7 +147,7 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     print(f"pipeline '{cfg.name}': all outputs in {root.resolve()}")
     timing_path = root / "timings.json"
     timings: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    (root / "pipeline.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def stage(name: str, done: bool, fn) -> None:
         if done:
@@ -217,7 +228,7 @@ def _held_out(cfg, base) -> tuple[list, list]:
     """The SFT data's split into (train, held-out) conversations: the held-out prompts are
     never trained on by any stage and are where every model is compared."""
     from llmtrain.data.prompts import read_prompts
-    from llmtrain.data.sft import split
+    from llmtrain.data.jsonl import split
 
     return split(read_prompts(_abs(cfg.sft.data.train, base)), cfg.sft.data.val_every)
 
@@ -379,9 +390,6 @@ def _bind(port: int):
     """A listening socket on 127.0.0.1:port for the ranking app, or a one-line error naming
     feedback.port. Bound here, not inside uvicorn's thread, so a busy port never leaves the
     pipeline waiting for a server that is not there."""
-    import errno
-    import socket
-
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"feedback.port={port}: not a port number (0-65535; 0 takes any free port), e.g. feedback.port=8001")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -403,8 +411,6 @@ def _start_app(db: Path, port: int, cleanup: contextlib.ExitStack) -> tuple[int,
     the thread (alive while the app serves).
     Stopped when `cleanup` closes (the end of the run). A server that does not come up is an
     error at once, never a wait."""
-    import threading
-
     import uvicorn
 
     from llmtrain.feedback.app import create_app
@@ -443,10 +449,6 @@ def _wait_for_people(cfg, r, store):
     prompt has been judged by a person (ranked, all unacceptable or skipped: a skip leaves the
     prompt out), when an admin closes the round at /admin, or when Enter is pressed with at
     least one ranking. Says which prompts are still open whenever that changes."""
-    import secrets
-    import select
-    import sys
-
     # The round is closed only while this run goes on (pages then say it is over); a later
     # run, or `llmtrain feedback serve`, finds it open, with what was judged kept.
     r.cleanup.callback(store.reopen_round)  # registered first: runs after the app has stopped

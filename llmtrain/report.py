@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from llmtrain.metrics import fmt_duration, read_metrics
+from llmtrain import styles
 
 RL_METHODS = ("ppo", "grpo", "rloo")  # trained with the reward model; each has a training plot
 KNOWN_ORDER = ("ppo", "grpo", "rloo", "dpo")
@@ -112,8 +113,6 @@ def _rule_of(cfg, ev: dict) -> str:
 def rule_sentence(cfg, ev: dict, src: dict | None = None) -> str:
     """The rule in one sentence: the simulated annotator's, or, when people ranked, the stated
     rule the evaluation scores by (a yardstick, not what the people were asked)."""
-    from llmtrain import styles
-
     texts = getattr(styles, "RULE_TEXT", {})
     rule = _rule_of(cfg, ev)
     if not rule:

@@ -5,6 +5,7 @@ another on answers sampled from the first."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from llmtrain.generate import SamplingConfig, generate, greedy_answers
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import rollout_rows, sequence_kl, token_logprobs
-from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_answer, render_chat
 
 
@@ -78,9 +78,10 @@ def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu") -> t
 
 @torch.no_grad()
 def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreModel, norm: dict, convs: list[list[dict]],
-                    max_new_tokens: int, true_rule: str = "") -> dict:
-    """Greedy answers to held-out prompts: mean reward-model score and, with a simulated rule,
-    the mean 'true' score of that rule."""
+                    max_new_tokens: int, true_rule: Callable[[str, dict], float] | None = None) -> dict:
+    """Greedy answers to held-out prompts: mean reward-model score and, with a stated rule
+    (`true_rule(prompt, {"text", "finished"}) -> score`, e.g. a simulated annotator's from
+    llmtrain/styles.py, which the caller picks), the mean 'true' score of that rule."""
     # Callers fit the prompts first (`data.prompts.fit_prompts`), so none is cut here.
     prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
     answers = [{"text": t, "finished": f} for t, f in greedy_answers(policy, tok, prompts, max_new_tokens)]
@@ -89,7 +90,7 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreMode
     out = {"reward": float(np.mean(rewards)), "answers": answers, "rewards": rewards,
            **collapse_stats([a["text"] for a in answers])}
     if true_rule:
-        true = [RULES[true_rule](last_user(c), a) for c, a in zip(convs, answers)]
+        true = [true_rule(last_user(c), a) for c, a in zip(convs, answers)]
         out["true_score"] = float(np.mean(true))
         out["true_scores"] = true
     return out

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
 from llmtrain.errors import DataError
 from llmtrain.files import publish
 
@@ -56,8 +58,6 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -92,8 +92,6 @@ class Tokenizer:
 def train_tokenizer(texts: Iterator[str], vocab_size: int, out: str | Path, min_frequency: int = 2,
                     max_chars: int = 0) -> Tokenizer:
     """Train a byte-level BPE on a stream of texts and save it atomically to `out`."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
     n_special = len(SPECIAL_TOKENS)
     if vocab_size < 256 + n_special:
         raise DataError(f"vocab_size {vocab_size} is below the 256 byte tokens + {n_special} special tokens")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.data.sft import read_jsonl
+from llmtrain.data.jsonl import read_jsonl
 from llmtrain.tokenizer import Tokenizer
 
 

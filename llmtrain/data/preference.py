@@ -12,14 +12,16 @@ answer cut off at the token limit, which the reward model and DPO then read with
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmtrain.data.jsonl import read_jsonl
 from llmtrain.data.prompts import last_user
-from llmtrain.data.sft import read_jsonl
 from llmtrain.errors import DataError
 from llmtrain.tokenizer import ROLES
 
@@ -133,9 +135,6 @@ def ranks_from_tiers(tiers: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 def prompt_key(messages: list[dict]) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()
 
 

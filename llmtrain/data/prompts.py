@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmtrain.data.sft import read_jsonl
+from llmtrain.data.jsonl import read_jsonl
 from llmtrain.errors import ConfigError
 from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
 

@@ -8,14 +8,13 @@ skipped and counted instead. Nothing is dropped silently.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmtrain.data.corpus import jsonl_lines, loads_line
+from llmtrain.data.jsonl import read_jsonl
 from llmtrain.errors import DataError
 from llmtrain.losses import IGNORE
 from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
@@ -60,29 +59,6 @@ def parse_line(obj) -> list[dict]:
     return out
 
 
-def read_jsonl(path: str | Path, parse, skip_bad_lines: bool = False) -> tuple[list[tuple[str, object]], int]:
-    """Parse every line of a JSONL file with `parse(obj)`; -> ([(file:line, parsed)], skipped)."""
-    p = Path(path)
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, not a JSONL data file")
-    if p.exists() and not p.is_file():
-        raise DataError(f"{p}: not a regular file (a device, pipe or socket), not a JSONL data file")
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    items, skipped = [], 0
-    for n, line in jsonl_lines(p):
-        try:
-            items.append((f"{p}:{n}", parse(loads_line(line))))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            msg = f"malformed JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
-            if not skip_bad_lines:
-                raise DataError(f"{p}:{n}: {msg}") from None
-            skipped += 1
-    if not items:
-        raise DataError(f"{p}: no usable lines")
-    return items, skipped
-
-
 def read_conversations(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[tuple[str, list[dict]]], int]:
     return read_jsonl(path, parse_line, skip_bad_lines)
 
@@ -99,13 +75,6 @@ def encode(tok: Tokenizer, convs: list[tuple[str, list[dict]]], max_len: int) ->
             continue
         out.append(Example(ids, mask, where))
     return out, dropped
-
-
-def split(examples: list, val_every: int) -> tuple[list, list]:
-    """Every val_every-th example (1-based) is held out; deterministic."""
-    val = [e for i, e in enumerate(examples, 1) if i % val_every == 0]
-    train = [e for i, e in enumerate(examples, 1) if i % val_every != 0]
-    return train, val
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

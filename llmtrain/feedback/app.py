@@ -40,6 +40,7 @@ The app imports only the store, agreement, llmtrain.errors, the stdlib, Jinja2 a
 from __future__ import annotations
 
 import argparse
+import errno
 import secrets
 import socket
 import sys
@@ -136,8 +137,6 @@ def bind(host: str, port: int, port_flag: str = "--port", host_flag: str = "--ho
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        import errno
-
         why = {errno.EADDRINUSE: "is already in use (another server listens on it; pick another port, or 0 for any free one)",
                errno.EACCES: "needs privileges to bind (ports below 1024); pick a port from 1024 up",
                errno.EADDRNOTAVAIL: f"cannot be bound on {host} (not an address of this machine)"}.get(

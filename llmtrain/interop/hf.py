@@ -35,12 +35,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from llmtrain import checkpoint
 from llmtrain.config import ModelConfig, to_dict
 from llmtrain.errors import CheckpointError
 from llmtrain.files import publish
-from llmtrain.tokenizer import SPECIAL_TOKENS
+from llmtrain.model import Transformer
+from llmtrain.model.heads import ScoreModel
+from llmtrain.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # architecture in config.json -> our family name (model_type)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -189,9 +193,6 @@ def weight_files(src: Path) -> list[Path]:
 def expected_shapes(mcfg: ModelConfig, head: str = "lm_head", n_out: int = 1) -> dict[str, tuple]:
     """Name -> shape of every tensor our model of `mcfg` holds (a tied lm_head left out).
     Built on the meta device: no memory, no initialisation."""
-    from llmtrain.model import Transformer
-    from llmtrain.model.heads import ScoreModel
-
     with torch.device("meta"):
         model = ScoreModel(mcfg, n_out) if head == "score" else Transformer(mcfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -252,9 +253,6 @@ def import_tokenizer(src: Path):
     special token and would get none: the two would tokenize the same chat differently. With
     "always" each stretch between special tokens starts with "▁", which is what we encode;
     a text without special tokens tokenizes exactly as before."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = src / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no tokenizer.json (a fast tokenizer); write one with transformers: "
@@ -332,8 +330,6 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
 
 def _module_with(mcfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Our Transformer holding exactly `tensors` (no copy, no random init: built on meta)."""
-    from llmtrain.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(mcfg)
     sd = dict(tensors)
@@ -382,8 +378,6 @@ def hf_config_json(mcfg: ModelConfig, tok, dtype: torch.dtype, head: str = "lm_h
 def _export_tokenizer(tok, out: Path, mcfg: ModelConfig, causal: bool) -> None:
     """tokenizer.json (ours, with <|bos|> put in front of plain text as Llama's tokenizers do) and
     tokenizer_config.json with our chat template."""
-    from tokenizers import processors
-
     tk = tok.tk
     bos = SPECIAL_TOKENS["bos"]
     tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
@@ -427,8 +421,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "auto", adapter
 
 
 def _export_model(d: Path, out: Path, dtype: str) -> dict:
-    from llmtrain.tokenizer import Tokenizer
-
     conf = checkpoint.read_config(d)
     mcfg = checkpoint.model_config(d).resolved()
     stage = conf.get("stage", "")
@@ -520,8 +512,6 @@ def _export_adapter(d: Path, out: Path, dtype: str, base: str, export_base: bool
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-    from llmtrain.tokenizer import Tokenizer
-
     tok = Tokenizer.load(checkpoint.tokenizer_of(d))
     _export_tokenizer(tok, out, checkpoint.model_config(d), causal=True)
     summary = {"checkpoint": str(d), "stage": "ppo", "architecture": "peft LoRA adapter", "dtype": dtype,

@@ -188,6 +188,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    shard_unit = True  # dist.shard: one FSDP all-gather unit (dist, below the model, looks for the mark)
+
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)

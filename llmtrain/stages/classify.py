@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import ClassifyConfig
 from llmtrain.data import classify as cls_data
-from llmtrain.data.sft import LengthBatches, split
+from llmtrain.data.jsonl import split
+from llmtrain.data.sft import LengthBatches
 from llmtrain.errors import CheckpointError, DataError
 from llmtrain.model.adapters import freeze
 from llmtrain.model.heads import ScoreModel

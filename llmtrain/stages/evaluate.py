@@ -21,10 +21,11 @@ from pathlib import Path
 from llmtrain import checkpoint
 from llmtrain.config import EvaluateConfig
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
-from llmtrain.data.sft import split
+from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.model import Transformer
 from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate
+from llmtrain.styles import RULES
 
 
 def _load(path: str) -> tuple[Path, Transformer]:
@@ -50,11 +51,12 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
         print(f"evaluate: {len(long)} of {n_all} held-out prompts longer than {ctx - max_new_tokens} tokens skipped "
               f"(context window {ctx} - max_new_tokens {max_new_tokens})")
     ckpt_a, model_a = _load(baseline)
-    res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, true_rule)}
+    rule = RULES[true_rule] if true_rule else None
+    res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, rule)}
     res["a"]["checkpoint"] = str(ckpt_a)
     for name, path in challengers.items():
         ckpt, model = _load(path)
-        res[name] = evaluate_policy(model, tok, rm, norm, convs, max_new_tokens, true_rule)
+        res[name] = evaluate_policy(model, tok, rm, norm, convs, max_new_tokens, rule)
         res[name]["checkpoint"] = str(ckpt)
         res[name]["kl"] = sampled_kl(model, model_a, tok, convs, max_new_tokens, seed=0)
         del model

@@ -39,7 +39,7 @@ from llmtrain import checkpoint, dist
 from llmtrain.config import PPOConfig, to_dict
 from llmtrain.data.pretrain import TokenWindows
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
-from llmtrain.data.sft import split
+from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
@@ -48,6 +48,7 @@ from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate
                          minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
 from llmtrain.rl_models import Models, build_models, resume, value_state
 from llmtrain.scoring import evaluate_policy, score_texts
+from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_chat
 from llmtrain.training import count_params, optimizer_step
 
@@ -219,7 +220,8 @@ def log_setup(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, sf
 
 def evaluate(cfg: PPOConfig, m: Models, tok: Tokenizer, val_p: list, env, log: Metrics, it: int) -> None:
     with dist.autocast(env.device, cfg.run.precision):
-        r = evaluate_policy(m.policy, tok, m.reward_model, m.norm, val_p, cfg.max_new_tokens, cfg.true_rule)
+        r = evaluate_policy(m.policy, tok, m.reward_model, m.norm, val_p, cfg.max_new_tokens,
+                           RULES[cfg.true_rule] if cfg.true_rule else None)
     log.log(it, "eval", **{k: v for k, v in r.items() if k != "answers"})
     log.print(f"iter {it:>4} | held-out reward {r['reward']:+.3f}" +
               (f" | true score ({cfg.true_rule}) {r['true_score']:+.3f}" if cfg.true_rule else ""))

@@ -17,6 +17,7 @@ import torch
 from llmtrain import checkpoint, dist, training
 from llmtrain.config import SFTConfig
 from llmtrain.data import sft as sft_data
+from llmtrain.data.jsonl import split
 from llmtrain.data.prompts import last_user
 from llmtrain.generate import greedy_answers, prompt_budget
 from llmtrain.losses import lm_loss
@@ -116,7 +117,7 @@ def read_data(cfg: SFTConfig, tok: Tokenizer, max_len: int):
         skipped += skipped_val
         train_convs = convs
     else:
-        train_convs, val_convs = sft_data.split(convs, cfg.data.val_every)
+        train_convs, val_convs = split(convs, cfg.data.val_every)
     train_ex, dropped = sft_data.encode(tok, train_convs, max_len)
     val_ex, dropped_val = sft_data.encode(tok, val_convs, max_len)
     return train_ex, val_ex, val_convs, skipped, dropped + dropped_val

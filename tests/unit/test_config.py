@@ -203,7 +203,7 @@ def test_max_steps_zero_writes_no_checkpoint_and_says_so(shards, tmp_path, capsy
 
 
 def test_deeply_nested_json_is_refused_before_the_parser_recurses():
-    from llmtrain.data.corpus import loads_line
+    from llmtrain.data.jsonl import loads_line
 
     assert loads_line('{"text": "' + "[" * 1000 + '"}') == {"text": "[" * 1000}  # brackets inside a string
     assert loads_line("[" * 60 + "]" * 60)
