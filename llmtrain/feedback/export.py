@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
+from llmtrain.errors import DataError
 from llmtrain.feedback.store import FeedbackStore, StoreError
 from llmtrain.files import publish
 
