@@ -40,8 +40,7 @@ COMMANDS = {
     "chat": (models.cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (feedback.cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
     "import": (models.cmd_import, "read a local Hugging Face model folder (Llama, Mistral, Qwen2) into a checkpoint", False),
-    "export": (models.cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)",
-               False),
+    "export": (models.cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)", False),
     "pipeline": (pipeline.cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
     "demo": (pipeline.cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
 }
