@@ -1,0 +1,162 @@
+"""`llmtrain feedback <action>`: the human-feedback commands around one SQLite database (--db).
+FEEDBACK below lists the actions: write candidate answers, manage annotators, serve the ranking
+app, rank by a scripted rule, export and import rankings.
+
+Each action imports what it runs inside its function (lazily): only `generate` loads torch, and
+the others answer in a tenth of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import sqlite3
+
+from llmtrain.cli.args import check_db, check_flags, check_out, sampling_flags
+from llmtrain.errors import LlmtrainError
+
+
+def add_arguments(feedback: argparse.ArgumentParser) -> None:
+    """The actions of `llmtrain feedback`, each with its flags, on the parser `feedback`."""
+    fb = feedback.add_subparsers(dest="action", metavar="action", required=True)
+    for name, (_, help_) in FEEDBACK.items():
+        a = fb.add_parser(name, help=help_, description=help_)
+        a.add_argument("--db", default="feedback.db", help="the feedback SQLite database (default feedback.db)")
+    g = fb.choices["generate"]
+    g.add_argument("checkpoint", help="the fine-tuned checkpoint that writes the candidates")
+    g.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": ...} or {\"messages\": [...]}")
+    g.add_argument("-k", type=int, default=4, help="candidates per prompt, 2 to 9 (default 4)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="answer every prompt this many times, K fresh candidates each, ranked separately (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    fb.choices["add-annotator"].add_argument("name")
+    fb.choices["add-annotator"].add_argument("--admin", action="store_true", help="may see everyone's progress and agreement")
+    fb.choices["revoke-annotator"].add_argument("name")
+    fb.choices["rotate-token"].add_argument("name")
+    fb.choices["serve"].add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    fb.choices["serve"].add_argument("--port", type=int, default=8000)
+    fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")
+    fb.choices["simulate"].add_argument("--name", default="", help="the simulated annotator's name (default sim-RULE)")
+    fb.choices["simulate"].add_argument("--limit", type=int, default=0, help="rank at most this many prompts (0: all)")
+    fb.choices["export"].add_argument("-o", "--output", default="rankings.jsonl")
+    fb.choices["export"].add_argument("--people-only", action="store_true", help="leave simulated rankings out")
+    fb.choices["import"].add_argument("input", help="a rankings.jsonl in the export format")
+
+
+def cmd_feedback(args) -> int:
+    from llmtrain.config import NON_NEGATIVE, Rule
+    from llmtrain.feedback.store import StoreError
+
+    # Flags and the database are checked before anything is read or written.
+    # Only generate, add-annotator and serve may start a new database; the others need one
+    # (a missing --db is an error, and no empty file is left behind).
+    check_db(args.db, must_exist=args.action in ("export", "simulate", "import", "rotate-token", "revoke-annotator"))
+    if args.action == "generate":
+        sampling_flags(args)
+        from llmtrain.config import POSITIVE
+
+        check_flags(**{"-k": (args.k, Rule(lambda v: 2 <= v <= 9, "between 2 and 9")),
+                       "--rounds": (args.rounds, POSITIVE)})
+    elif args.action == "serve":
+        check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535"))})
+    elif args.action == "simulate":
+        check_flags(**{"--limit": (args.limit, NON_NEGATIVE | "0: all")})
+    elif args.action == "export":
+        check_out("--output", args.output, "file")
+    try:
+        return FEEDBACK[args.action][0](args)
+    except (StoreError, ValueError) as e:
+        raise LlmtrainError(str(e)) from None
+    except sqlite3.DatabaseError as e:  # a damaged file with an SQLite header, or one locked for good
+        raise LlmtrainError(f"--db {args.db}: {e}") from None
+
+
+def fb_generate(args) -> int:
+    from llmtrain.feedback.candidates import generate_to_db
+    from llmtrain.generate import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p)
+    r = generate_to_db(args.checkpoint, args.prompts, args.db, args.k, s, seed=args.seed, device=args.device,
+                       rounds=args.rounds, key="--max-new-tokens")
+    print(f"feedback generate: {r['prompts']} prompts x {args.k}" + (f" x {args.rounds} rounds" if args.rounds > 1 else "")
+          + f" = {r['candidates']} candidates -> {args.db}")
+    return 0
+
+
+def fb_add_annotator(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    token = FeedbackStore(args.db).add_annotator(args.name, is_admin=args.admin)
+    print(f"annotator {args.name}{' (admin)' if args.admin else ''} added; their secret token (shown once):")
+    print(token)
+    return 0
+
+
+def fb_revoke_annotator(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    n = FeedbackStore(args.db).revoke_annotator(args.name)
+    print(f"annotator {args.name} revoked: their token no longer works, {n} signed-in session(s) ended "
+          f"(their rankings stay; `llmtrain feedback rotate-token {args.name}` re-admits them)")
+    return 0
+
+
+def fb_rotate_token(args) -> int:
+    from llmtrain.feedback.store import FeedbackStore
+
+    token = FeedbackStore(args.db).rotate_token(args.name)
+    print(f"annotator {args.name}: new secret token (shown once; the old one and its sessions no longer work):")
+    print(token)
+    return 0
+
+
+def fb_export(args) -> int:
+    from llmtrain.feedback.export import export
+    from llmtrain.feedback.store import FeedbackStore
+
+    c = export(FeedbackStore(args.db), args.output, include_simulated=not args.people_only)
+    print(f"feedback export: {c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out) -> {args.output}")
+    return 0
+
+
+def fb_import(args) -> int:
+    from llmtrain.feedback.export import import_rankings, read_import
+    from llmtrain.feedback.store import FeedbackStore
+
+    read_import(args.input)  # a bad file is reported before the database is opened
+    r = import_rankings(FeedbackStore(args.db), args.input)
+    print(f"feedback import: {r['read']} read, {r['added']} added, {r['already_there']} already there -> {args.db}")
+    return 0
+
+
+def fb_simulate(args) -> int:
+    from llmtrain.feedback.simulate import simulate
+    from llmtrain.feedback.store import FeedbackStore
+
+    r = simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
+    print(f"feedback simulate: {r['annotator']} (simulated) ranked {r['ranked']} prompts "
+          f"({r['all_equal']} with all candidates tied)")
+    return 0
+
+
+def fb_serve(args) -> int:
+    from llmtrain.feedback.app import serve
+
+    serve(args.db, host=args.host, port=args.port)
+    return 0
+
+
+FEEDBACK = {
+    "generate": (fb_generate, "write K sampled answers per prompt into the feedback database"),
+    "add-annotator": (fb_add_annotator, "add an annotator and print their secret token"),
+    "revoke-annotator": (fb_revoke_annotator, "disable an annotator: their token and signed-in sessions stop working"),
+    "rotate-token": (fb_rotate_token, "give an annotator a new token; the old one and its sessions stop working"),
+    "serve": (fb_serve, "start the ranking web app"),
+    "simulate": (fb_simulate, "rank pending prompts by a scripted rule (demo and tests only)"),
+    "export": (fb_export, "write rankings.jsonl for the reward model and DPO"),
+    "import": (fb_import, "load rankings.jsonl made elsewhere into the database"),
+}
