@@ -36,8 +36,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "llmtrain"
 #              stages not even that (NEVER_SIDEWAYS: a stage never imports another stage).
 LAYERS: list[tuple[str, list[str], str]] = [
     # No model, no data: errors, atomic files, typed configs, devices/torchrun, metrics files.
-    ("base", ["llmtrain", "llmtrain.errors", "llmtrain.files", "llmtrain.config", "llmtrain.dist",
-              "llmtrain.metrics"], "acyclic"),
+    # The config package: field rules, fields a stage refuses, YAML reading, shared sections,
+    # the stage configs, loading with overrides (its __init__ re-exports them).
+    ("base", ["llmtrain", "llmtrain.errors", "llmtrain.files", "llmtrain.config.rules", "llmtrain.config.unused",
+              "llmtrain.config.yamlfile", "llmtrain.config.sections", "llmtrain.config.stages",
+              "llmtrain.config.loading", "llmtrain.config", "llmtrain.dist", "llmtrain.metrics"], "acyclic"),
     # The networks: transformer, heads, adapters (LoRA, freezing), the RL modules' wrappers.
     ("model", ["llmtrain.model", "llmtrain.model.transformer", "llmtrain.model.heads", "llmtrain.model.adapters",
                "llmtrain.model.actor_critic"], "acyclic"),
@@ -80,7 +83,7 @@ LAZY_LLMTRAIN: dict[tuple[str, str], str] = {
                               "command answers in 0.1 s instead of loading torch (2 s); nothing imports cli",
     ("llmtrain/pipeline.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage (torch) "
                                    "loads; each step imports its stage; only cli imports pipeline",
-    ("llmtrain/config.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
+    ("llmtrain/config/rules.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
                                              "is read by commands that never run a model",
 }
 # Function-local imports of other packages: heavy, optional or moving between torch versions.
@@ -176,8 +179,11 @@ def violations(root: Path, layers=LAYERS, lazy_llmtrain=LAZY_LLMTRAIN, lazy_thir
         if target not in files:
             bad.append(f"{where}: imports {target}, which is not a module of llmtrain/")
             continue
-        parts = target.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first
-        graph[src] |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} - {src}
+        parts = target.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first,
+        # but not the packages holding `src`: they started before it (llmtrain.config.stages
+        # importing llmtrain.config.rules while llmtrain.config's __init__ imports both is no cycle)
+        holders = {".".join(src.split(".")[:i]) for i in range(1, src.count(".") + 1)}
+        graph[src] |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} - {src} - holders
         if local:
             key = next((k for k in ((rel[src], target), (rel[src], "*")) if k in lazy_llmtrain), None)
             if key is None:
@@ -317,7 +323,7 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/training.py:2: function-local import of llmtrain.checkpoint: import it at the top of the file"),
     ("llmtrain/data/preference.py", "def f():\n    import json\n",
      "llmtrain/data/preference.py:2: function-local import of json: import it at the top of the file"),
-    ("llmtrain/config.py", "from llmtrain.metrics import Metrics\n",  # metrics -> config (below) closes a cycle
+    ("llmtrain/config/__init__.py", "from llmtrain.metrics import Metrics\n",  # metrics -> config (below) closes a cycle
      "import cycle llmtrain.config -> llmtrain.metrics -> llmtrain.config"),
     ("llmtrain/feedback/export.py", "from llmtrain.data import sft\n",  # data.sft -> losses (below)
      "llmtrain/feedback/export.py: llmtrain.feedback.export reaches torch training code (llmtrain.losses) through "
@@ -355,7 +361,7 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              "llmtrain/data/sft.py": "from llmtrain.data.jsonl import read_jsonl\nfrom llmtrain.losses import IGNORE\n",
              "llmtrain/metrics.py": "from llmtrain import config\n",
              "llmtrain/report.py": "def f():\n    import matplotlib.pyplot\n",
-             "llmtrain/config.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
+             "llmtrain/config/rules.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
 
