@@ -63,13 +63,14 @@ def main(cfg: ClassifyConfig) -> Path:
                          f"texts ({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
                          f"parameters trainable ({len(frozen)} tensors frozen)")
     global_batch = run.batch_size * run.grad_accum * env.world
+    val_eval = val_ex[: run.eval_batches * run.batch_size or None]  # the first run.eval_batches batches (0: all)
 
     def evaluate(done: int) -> dict:
         model.eval()
         confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)
         with torch.no_grad(), dist.autocast(env.device, run.precision):
-            for i in range(0, len(val_ex), run.batch_size):
-                rows = val_ex[i:i + run.batch_size]
+            for i in range(0, len(val_eval), run.batch_size):
+                rows = val_eval[i:i + run.batch_size]
                 x, lengths = cls_data.collate(rows, tok.pad_id)
                 pred = model(x.to(env.device), lengths).argmax(-1).cpu()
                 for r, p in zip(rows, pred.tolist()):
