@@ -32,7 +32,7 @@ BETA = Rule(lambda v: 0 <= v < 1, ">= 0 and < 1")
 TOP_P = Rule(lambda v: 0 < v <= 1, "> 0 and <= 1")
 FRACTION = Rule(lambda v: 0 <= v <= 1, "between 0 and 1")
 TEMPERATURE = Rule(lambda v: v >= 0, ">= 0 (0: greedy)")
-HELD_OUT_EVERY = Rule(lambda v: v >= 2, ">= 2 (1 item in val_every is held out)")
+HELD_OUT_EVERY = Rule(lambda v: v >= 2, ">= 2 (every Nth item is held out)")
 SEED = Rule(lambda v: 0 <= v < 2**63, ">= 0 and < 2**63")  # torch and numpy take a signed 64-bit seed
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))  # far more threads than cores only slows; 100000 crashes torch
 THREADS = Rule(lambda v: 0 <= v <= MAX_THREADS, f">= 0 and <= {MAX_THREADS} (0: torch's default)")
