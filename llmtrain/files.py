@@ -1,4 +1,5 @@
-"""Writing files safely: fsync before a rename publishes them, and a full disk said plainly.
+"""Writing files safely: fsync before a rename publishes them, and a full disk said plainly;
+and `regular_file`, which names what stands where a file to read was expected.
 
 A full disk shows up in different clothes: OSError ENOSPC or EDQUOT from Python's own writes,
 "No space left on device (os error 28)" from safetensors, and from torch.save a bare
@@ -19,6 +20,20 @@ FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
 LOW_SPACE = 1 << 20  # under this many free bytes after a failed write, the disk was full
 PROBE = 64 << 10
+
+
+def regular_file(path: str | Path, kind: str, missing: str, error: type[Exception]) -> Path:
+    """`path` as a Path when it names a regular file; else `error` saying what is there instead
+    (a directory; a device, pipe or socket; nothing). `kind` is what the file should be ("a
+    JSONL data file"), `missing` how a missing one is named ("data file" not found)."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{p}: is a directory, not {kind}")
+    if p.exists() and not p.is_file():
+        raise error(f"{p}: not a regular file (a device, pipe or socket), not {kind}")
+    if not p.is_file():
+        raise error(f"{missing} not found: {p}")
+    return p
 
 
 def free_bytes(path: str | Path) -> int:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from llmtrain.errors import DataError
+from llmtrain.files import regular_file
 
 MAX_JSON_DEPTH = 64  # data lines are flat: deeper nesting is refused before the parser recurses
 
@@ -87,13 +88,7 @@ def _surrogate_at(obj, path: str = "") -> str | None:
 
 def read_jsonl(path: str | Path, parse, skip_bad_lines: bool = False) -> tuple[list[tuple[str, object]], int]:
     """Parse every line of a JSONL file with `parse(obj)`; -> ([(file:line, parsed)], skipped)."""
-    p = Path(path)
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, not a JSONL data file")
-    if p.exists() and not p.is_file():
-        raise DataError(f"{p}: not a regular file (a device, pipe or socket), not a JSONL data file")
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
+    p = regular_file(path, "a JSONL data file", "data file", DataError)
     items, skipped = [], 0
     for n, line in jsonl_lines(p):
         try:

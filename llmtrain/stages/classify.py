@@ -63,18 +63,10 @@ def main(cfg: ClassifyConfig) -> Path:
                          f"texts ({skipped} bad lines skipped); {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
                          f"parameters trainable ({len(frozen)} tensors frozen)")
     global_batch = run.batch_size * run.grad_accum * env.world
+    val_eval = val_ex[: run.eval_batches * run.batch_size or None]  # the first run.eval_batches batches (0: all)
 
     def evaluate(done: int) -> dict:
-        model.eval()
-        confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)
-        with torch.no_grad(), dist.autocast(env.device, run.precision):
-            for i in range(0, len(val_ex), run.batch_size):
-                rows = val_ex[i:i + run.batch_size]
-                x, lengths = cls_data.collate(rows, tok.pad_id)
-                pred = model(x.to(env.device), lengths).argmax(-1).cpu()
-                for r, p in zip(rows, pred.tolist()):
-                    confusion[r.label, p] += 1
-        model.train()
+        confusion = confusion_matrix(model, val_eval, len(labels), tok.pad_id, run.batch_size, env.device, run.precision)
         result = {"accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
                   "confusion": confusion.tolist()}
         log.log(done, "val", **result)
@@ -104,6 +96,22 @@ def main(cfg: ClassifyConfig) -> Path:
     if result:
         log.print("confusion matrix (rows: true label, columns: predicted)\n" + format_confusion(labels, result["confusion"]))
     return training.finish(s, progress)
+
+
+def confusion_matrix(model: ScoreModel, rows: list, n_labels: int, pad_id: int, batch_size: int, device,
+                     precision: str) -> torch.Tensor:
+    """Counts of (true label, predicted label) over `rows`, in batches of `batch_size`."""
+    model.eval()
+    confusion = torch.zeros(n_labels, n_labels, dtype=torch.long)
+    with torch.no_grad(), dist.autocast(device, precision):
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            x, lengths = cls_data.collate(batch, pad_id)
+            pred = model(x.to(device), lengths).argmax(-1).cpu()
+            for r, p in zip(batch, pred.tolist()):
+                confusion[r.label, p] += 1
+    model.train()
+    return confusion
 
 
 def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:

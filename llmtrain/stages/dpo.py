@@ -77,8 +77,10 @@ def main(cfg: DPOConfig) -> Path:
         b, w, _ = pair_tensors(rows, starts, cfg.data.min_score_gap, 0.0, env.device)
         return lp[b], lp[w], ref[b], ref[w]
 
+    val_eval = val_r[: run.eval_batches * run.batch_size or None]  # the first run.eval_batches batches (0: all)
+
     def evaluate(done: int) -> dict:
-        result = held_out(policy, pair_rewards, val_r, cfg, env.device)
+        result = held_out(policy, pair_rewards, val_eval, cfg, env.device)
         log.log(done, "val", **result)
         log.print(f"step {done:>6} | held-out reward accuracy {result['accuracy']:.3f} | margin {result['margin']:.3f}")
         return result
@@ -89,7 +91,7 @@ def main(cfg: DPOConfig) -> Path:
     # ---- the loop
     result, pairs_seen = {}, 0  # the last evaluation (saved with each checkpoint), pairs trained on
     if start_step == 0:
-        r = held_out(policy, pair_rewards, val_r, cfg, env.device)
+        r = held_out(policy, pair_rewards, val_eval, cfg, env.device)
         log.log(0, "val", **r)
         log.print(f"before DPO: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f}")
     progress = training.begin(s, 0, unit="pairs")

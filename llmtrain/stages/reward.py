@@ -61,12 +61,13 @@ def main(cfg: RewardConfig) -> Path:
 
     # What always preferring the longer answer would score on the same held-out pairs: a
     # baseline that says how much of the accuracy is more than length.
+    val_eval = val_r[: run.eval_batches * run.batch_size or None]  # the first run.eval_batches batches (0: all)
     longer = [1.0 if len(r.texts[i]) > len(r.texts[j]) else 0.5 if len(r.texts[i]) == len(r.texts[j]) else 0.0
-              for r in val_r for i, j in r.pairs(cfg.data.min_score_gap)]
+              for r in val_eval for i, j in r.pairs(cfg.data.min_score_gap)]
     length_baseline = sum(longer) / len(longer)
 
     def evaluate(done: int) -> dict:
-        res = evaluate_pairs(model, tok, val_r, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
+        res = evaluate_pairs(model, tok, val_eval, max_len, run.batch_size, cfg.data.min_score_gap, env.device, run.precision)
         res = {**res, "longer_text_baseline": length_baseline}
         log.log(done, "val", **{k: v for k, v in res.items() if k != "calibration"})
         log.print(f"step {done:>6} | held-out pairwise accuracy {res['accuracy']:.3f} (always-longer baseline "

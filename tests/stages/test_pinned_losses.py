@@ -91,6 +91,8 @@ def check_pinned(name: str, run_dir: Path) -> None:
 
 
 def run_cfg(out: Path, **kw) -> RunConfig:
+    """eval_batches=2 as recorded; reward, classify and DPO ran on their whole held-out set
+    (eval_batches was ignored there before #16 gave it one meaning), so they pass 0: all."""
     r = dict(out_dir=str(out), max_steps=4, batch_size=4, log_every=1, eval_every=0, eval_batches=2, seed=11, threads=1,
              device="cpu", precision="fp32")
     r.update(kw)
@@ -189,7 +191,7 @@ def rankings(n: int, k: int) -> list[dict]:
 
 def reward_config(base: Path, data: Path, out: Path, **kw) -> RewardConfig:
     return RewardConfig(init_from=str(base), data=RewardDataConfig(train=str(data), val_every=4), optim=optim(),
-                        run=run_cfg(out, batch_size=3), norm_prompts=3, norm_samples=2, norm_max_new_tokens=6, **kw)
+                        run=run_cfg(out, batch_size=3, eval_batches=0), norm_prompts=3, norm_samples=2, norm_max_new_tokens=6, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +236,7 @@ def test_classify_losses_are_pinned(request, tmp_path):
             {"text": f"{WORDS[10 + i % 10]} {WORDS[10 + (i * 7) % 10]}", "label": "second"} for i in range(32)]
     classify.main(ClassifyConfig(init_from=str(base), data=ClassifyDataConfig(train=str(write_jsonl(tmp_path / "c.jsonl", rows)),
                                                                              val_every=5),
-                                 optim=optim(), run=run_cfg(tmp_path / "cls", batch_size=6, eval_every=2)))
+                                 optim=optim(), run=run_cfg(tmp_path / "cls", batch_size=6, eval_every=2, eval_batches=0)))
     check_pinned("classify", tmp_path / "cls")
 
 
@@ -263,7 +265,7 @@ def test_dpo_losses_are_pinned(request, tmp_path):
 
     data = write_jsonl(tmp_path / "r.jsonl", rankings(24, 3))
     dpo.main(DPOConfig(policy=str(base), data=RewardDataConfig(train=str(data), val_every=4), beta=0.5, optim=optim(),
-                       run=run_cfg(tmp_path / "dpo", batch_size=3, eval_every=2)))
+                       run=run_cfg(tmp_path / "dpo", batch_size=3, eval_every=2, eval_batches=0)))
     check_pinned("dpo", tmp_path / "dpo")
 
 

@@ -36,8 +36,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "llmtrain"
 #              stages not even that (NEVER_SIDEWAYS: a stage never imports another stage).
 LAYERS: list[tuple[str, list[str], str]] = [
     # No model, no data: errors, atomic files, typed configs, devices/torchrun, metrics files.
-    ("base", ["llmtrain", "llmtrain.errors", "llmtrain.files", "llmtrain.config", "llmtrain.dist",
-              "llmtrain.metrics"], "acyclic"),
+    # The config package: field rules, fields a stage refuses, YAML reading, shared sections,
+    # the stage configs, loading with overrides (its __init__ re-exports them).
+    ("base", ["llmtrain", "llmtrain.errors", "llmtrain.files", "llmtrain.config.rules", "llmtrain.config.unused",
+              "llmtrain.config.yamlfile", "llmtrain.config.sections", "llmtrain.config.stages",
+              "llmtrain.config.loading", "llmtrain.config", "llmtrain.dist", "llmtrain.metrics"], "acyclic"),
     # The networks: transformer, heads, adapters (LoRA, freezing), the RL modules' wrappers.
     ("model", ["llmtrain.model", "llmtrain.model.transformer", "llmtrain.model.heads", "llmtrain.model.adapters",
                "llmtrain.model.actor_critic"], "acyclic"),
@@ -88,7 +91,7 @@ LAZY_LLMTRAIN: dict[tuple[str, str], str] = {
                                                  "answers without them",
     ("llmtrain/pipeline.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage (torch) "
                                    "loads; each step imports its stage; only cli imports pipeline",
-    ("llmtrain/config.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
+    ("llmtrain/config/rules.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
                                              "is read by commands that never run a model",
 }
 # Function-local imports of other packages: heavy, optional or moving between torch versions.
@@ -333,7 +336,7 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/training.py:2: function-local import of llmtrain.checkpoint: import it at the top of the file"),
     ("llmtrain/data/preference.py", "def f():\n    import json\n",
      "llmtrain/data/preference.py:2: function-local import of json: import it at the top of the file"),
-    ("llmtrain/config.py", "from llmtrain.metrics import Metrics\n",  # metrics -> config (below) closes a cycle
+    ("llmtrain/config/__init__.py", "from llmtrain.metrics import Metrics\n",  # metrics -> config (below) closes a cycle
      "import cycle llmtrain.config -> llmtrain.metrics -> llmtrain.config"),
     ("llmtrain/cli/train.py", "from llmtrain.cli import COMMANDS\n",  # cli/__init__ imports train (below)
      "import cycle llmtrain.cli -> llmtrain.cli.train -> llmtrain.cli"),
@@ -378,7 +381,7 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              "llmtrain/cli/__init__.py": "from llmtrain.cli import train\n",
              "llmtrain/cli/train.py": "from llmtrain.cli.args import check_out\n",
              "llmtrain/report.py": "def f():\n    import matplotlib.pyplot\n",
-             "llmtrain/config.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
+             "llmtrain/config/rules.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
 
