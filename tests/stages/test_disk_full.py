@@ -81,7 +81,7 @@ def resume(shards, run_dir, capsys, **run) -> str:
 @pytest.mark.parametrize("what", ["train_state.pt", "model.safetensors"])
 def test_full_disk_during_checkpoint_then_resume(shards, full, tmp_path, capsys, monkeypatch, what):
     run = tmp_path / "run"
-    real_save, real_save_file = torch.save, checkpoint.save_file
+    real_save, real_save_file = torch.save, checkpoint.saving.save_file
 
     def torch_save(obj, path, *a, **k):
         if str(path).endswith("step_0000004.tmp/train_state.pt"):
