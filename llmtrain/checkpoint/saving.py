@@ -90,30 +90,35 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
         raise
     barrier()
     if rank == 0:
-        if final.exists():
-            # The same step saved again. The new folder is first renamed to .ready (complete,
-            # fsynced), and only then the old one aside: at every moment one complete copy has a
-            # name that step_dirs() takes, so a kill between the renames loses nothing.
-            ready = root / f"{final.name}{READY}"
-            old = root / f"{TRASH}{final.name}"
-            remove(ready)
-            remove(old)
-            os.replace(tmp, ready)
-            fsync_dir(root)
-            os.replace(final, old)
-            try:
-                os.replace(ready, final)
-            except FileNotFoundError:  # a reader's step_dirs() put it back meanwhile
-                if not final.is_dir():
-                    raise
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        remove(root / f"{TRASH}{final.name}")
+        _put_in_place(root, tmp, final)
         if keep_last > 0:
             prune(root, keep_last)
     barrier()
     return final
+
+
+def _put_in_place(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished, fsynced `tmp` to `final` and make the rename durable."""
+    if final.exists():
+        # The same step saved again. The new folder is first renamed to .ready (complete,
+        # fsynced), and only then the old one aside: at every moment one complete copy has a
+        # name that step_dirs() takes, so a kill between the renames loses nothing.
+        ready = root / f"{final.name}{READY}"
+        old = root / f"{TRASH}{final.name}"
+        remove(ready)
+        remove(old)
+        os.replace(tmp, ready)
+        fsync_dir(root)
+        os.replace(final, old)
+        try:
+            os.replace(ready, final)
+        except FileNotFoundError:  # a reader's step_dirs() put it back meanwhile
+            if not final.is_dir():
+                raise
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    remove(root / f"{TRASH}{final.name}")
 
 
 def prune(root: Path, keep_last: int) -> None:

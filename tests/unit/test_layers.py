@@ -62,7 +62,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
-                  "llmtrain.interop.hf"], "package"),
+                  "llmtrain.interop.hf", "llmtrain.interop.hf_config", "llmtrain.interop.hf_weights",
+                  "llmtrain.interop.hf_tokenizer", "llmtrain.interop.hf_import", "llmtrain.interop.hf_export"],
+     "package"),
     ("pipeline", ["llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.__main__"], "acyclic"),
 ]
