@@ -170,70 +170,23 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    restore_ready(out)  # a complete output a killed prepare left under its .ready name comes back first
-    for stale in _stale_temps(out):
-        remove(stale)
-        print(f"prepare: removed {stale}, the temp folder of an interrupted earlier run", flush=True)
-    remove(tmp)
+    _clear_earlier_runs(out, tmp)
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-    n_doc = 0
     bar = None
     try:
         with _term_raises():
             tmp.mkdir(parents=True)
             bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, mininterval=1.0, delay=1.0)  # delay: an early error stays one line
-            buf: list[str] = []
-
-            def flush():
-                nonlocal n_doc
-                for ids in tok.encode_batch(buf):
-                    n_doc += 1
-                    split = "val" if n_doc % val_every == 0 else "train"
-                    doc = [tok.bos_id, *ids, tok.eos_id]
-                    writers[split].write(doc)
-                    bar.update(len(doc))
-                buf.clear()
-
-            for text in iter_documents(inputs, jsonl_field):
-                buf.append(text)
-                if len(buf) >= ENCODE_BATCH:
-                    flush()
-            flush()
+            n_doc = _write_documents(iter_documents(inputs, jsonl_field), tok, writers, val_every, bar)
             bar.close()
             for w in writers.values():
                 w.close()
             if writers["val"].docs == 0:
                 raise DataError(f"only {n_doc} documents: none went to validation (lower prepare val_every={val_every})")
-            meta = {
-                "format": "llmtrain-shards-v1",
-                "dtype": np.dtype(dtype).name,
-                "vocab_size": tok.vocab_size,
-                "tokenizer": str(Path(tokenizer_path).resolve()),
-                "tokenizer_sha256": file_sha256(tok.path),
-                "inputs": [str(i) for i in inputs],
-                "val_every": val_every,
-                "splits": {s: {"documents": w.docs, "tokens": sum(x["tokens"] for x in w.shards), "shards": w.shards}
-                           for s, w in writers.items()},
-            }
-            current = tmp / "meta.json"
-            current.write_text(json.dumps(meta, indent=2))
+            meta = _meta(inputs, tokenizer_path, tok, dtype, val_every, writers)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             fsync_tree(tmp)
-            # The finished output is renamed .ready first, then the old output aside, then .ready
-            # into place: at every moment one whole output has a name restore_ready() takes, so a
-            # kill between the renames loses neither.
-            ready = out.with_name(out.name + f".ready{os.getpid()}")
-            old = out.with_name(out.name + f".old{os.getpid()}")
-            os.replace(tmp, ready)
-            fsync_dir(out.parent)
-            if out.exists():
-                os.replace(out, old)
-            try:
-                os.replace(ready, out)
-            except FileNotFoundError:  # a reader's restore_ready() put it in place meanwhile
-                if not out.is_dir():
-                    raise
-            fsync_dir(out.parent)
-            remove(old)
+            _swap_into_place(tmp, out)
     except BaseException as e:
         if bar is not None:
             bar.close()  # its line ends, so an error message gets a line of its own
@@ -246,6 +199,76 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str, jsonl_field: s
             raise disk_full(current, f"the partial output {tmp} was removed") from None
         raise
     return meta
+
+
+def _clear_earlier_runs(out: Path, tmp: Path) -> None:
+    """Before writing: a complete output a killed prepare left under its .ready name comes back
+    first; then the temp folders of dead earlier runs (said aloud) and our own `tmp` go."""
+    restore_ready(out)
+    for stale in _stale_temps(out):
+        remove(stale)
+        print(f"prepare: removed {stale}, the temp folder of an interrupted earlier run", flush=True)
+    remove(tmp)
+
+
+def _batches(texts, size: int):
+    """Lists of `size` texts (the last one shorter, possibly empty)."""
+    buf: list[str] = []
+    for text in texts:
+        buf.append(text)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    yield buf
+
+
+def _write_documents(texts, tok: Tokenizer, writers: dict[str, _ShardWriter], val_every: int, bar) -> int:
+    """Encode the documents ENCODE_BATCH at a time and write each as <|bos|> ids <|eos|> to the
+    train or val writer (document i, from 1, to val when i % val_every == 0); -> documents read."""
+    n_doc = 0
+    for batch in _batches(texts, ENCODE_BATCH):
+        for ids in tok.encode_batch(batch):
+            n_doc += 1
+            split = "val" if n_doc % val_every == 0 else "train"
+            doc = [tok.bos_id, *ids, tok.eos_id]
+            writers[split].write(doc)
+            bar.update(len(doc))
+    return n_doc
+
+
+def _meta(inputs: list[str], tokenizer_path: str, tok: Tokenizer, dtype, val_every: int,
+          writers: dict[str, _ShardWriter]) -> dict:
+    """meta.json of the finished shards: what load_meta checks and TokenWindows reads."""
+    return {
+        "format": "llmtrain-shards-v1",
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": str(Path(tokenizer_path).resolve()),
+        "tokenizer_sha256": file_sha256(tok.path),
+        "inputs": [str(i) for i in inputs],
+        "val_every": val_every,
+        "splits": {s: {"documents": w.docs, "tokens": sum(x["tokens"] for x in w.shards), "shards": w.shards}
+                   for s, w in writers.items()},
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """The finished (fsynced) `tmp` becomes `out`. It is renamed .ready first, then the old
+    output aside, then .ready into place: at every moment one whole output has a name
+    restore_ready() takes, so a kill between the renames loses neither."""
+    ready = out.with_name(out.name + f".ready{os.getpid()}")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    os.replace(tmp, ready)
+    fsync_dir(out.parent)
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(ready, out)
+    except FileNotFoundError:  # a reader's restore_ready() put it in place meanwhile
+        if not out.is_dir():
+            raise
+    fsync_dir(out.parent)
+    remove(old)
 
 
 def load_meta(shard_dir: str | Path) -> dict:

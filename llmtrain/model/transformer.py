@@ -291,14 +291,9 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=g) * s)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); the arguments are Backbone.forward's."""
         return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
 
     def num_params(self, trainable_only: bool = False) -> int:

@@ -81,7 +81,7 @@ def resume(shards, run_dir, capsys, **run) -> str:
 @pytest.mark.parametrize("what", ["train_state.pt", "model.safetensors"])
 def test_full_disk_during_checkpoint_then_resume(shards, full, tmp_path, capsys, monkeypatch, what):
     run = tmp_path / "run"
-    real_save, real_save_file = torch.save, checkpoint.save_file
+    real_save, real_save_file = torch.save, checkpoint.saving.save_file
 
     def torch_save(obj, path, *a, **k):
         if str(path).endswith("step_0000004.tmp/train_state.pt"):
@@ -98,7 +98,7 @@ def test_full_disk_during_checkpoint_then_resume(shards, full, tmp_path, capsys,
     if what == "train_state.pt":
         monkeypatch.setattr(torch, "save", torch_save)
     else:
-        monkeypatch.setattr(checkpoint, "save_file", save_file)
+        monkeypatch.setattr(checkpoint.saving, "save_file", save_file)
     monkeypatch.setattr(files, "free_bytes", lambda p: 0)  # the disk is full right now
     capsys.readouterr()
     assert cli_main(run_args(shards, run)) == 2
@@ -180,7 +180,7 @@ def test_torn_metrics_line_in_the_middle_is_one_line_error(shards, full, tmp_pat
 KILL_MID_PRUNE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import llmtrain.checkpoint as c
+    import llmtrain.checkpoint.saving as c
     real = c.remove
 
     def remove(p):

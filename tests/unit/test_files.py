@@ -187,10 +187,10 @@ def test_resolve_skips_trash_and_tmp_and_save_clears_them(tmp_path):
 def test_save_fsyncs_files_and_folder_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_replace = os.replace
-    monkeypatch.setattr(checkpoint, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(checkpoint.saving, "fsync_file", lambda p: events.append(("file", Path(p).name)))
     monkeypatch.setattr(files, "fsync_file", lambda p: events.append(("file", Path(p).name)))
     monkeypatch.setattr(files, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
-    monkeypatch.setattr(checkpoint, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    monkeypatch.setattr(checkpoint.saving, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(a).name)), real_replace(a, b)))
     checkpoint.save(tmp_path, 3, _tiny_model(), config={}, meta={"tokens": 0}, optimizer=None)
     rename = events.index(("rename", "step_0000003.tmp"))
@@ -205,7 +205,7 @@ def test_keep_last_renames_to_trash_before_deleting(tmp_path, monkeypatch):
     for s in (1, 2):
         checkpoint.save(tmp_path, s, m, config={}, meta={"tokens": 0})
     seen = []
-    real_remove = checkpoint.remove
+    real_remove = checkpoint.saving.remove
 
     def spy(p):
         p = Path(p)
@@ -213,7 +213,7 @@ def test_keep_last_renames_to_trash_before_deleting(tmp_path, monkeypatch):
             seen.append(p.name)
         real_remove(p)
 
-    monkeypatch.setattr(checkpoint, "remove", spy)
+    monkeypatch.setattr(checkpoint.saving, "remove", spy)
     checkpoint.save(tmp_path, 3, m, config={}, meta={"tokens": 0}, keep_last=1)
     assert seen == [".trash-step_0000001", ".trash-step_0000002"]  # never a step folder itself
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003"]
@@ -228,7 +228,7 @@ def test_full_disk_during_save_names_the_file_and_removes_the_partial_folder(tmp
         def fail(sd, path, metadata=None):
             Path(path).write_bytes(b"\0" * 100)
             raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
-        monkeypatch.setattr(checkpoint, "save_file", fail)
+        monkeypatch.setattr(checkpoint.saving, "save_file", fail)
     elif what == "train_state.pt":  # torch.save names no cause: the free space tells
         def fail(obj, path):
             Path(path).write_bytes(b"PK\3\4" + b"\0" * 100)
@@ -541,7 +541,7 @@ def test_publish_fsyncs_before_and_after_the_rename(tmp_path, monkeypatch):
     assert events == [("file", "a"), ("dir", "d.tmp"), ("rename", "d.tmp"), ("dir", tmp_path.name)]
 
 
-@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf", "data.chitchat", "pipeline"])
+@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf_export", "data.chitchat", "pipeline"])
 def test_writers_publish_through_the_fsyncing_helper(module):
     import importlib
     import inspect

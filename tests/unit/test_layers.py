@@ -49,7 +49,8 @@ LAYERS: list[tuple[str, list[str], str]] = [
     ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
               "llmtrain.data.corpus", "llmtrain.data.packing", "llmtrain.data.sft", "llmtrain.data.prompts",
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
-              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint"], "acyclic"),
+              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
+              "llmtrain.checkpoint.saving", "llmtrain.checkpoint.loading"], "acyclic"),
     # Shared by several stages: the stage skeleton, reward-model scoring, the RL run's models.
     ("stage parts", ["llmtrain.training", "llmtrain.scoring", "llmtrain.rl_models"], "acyclic"),
     # The demo's stated preferences (simulated annotator, "true" rule, style check): stages and
@@ -64,7 +65,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
-                  "llmtrain.interop.hf"], "package"),
+                  "llmtrain.interop.hf", "llmtrain.interop.hf_config", "llmtrain.interop.hf_weights",
+                  "llmtrain.interop.hf_tokenizer", "llmtrain.interop.hf_import", "llmtrain.interop.hf_export"],
+     "package"),
     ("pipeline", ["llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.cli.args", "llmtrain.cli.train", "llmtrain.cli.models",
                "llmtrain.cli.feedback", "llmtrain.cli.pipeline", "llmtrain.cli.__main__", "llmtrain.__main__"],
@@ -318,8 +321,9 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/losses.py:3: llmtrain.losses (core) imports llmtrain.stages.sft (commands), a higher layer"),
     ("llmtrain/scoring.py", "from llmtrain.styles import RULES\n",
      "llmtrain/scoring.py:1: llmtrain.scoring (stage parts) imports llmtrain.styles (demo rules), a higher layer"),
-    ("llmtrain/checkpoint.py", "def f():\n    from llmtrain.feedback import app\n",
-     "llmtrain/checkpoint.py:2: llmtrain.checkpoint (core) imports llmtrain.feedback.app (commands), a higher layer"),
+    ("llmtrain/checkpoint/saving.py", "def f():\n    from llmtrain.feedback import app\n",
+     "llmtrain/checkpoint/saving.py:2: llmtrain.checkpoint.saving (core) imports llmtrain.feedback.app (commands), "
+     "a higher layer"),
     ("llmtrain/dist.py", "from llmtrain.model.transformer import DecoderLayer\n",
      "llmtrain/dist.py:1: llmtrain.dist (base) imports llmtrain.model.transformer (model), a higher layer"),
     ("llmtrain/data/sft.py", "from llmtrain import cli\n",
@@ -384,6 +388,22 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              "llmtrain/config/rules.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
+
+
+def test_a_package_re_exports_its_modules_without_a_cycle(tmp_path):
+    """checkpoint/__init__ re-exports names of its modules, which import each other: no cycle,
+    since the package began importing before them. Two modules importing each other, or a module
+    importing its package's names back by name, still are cycles."""
+    init = {"llmtrain/checkpoint/__init__.py": "from llmtrain.checkpoint.saving import save\n"}
+    ok = {**init, "llmtrain/checkpoint/saving.py": "from llmtrain.checkpoint.folders import step_dirs\n"}
+    assert violations(fake_package(tmp_path / "ok", ok)) == []
+    back = {**init, "llmtrain/checkpoint/saving.py": "from llmtrain.checkpoint import step_dirs\n"}
+    assert any("import cycle llmtrain.checkpoint -> llmtrain.checkpoint.saving -> llmtrain.checkpoint" in b
+               for b in violations(fake_package(tmp_path / "back", back)))
+    mutual = {"llmtrain/checkpoint/saving.py": "from llmtrain.checkpoint.folders import step_dirs\n",
+              "llmtrain/checkpoint/folders.py": "from llmtrain.checkpoint.saving import save\n"}
+    assert any("import cycle llmtrain.checkpoint.folders -> llmtrain.checkpoint.saving" in b
+               for b in violations(fake_package(tmp_path / "mutual", mutual)))
 
 
 def test_dist_finds_the_decoder_blocks_by_their_mark():

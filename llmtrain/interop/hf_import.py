@@ -1,0 +1,88 @@
+"""import_hf: a local HF model folder (Llama, Mistral, Qwen2) -> our checkpoint, step 0.
+
+The config is mapped (hf_config), every tensor checked and read as fp32 (hf_weights), and
+our special tokens registered (hf_tokenizer); the embedding and lm_head rows of the tokens
+that were new start at the mean of the existing rows. The source's dtype, chat template and
+tokenizer changes are recorded in the checkpoint's config.json under "source".
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmtrain import checkpoint
+from llmtrain.config import to_dict
+from llmtrain.errors import CheckpointError
+from llmtrain.interop.hf_config import family_of, model_config_from_hf, read_json
+from llmtrain.interop.hf_tokenizer import import_tokenizer
+from llmtrain.interop.hf_weights import expected_shapes, module_with, read_weights, weight_files
+
+
+def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict:
+    """Read a local HF model folder into a checkpoint `out/checkpoints/step_0000000/` that every
+    stage takes as `init_from` (or `policy`). Returns a summary (see `summary_line`)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory (give a local Hugging Face model folder; nothing is downloaded)")
+    if checkpoint.step_dirs(out):
+        raise CheckpointError(f"{out}: already holds a checkpoint; choose another output directory")
+    where = str(src / "config.json")
+    hf = read_json(src / "config.json")
+    arch, family = family_of(hf, where)
+    mcfg = model_config_from_hf(hf, family, where, max_seq_len)
+    files = weight_files(src)
+    tk, new_tokens, tok_notes = import_tokenizer(src)
+
+    tensors, dtype = read_weights(files, expected_shapes(mcfg), mcfg.tie_embeddings)
+    src_vocab = mcfg.vocab_size
+    # Rows for the tokens we added (new rows, or spare rows past the source tokenizer's): the mean
+    # of the existing rows, a neutral start that SFT then moves.
+    vocab = max(src_vocab, max(tk.get_vocab(with_added_tokens=True).values()) + 1)
+    new_ids = [tk.token_to_id(t) for t in new_tokens]
+    heads = ["model.embed_tokens.weight"] + ([] if mcfg.tie_embeddings else ["lm_head.weight"])
+    for k in heads:
+        w = tensors[k]
+        mean = w.mean(0, keepdim=True)
+        if vocab > src_vocab:
+            w = torch.cat([w, mean.expand(vocab - src_vocab, -1)])
+        w[new_ids] = mean
+        tensors[k] = w.contiguous()
+    mcfg.vocab_size = vocab
+
+    tok_cfg = read_json(src / "tokenizer_config.json", required=False)
+    template = tok_cfg.get("chat_template")
+    if (src / "chat_template.jinja").is_file():
+        template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    source = {
+        "path": str(src.resolve()), "architecture": arch, "family": family, "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": src_vocab, "added_tokens": new_tokens, "max_position_embeddings": hf.get("max_position_embeddings"),
+        "chat_template": template, "generation_config": read_json(src / "generation_config.json", required=False),
+        "special_tokens": {k: tok_cfg.get(k) for k in ("bos_token", "eos_token", "pad_token") if k in tok_cfg},
+        "tokenizer_changes": tok_notes,
+    }
+    model = module_with(mcfg, tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / "tokenizer.json"
+        tk.save(str(tok_path))
+        step = checkpoint.save(out, 0, model, config={"model": to_dict(mcfg), "stage": "import", "source": source},
+                               meta={"tokens": 0}, tokenizer_path=str(tok_path))
+    return {"checkpoint": str(step), "config": mcfg, **source, "n_files": len(files)}
+
+
+def summary_line(s: dict) -> str:
+    c = s["config"]
+    added = s["added_tokens"]
+    tokens = (f"vocab {s['vocab_size']} -> {c.vocab_size}: added {len(added)} special tokens ({' '.join(added)}), "
+              "their embedding/lm_head rows set to the mean of the existing rows" if added
+              else f"vocab {c.vocab_size} (our special tokens were already there)")
+    rope = f"rope theta {c.rope_theta:g}" + (f", llama3 scaling x{c.rope_factor:g}" if c.rope_scaling == "llama3" else "")
+    return (f"import: {s['architecture']} from {s['path']} ({s['n_files']} safetensors file(s), {s['dtype']} -> stored fp32)\n"
+            f"  {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads / {c.n_kv_heads} kv, ffn {c.ffn_dim}, context "
+            f"{c.max_seq_len}, {rope}{', q/k/v biases' if c.attention_bias else ''}"
+            f"{', tied embeddings' if c.tie_embeddings else ''}\n"
+            f"  {tokens}\n"
+            + "".join(f"  tokenizer: {n}\n" for n in s["tokenizer_changes"]) +
+            f"  chat template: ours (<|bos|><|user|>...<|end|><|assistant|>); the source's is kept in config.json\n"
+            f"  -> {s['checkpoint']}")
