@@ -62,7 +62,11 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
                   "llmtrain.interop.hf"], "package"),
-    ("pipeline", ["llmtrain.pipeline"], "acyclic"),
+    # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
+    # the steps, and run() calling them in order (its __init__ re-exports them).
+    ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",
+                  "llmtrain.pipeline.human", "llmtrain.pipeline.answers", "llmtrain.pipeline.steps",
+                  "llmtrain.pipeline.run", "llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.__main__"], "acyclic"),
 ]
 NEVER_SIDEWAYS = ("llmtrain.stages.",)  # packages whose modules never import each other
@@ -78,8 +82,14 @@ NO_TORCH = {"llmtrain.feedback.app"}
 LAZY_LLMTRAIN: dict[tuple[str, str], str] = {
     ("llmtrain/cli.py", "*"): "each command imports what it runs: `llmtrain --help`, a bad flag or a feedback "
                               "command answers in 0.1 s instead of loading torch (2 s); nothing imports cli",
-    ("llmtrain/pipeline.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage (torch) "
-                                   "loads; each step imports its stage; only cli imports pipeline",
+    ("llmtrain/pipeline/steps.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage "
+                                         "(torch) loads; each step imports its stage; only cli imports pipeline",
+    ("llmtrain/pipeline/answers.py", "*"): "models (torch) load when the style check or the report's samples run, "
+                                           "not when the pipeline package is imported",
+    ("llmtrain/pipeline/checks.py", "llmtrain.data.preference"): "it loads torch; the split checks run before "
+                                                                 "any stage, when a YAML may still be refused",
+    ("llmtrain/pipeline/human.py", "llmtrain.feedback.app"): "the web app (starlette) only when people rank "
+                                                             "(--human)",
     ("llmtrain/config.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
                                              "is read by commands that never run a model",
 }
@@ -176,8 +186,11 @@ def violations(root: Path, layers=LAYERS, lazy_llmtrain=LAZY_LLMTRAIN, lazy_thir
         if target not in files:
             bad.append(f"{where}: imports {target}, which is not a module of llmtrain/")
             continue
-        parts = target.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first
-        graph[src] |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} - {src}
+        parts = target.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first, except the
+        # packages src is inside: they began importing before src ran (a package's __init__ re-exports
+        # names of its modules, which import each other); importing such a package by name still counts
+        implied = {".".join(parts[:i]) for i in range(2, len(parts))}
+        graph[src] |= ({target} | {p for p in implied if not src.startswith(p + ".")}) - {src}
         if local:
             key = next((k for k in ((rel[src], target), (rel[src], "*")) if k in lazy_llmtrain), None)
             if key is None:
@@ -322,8 +335,8 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     ("llmtrain/feedback/export.py", "from llmtrain.data import sft\n",  # data.sft -> losses (below)
      "llmtrain/feedback/export.py: llmtrain.feedback.export reaches torch training code (llmtrain.losses) through "
      "its imports: llmtrain.feedback.export -> llmtrain.data.sft -> llmtrain.losses"),
-    ("llmtrain/pipeline.py", "def f():\n    return __import__('yaml').safe_dump({})\n",
-     "llmtrain/pipeline.py:2: an import by a computed name (__import__, importlib.import_module)"),
+    ("llmtrain/pipeline/run.py", "def f():\n    return __import__('yaml').safe_dump({})\n",
+     "llmtrain/pipeline/run.py:2: an import by a computed name (__import__, importlib.import_module)"),
     ("llmtrain/generate.py", "import importlib\nstage = importlib.import_module('llmtrain.stages.ppo')\n",
      "llmtrain/generate.py:2: an import by a computed name"),
     ("llmtrain/feedback/web.py", "import torch\n",  # app -> web (the fake app imports it below)
