@@ -60,7 +60,8 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.store", "llmtrain.feedback.agreement", "llmtrain.feedback.web",
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
-                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
+                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
+                  "llmtrain.report.write", "llmtrain.report", "llmtrain.interop",
                   "llmtrain.interop.hf"], "package"),
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
     # the steps, and run() calling them in order (its __init__ re-exports them).
@@ -324,8 +325,8 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/stages/dpo.py:1: stage llmtrain.stages.dpo imports stage llmtrain.stages.sft"),
     ("llmtrain/stages/sft.py", "from llmtrain.feedback.store import FeedbackStore\n",
      "llmtrain/stages/sft.py:1: llmtrain.stages.sft imports llmtrain.feedback.store, both commands"),
-    ("llmtrain/report.py", "from llmtrain.stages import evaluate\n",
-     "llmtrain/report.py:1: llmtrain.report imports llmtrain.stages.evaluate, both commands"),
+    ("llmtrain/report/write.py", "from llmtrain.stages import evaluate\n",
+     "llmtrain/report/write.py:1: llmtrain.report.write imports llmtrain.stages.evaluate, both commands"),
     ("llmtrain/training.py", "def f():\n    from llmtrain import checkpoint\n",
      "llmtrain/training.py:2: function-local import of llmtrain.checkpoint: import it at the top of the file"),
     ("llmtrain/data/preference.py", "def f():\n    import json\n",
@@ -367,7 +368,7 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              "llmtrain/interop/__init__.py": "from llmtrain.interop.hf import export_hf\n",
              "llmtrain/data/sft.py": "from llmtrain.data.jsonl import read_jsonl\nfrom llmtrain.losses import IGNORE\n",
              "llmtrain/metrics.py": "from llmtrain import config\n",
-             "llmtrain/report.py": "def f():\n    import matplotlib.pyplot\n",
+             "llmtrain/report/write.py": "def f():\n    import matplotlib.pyplot\n",
              "llmtrain/config.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
