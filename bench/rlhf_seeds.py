@@ -54,7 +54,7 @@ def train(cfg: pipeline.PipelineConfig, run: Path, method: str, seed: int, out: 
         base = getattr(cfg, method)
         c = dataclasses.replace(base, run=dataclasses.replace(base.run), kl=dataclasses.replace(base.kl))
         c.policy, c.reward_model = str(run / "sft"), str(run / "reward")
-        c.prompts = pipeline._abs(cfg.sft.data.train, pipeline.REPO)
+        c.prompts = pipeline.abs_path(cfg.sft.data.train, pipeline.REPO)
         c.val_every = cfg.sft.data.val_every
         c.true_rule = c.true_rule or cfg.feedback.rule
     c.run.seed, c.run.out_dir, c.run.resume = seed, str(out), True
@@ -62,7 +62,7 @@ def train(cfg: pipeline.PipelineConfig, run: Path, method: str, seed: int, out: 
     saved = out / "bench_config.json"
     if saved.is_file() and saved.read_text() != settings:
         raise SystemExit(f"{out} was trained with other settings ({saved}); give another --out, or delete it")
-    if pipeline._finished(out, c.run.max_steps):
+    if pipeline.finished(out, c.run.max_steps):
         return float(json.loads((out / "seconds.json").read_text())["seconds"]) if (out / "seconds.json").is_file() else 0.0
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(settings)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = pipeline.load(a.config or run / "pipeline.yaml", a.overrides)
     seeds = parse_seeds(a.seeds)
     out_root = Path(a.out) if a.out else run / "seeds"
-    convs = pipeline._held_out(cfg, pipeline.REPO)[1][: cfg.evaluate.max_prompts or None]
+    convs = pipeline.held_out(cfg, pipeline.REPO)[1][: cfg.evaluate.max_prompts or None]
     rule = cfg.evaluate.true_rule or cfg.feedback.rule
 
     res: dict = {"sft": {}, "methods": {m: [] for m in methods}, "rule": rule, "prompts": len(convs),

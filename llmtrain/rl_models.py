@@ -107,7 +107,6 @@ def build_models(cfg: PPOConfig, env, mcfg, sft_ckpt: Path) -> Models:
     return Models(policy, value, reference, reward_model, norm, ac, train_ac, optimizer, kl_ctl, sharded, note)
 
 
-
 def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the value model: all of it, or with LoRA only its head (its
     adapters are in the LoRA state, its base weights are the reward model's)."""
@@ -116,12 +115,25 @@ def value_state(value: ScoreModel, lora: bool) -> dict[str, torch.Tensor]:
     return checkpoint.model_state(value)
 
 
-def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, sharded: bool = False,
-           bases: dict | None = None, algorithm: str = "ppo") -> int:
-    """Continue from an RL checkpoint: policy (and value model), optimizer, KL coefficient. With
-    LoRA the base weights never changed (they are still those of the SFT and reward checkpoints
-    the run started from): only the adapters and the value head are restored, exactly. A
-    sharded run's checkpoint holds policy, value and optimizer in dcp/."""
+def extra_state(m: Models, lora: bool) -> dict:
+    """What an RL checkpoint keeps beside the policy's weights and the optimizer (train_state.pt's
+    "extra"): the LoRA adapters, and PPO's value model (nothing of it when sharded: dcp/ holds it)."""
+    extra = {"lora": {k: v.detach().cpu() for k, v in m.ac.state_dict().items() if ".lora_" in k}}
+    if m.value is not None:
+        extra["value"] = {} if m.sharded else value_state(m.value, lora)
+    return extra
+
+
+def resume(run_dir: Path, m: Models, env, cfg: PPOConfig, bases: dict) -> tuple[Path | None, dict]:
+    """With run.resume, continue from the latest RL checkpoint of `run_dir`: policy (and value
+    model), optimizer, KL coefficient. With LoRA the base weights never changed (they are still
+    those of the SFT and reward checkpoints the run started from): only the adapters and the
+    value head are restored, exactly. A sharded run's checkpoint holds policy, value and
+    optimizer in dcp/. Returns (folder or None, its meta.json dict or {}), as training.resume."""
+    steps = checkpoint.step_dirs(run_dir)
+    if not cfg.run.resume or not steps:
+        return None, {}
+    step_dir, ac, lora, algorithm = steps[-1], m.ac, cfg.lora.enabled, cfg.algorithm
     stage = checkpoint.read_config(step_dir).get("stage")
     if stage != algorithm:
         raise CheckpointError(f"{step_dir}: a {stage} checkpoint, but this run is {algorithm}; "
@@ -131,8 +143,8 @@ def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, 
         raise CheckpointError(f"{step_dir}: its LoRA adapters sit on {saved}, but this run starts from {bases}; "
                               "resume with the same policy and reward_model checkpoints")
     state = checkpoint.load_train_state(step_dir, env.rank)
-    if sharded or (checkpoint.resolve(step_dir) / "dcp").is_dir():
-        checkpoint.load_model_and_optimizer(step_dir, ac, optimizer, state)
+    if m.sharded or (checkpoint.resolve(step_dir) / "dcp").is_dir():
+        checkpoint.load_model_and_optimizer(step_dir, ac, m.optimizer, state)
     elif lora:
         ac.load_state_dict(state["extra"]["lora"], strict=False)
         if ac.value is not None:
@@ -142,9 +154,9 @@ def resume(step_dir: Path, ac: ActorCritic, optimizer, kl_ctl, env, lora: bool, 
         if ac.value is not None:
             ac.value.load_state_dict(state["extra"]["value"], strict=False)
     if state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        m.optimizer.load_state_dict(state["optimizer"])
     if state.get("rng"):
         dist.set_rng_state(state["rng"])
     meta = checkpoint.read_meta(step_dir)
-    kl_ctl.value = meta.get("beta", kl_ctl.value)
-    return meta["step"]
+    m.kl_ctl.value = meta.get("beta", m.kl_ctl.value)
+    return step_dir, meta

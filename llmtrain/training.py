@@ -181,10 +181,12 @@ class Session:
 
 
 def start(name: str, cfg, model: torch.nn.Module, model_config: ModelConfig, tokenizer_path: str | Path, env,
-          counts_tokens: bool = False) -> Session:
-    """Wrap the model, build its optimizer, resume when asked (`prepare`), open metrics.jsonl."""
+          counts_tokens: bool = False, prepared: tuple | None = None) -> Session:
+    """Wrap the model, build its optimizer, resume when asked (`prepare`), open metrics.jsonl.
+    A stage that wraps, builds and resumes its own (PPO: policy and value model under one
+    optimizer) hands in `prepared`, as `prepare` returns it."""
     run = cfg.run
-    train_model, optimizer, resumed, done = prepare(model, cfg.optim, run, env, Path(run.out_dir))
+    train_model, optimizer, resumed, done = prepared or prepare(model, cfg.optim, run, env, Path(run.out_dir))
     start_step = done.get("step", 0)
     log = Metrics(run.out_dir, enabled=env.is_main, tensorboard=run.tensorboard,
                   resume_step=start_step if resumed else None)
@@ -236,14 +238,18 @@ def end_step(s: Session, progress: Progress, done: int, step_loss: torch.Tensor,
     return result
 
 
-def save(s: Session, step: int, meta: dict, **config) -> None:
+def save(s: Session, step: int, meta: dict, extra_state: dict | None = None, train_module: torch.nn.Module | None = None,
+         **config) -> None:
     """A step checkpoint: weights, optimizer, RNG; its config.json holds the model's config, the
-    stage, `config` (e.g. labels) and the stage's whole config; meta.json holds `meta`."""
+    stage, `config` (e.g. labels) and the stage's whole config; meta.json holds `meta`.
+    `extra_state` goes into train_state.pt; `train_module` is what the optimizer trains when it
+    is more than the model (PPO's policy + value: see checkpoint.save)."""
     run, env = s.cfg.run, s.env
     checkpoint.save(s.run_dir, step, s.model,
                     config={"model": to_dict(s.model_config), "stage": s.name, **config, "config": to_dict(s.cfg)},
                     meta=meta, tokenizer_path=str(s.tokenizer_path), optimizer=s.optimizer, rng=dist.rng_state(),
-                    keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env))
+                    keep_last=run.keep_last, rank=env.rank, barrier=lambda: dist.barrier(env),
+                    extra_state=extra_state, train_module=train_module)
 
 
 def finish(s: Session, progress: Progress) -> Path:

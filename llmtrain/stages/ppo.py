@@ -35,18 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtrain import checkpoint, dist
-from llmtrain.config import PPOConfig, to_dict
+from llmtrain import checkpoint, dist, training
+from llmtrain.config import PPOConfig
 from llmtrain.data.pretrain import TokenWindows
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
 from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
-from llmtrain.metrics import Metrics, fmt_duration
+from llmtrain.metrics import Metrics, Progress
 from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, masked_moments,
                          minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
-from llmtrain.rl_models import Models, build_models, resume, value_state
+from llmtrain.rl_models import Models, build_models, extra_state, resume
 from llmtrain.scoring import evaluate_policy, score_texts
 from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_chat
@@ -130,51 +130,35 @@ def main(cfg: PPOConfig) -> Path:
     check(cfg)
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    run_dir = Path(run.out_dir)
-    sft_ckpt = checkpoint.resolve(cfg.policy)
+    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint")
     bases = {"policy": str(sft_ckpt), "reward_model": str(checkpoint.resolve(cfg.reward_model))}
-    tok_path = checkpoint.tokenizer_of(sft_ckpt)
-    tok = Tokenizer.load(tok_path)
-    mcfg = checkpoint.model_config(sft_ckpt)
     prompts = load_prompts(cfg, tok, mcfg, sft_ckpt)  # before any model is loaded
     m = build_models(cfg, env, mcfg, sft_ckpt)
     ptx = TokenWindows(cfg.ptx_shards, "train", mcfg.max_seq_len, run.seed) if cfg.ptx_coef > 0 else None
-    start_it = 0
-    steps = checkpoint.step_dirs(run_dir)
-    if run.resume and steps:
-        start_it = resume(steps[-1], m.ac, m.optimizer, m.kl_ctl, env, cfg.lora.enabled, m.sharded, bases, cfg.algorithm)
-    log = Metrics(run_dir, enabled=env.is_main, tensorboard=run.tensorboard, resume_step=start_it if start_it else None)
-    log_setup(cfg, m, env, log, prompts, sft_ckpt, mcfg.dim, start_it)
+    resumed, done = resume(Path(run.out_dir), m, env, cfg, bases)
+    s = training.start(cfg.algorithm, cfg, m.policy, mcfg, tok_path, env, prepared=(m.train_ac, m.optimizer, resumed, done))
+    training.announce(s, *setup_lines(cfg, m, env, s.log, prompts, sft_ckpt, mcfg.dim, s.start_step))
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
     evaluating = env.is_main or m.sharded  # sharded: every forward is a collective
-    if start_it == 0 and evaluating:
-        evaluate(cfg, m, tok, prompts.val, env, log, 0)
+    if s.start_step == 0 and evaluating:
+        evaluate(cfg, m, tok, prompts.val, env, s.log, 0)
     advantages = gae_advantages if cfg.algorithm == "ppo" else group_relative_advantages
-    t0 = time.time()
-    for it in range(start_it, run.max_steps):
+    clock = Progress(s.start_step, run.max_steps, unit="iterations")  # times the loop for the closing line
+    for it in range(s.start_step, run.max_steps):
         t_it = time.time()
         b = rollout(cfg, m, tok, sampling, prompts.train, env, it)  # (1)
         score(cfg, m, tok, b, env)  # (2)
         logprobs(cfg, m, b, env, it)  # (3)
         advantages(cfg, b, env)  # (4)
         stats = update(cfg, m, b, ptx, env, it)  # (5)
-        rec = log_iteration(cfg, m, b, stats, env, log, it, t_it)  # (6)
+        rec = log_iteration(cfg, m, b, stats, env, s.log, it, t_it)  # (6)
         d = it + 1
         if evaluating and ((run.eval_every and d % run.eval_every == 0) or d == run.max_steps):
-            evaluate(cfg, m, tok, prompts.val, env, log, d)
+            evaluate(cfg, m, tok, prompts.val, env, s.log, d)
         if (run.save_every and d % run.save_every == 0) or d == run.max_steps:
-            extra = {"lora": {k: v.detach().cpu() for k, v in m.ac.state_dict().items() if ".lora_" in k}}
-            if m.value is not None:
-                extra["value"] = {} if m.sharded else value_state(m.value, cfg.lora.enabled)
-            checkpoint.save(run_dir, d, m.policy, config={"model": to_dict(mcfg), "stage": cfg.algorithm, "config": to_dict(cfg)},
-                            meta={"tokens": 0, "bases": bases, **rec, "beta": m.kl_ctl.value}, tokenizer_path=str(tok_path),
-                            optimizer=m.optimizer, rng=dist.rng_state(), keep_last=run.keep_last, rank=env.rank,
-                            barrier=lambda: dist.barrier(env), extra_state=extra, train_module=m.ac)
-    log.print(f"{cfg.algorithm} done in {fmt_duration(time.time() - t0)}; peak memory {dist.peak_memory_mb(env.device):,.0f} MB; "
-              f"{'checkpoint in ' + str(run_dir / 'checkpoints') if checkpoint.step_dirs(run_dir) else 'no checkpoint written (run.max_steps=0)'}")
-    log.close()
-    dist.teardown()
-    return run_dir
+            training.save(s, d, {"tokens": 0, "bases": bases, **rec, "beta": m.kl_ctl.value},
+                          extra_state=extra_state(m, cfg.lora.enabled), train_module=m.ac)
+    return training.finish(s, clock)
 
 
 def load_prompts(cfg: PPOConfig, tok: Tokenizer, mcfg, sft_ckpt: Path) -> Prompts:
@@ -196,7 +180,9 @@ def load_prompts(cfg: PPOConfig, tok: Tokenizer, mcfg, sft_ckpt: Path) -> Prompt
     return Prompts(train_p, val_p[: cfg.eval_prompts or None], len(long_train) + len(long_val), note)
 
 
-def log_setup(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, sft_ckpt: Path, dim: int, step: int) -> None:
+def setup_lines(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, sft_ckpt: Path, dim: int,
+                step: int) -> list[str]:
+    """The setup record (logged) and the opening lines: models, prompts, what is trained."""
     trainable, total = count_params(m.ac)
     if m.value is not None:
         model_note = f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy+value parameters trainable"
@@ -207,15 +193,14 @@ def log_setup(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, sf
         saved = 16 * ((trainable + dim) if cfg.lora.enabled else rm_params)
         model_note = (f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M policy parameters trainable; no value model: "
                       f"{saved / 2**20:,.1f} MB of value weights, gradients and AdamW state not held")
-    log.print(f"{cfg.algorithm}: policy {sft_ckpt}, reward model {checkpoint.resolve(cfg.reward_model)}; "
-              f"{len(prompts.train)} train / {len(prompts.val)} held-out prompts; {cfg.rollout_batch} prompts x {group(cfg)} "
-              f"answers per iteration per process; {model_note} ({m.note}); KL {cfg.kl.estimator}"
-              f"{' as a loss term' if cfg.kl.placement == 'loss' else ' in the reward'}; reward offset "
-              f"{m.norm.get('offset', 0):.3f}; {env.world} process(es) on {env.device}")
-    if prompts.note:
-        log.print(prompts.note)
     log.log(step, "setup", trainable_params=trainable, total_params=total, lora=cfg.lora.enabled,
             algorithm=cfg.algorithm, long_prompts_skipped=prompts.n_long)
+    line = (f"{cfg.algorithm}: policy {sft_ckpt}, reward model {checkpoint.resolve(cfg.reward_model)}; "
+            f"{len(prompts.train)} train / {len(prompts.val)} held-out prompts; {cfg.rollout_batch} prompts x {group(cfg)} "
+            f"answers per iteration per process; {model_note} ({m.note}); KL {cfg.kl.estimator}"
+            f"{' as a loss term' if cfg.kl.placement == 'loss' else ' in the reward'}; reward offset "
+            f"{m.norm.get('offset', 0):.3f}; {env.world} process(es) on {env.device}")
+    return [line, prompts.note] if prompts.note else [line]
 
 
 def evaluate(cfg: PPOConfig, m: Models, tok: Tokenizer, val_p: list, env, log: Metrics, it: int) -> None:

@@ -23,6 +23,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from llmtrain import cli, pipeline
+from llmtrain.pipeline import human, steps
 from llmtrain.data.preference import prompt_key
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.feedback.app import create_app
@@ -56,7 +57,7 @@ class Stage:
                     for _ in range(rounds) for c in self.convs]
         self.tokens = {"person": self.store.add_annotator("person"), "boss": self.store.add_annotator("boss", is_admin=True)}
         self.ports: list[int] = []
-        start = pipeline._start_app
+        start = human.start_app
         self.apps: list[threading.Thread] = []
 
         def start_app(*a):
@@ -64,13 +65,13 @@ class Stage:
             self.ports.append(port)
             self.apps.append(app)
             return port, app
-        monkeypatch.setattr(pipeline, "_start_app", start_app)
+        monkeypatch.setattr(human, "start_app", start_app)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         try:
-            pipeline._rankings(self.cfg, self.r, True)
+            steps.rankings(self.cfg, self.r, True)
         except BaseException as e:  # handed to the test
             self.error = e
 
@@ -212,7 +213,7 @@ def test_a_busy_port_at_the_rankings_stage_is_one_line_before_anything_is_writte
         before = [a.name for a in st.store.annotators()]
         t = time.monotonic()
         with pytest.raises(ConfigError) as e:
-            pipeline._rankings(st.cfg, st.r, True)
+            steps.rankings(st.cfg, st.r, True)
         assert time.monotonic() - t < 5
         st.close()
     msg = str(e.value)
@@ -231,7 +232,7 @@ def test_a_server_that_fails_to_start_is_an_error_not_a_wait(tmp_path, monkeypat
     st = Stage(tmp_path, monkeypatch)
     t = time.monotonic()
     with pytest.raises(ConfigError, match=r"^feedback\.port=0: the ranking app did not start \(SystemExit: 3\)$"):
-        pipeline._rankings(st.cfg, st.r, True)
+        steps.rankings(st.cfg, st.r, True)
     assert time.monotonic() - t < 5
     st.close()
 
@@ -256,12 +257,12 @@ def test_a_server_that_never_comes_up_is_an_error_after_the_timeout(tmp_path, mo
 
     release = threading.Event()
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: release.wait(30))
-    monkeypatch.setattr(pipeline, "APP_START_TIMEOUT", 0.5)
+    monkeypatch.setattr(human, "APP_START_TIMEOUT", 0.5)
     st = Stage(tmp_path, monkeypatch)
     t = time.monotonic()
     try:
         with pytest.raises(ConfigError, match="did not start .not up after 0.5 s"):
-            pipeline._rankings(st.cfg, st.r, True)
+            steps.rankings(st.cfg, st.r, True)
         assert time.monotonic() - t < 5
     finally:
         release.set()

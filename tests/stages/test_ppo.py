@@ -122,7 +122,9 @@ def test_lora_and_freezing_change_only_chosen_parameters(pretrained, rm_ckpt, tm
     assert setup["trainable_params"] < 0.2 * setup["total_params"]
 
 
-def test_lora_resume_equals_uninterrupted(pretrained, rm_ckpt, tmp_path, monkeypatch):
+def test_lora_resume_equals_uninterrupted(pretrained, rm_ckpt, tmp_path, monkeypatch, capsys):
+    """A resumed LoRA run equals an uninterrupted one, and says where it resumed and how it ended, as
+    every stage does (training.announce, training.finish)."""
     import shutil
 
     tok, target = target_token(pretrained)
@@ -138,7 +140,11 @@ def test_lora_resume_equals_uninterrupted(pretrained, rm_ckpt, tmp_path, monkeyp
     ppo.main(cfg(tmp_path / "full"))
     (tmp_path / "res" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000002", tmp_path / "res" / "checkpoints" / "step_0000002")
+    capsys.readouterr()
     ppo.main(cfg(tmp_path / "res", resume=True))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert f"resumed from {tmp_path / 'res' / 'checkpoints' / 'step_0000002'} at step 2" in out
+    assert out[-1].startswith("ppo done in ") and out[-1].endswith(f"checkpoint in {tmp_path / 'res' / 'checkpoints'}")
     keys = ("reward", "kl", "pg_loss", "vf_loss")
     full = [[r[k] for k in keys] for r in read_metrics(tmp_path / "full", "train")]
     res = [[r[k] for k in keys] for r in read_metrics(tmp_path / "res", "train")]

@@ -541,7 +541,7 @@ def test_publish_fsyncs_before_and_after_the_rename(tmp_path, monkeypatch):
     assert events == [("file", "a"), ("dir", "d.tmp"), ("rename", "d.tmp"), ("dir", tmp_path.name)]
 
 
-@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf_export", "data.chitchat", "pipeline"])
+@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf_export", "data.chitchat", "pipeline.steps"])
 def test_writers_publish_through_the_fsyncing_helper(module):
     import importlib
     import inspect

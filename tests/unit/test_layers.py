@@ -64,11 +64,16 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.store", "llmtrain.feedback.agreement", "llmtrain.feedback.web",
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
-                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
+                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
+                  "llmtrain.report.write", "llmtrain.report", "llmtrain.interop",
                   "llmtrain.interop.hf", "llmtrain.interop.hf_config", "llmtrain.interop.hf_weights",
                   "llmtrain.interop.hf_tokenizer", "llmtrain.interop.hf_import", "llmtrain.interop.hf_export"],
      "package"),
-    ("pipeline", ["llmtrain.pipeline"], "acyclic"),
+    # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
+    # the steps, and run() calling them in order (its __init__ re-exports them).
+    ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",
+                  "llmtrain.pipeline.human", "llmtrain.pipeline.answers", "llmtrain.pipeline.steps",
+                  "llmtrain.pipeline.run", "llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.cli.args", "llmtrain.cli.train", "llmtrain.cli.models",
                "llmtrain.cli.feedback", "llmtrain.cli.pipeline", "llmtrain.cli.__main__", "llmtrain.__main__"],
      "acyclic"),
@@ -92,10 +97,16 @@ LAZY_LLMTRAIN: dict[tuple[str, str], str] = {
     ("llmtrain/cli/pipeline.py", "*"): CLI_LAZY,
     ("llmtrain/cli/args.py", "llmtrain.config"): "the flag checks read config's rules (50 ms): `llmtrain --help` "
                                                  "answers without them",
-    ("llmtrain/pipeline.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage (torch) "
-                                   "loads; each step imports its stage; only cli imports pipeline",
+    ("llmtrain/pipeline/steps.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage "
+                                         "(torch) loads; each step imports its stage; only cli imports pipeline",
+    ("llmtrain/pipeline/answers.py", "*"): "models (torch) load when the style check or the report's samples run, "
+                                           "not when the pipeline package is imported",
+    ("llmtrain/pipeline/checks.py", "llmtrain.data.preference"): "it loads torch; the split checks run before "
+                                                                 "any stage, when a YAML may still be refused",
+    ("llmtrain/pipeline/human.py", "llmtrain.feedback.app"): "the web app (starlette) only when people rank "
+                                                             "(--human)",
     ("llmtrain/config/rules.py", "llmtrain.dist"): "the `device` rule asks torch (2 s) which devices exist; a config "
-                                             "is read by commands that never run a model",
+                                                   "is read by commands that never run a model",
 }
 # Function-local imports of other packages: heavy, optional or moving between torch versions.
 LAZY_THIRD_PARTY: dict[str, str] = {
@@ -334,8 +345,8 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
      "llmtrain/stages/dpo.py:1: stage llmtrain.stages.dpo imports stage llmtrain.stages.sft"),
     ("llmtrain/stages/sft.py", "from llmtrain.feedback.store import FeedbackStore\n",
      "llmtrain/stages/sft.py:1: llmtrain.stages.sft imports llmtrain.feedback.store, both commands"),
-    ("llmtrain/report.py", "from llmtrain.stages import evaluate\n",
-     "llmtrain/report.py:1: llmtrain.report imports llmtrain.stages.evaluate, both commands"),
+    ("llmtrain/report/write.py", "from llmtrain.stages import evaluate\n",
+     "llmtrain/report/write.py:1: llmtrain.report.write imports llmtrain.stages.evaluate, both commands"),
     ("llmtrain/training.py", "def f():\n    from llmtrain import checkpoint\n",
      "llmtrain/training.py:2: function-local import of llmtrain.checkpoint: import it at the top of the file"),
     ("llmtrain/data/preference.py", "def f():\n    import json\n",
@@ -347,8 +358,8 @@ def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     ("llmtrain/feedback/export.py", "from llmtrain.data import sft\n",  # data.sft -> losses (below)
      "llmtrain/feedback/export.py: llmtrain.feedback.export reaches torch training code (llmtrain.losses) through "
      "its imports: llmtrain.feedback.export -> llmtrain.data.sft -> llmtrain.losses"),
-    ("llmtrain/pipeline.py", "def f():\n    return __import__('yaml').safe_dump({})\n",
-     "llmtrain/pipeline.py:2: an import by a computed name (__import__, importlib.import_module)"),
+    ("llmtrain/pipeline/run.py", "def f():\n    return __import__('yaml').safe_dump({})\n",
+     "llmtrain/pipeline/run.py:2: an import by a computed name (__import__, importlib.import_module)"),
     ("llmtrain/generate.py", "import importlib\nstage = importlib.import_module('llmtrain.stages.ppo')\n",
      "llmtrain/generate.py:2: an import by a computed name"),
     ("llmtrain/feedback/web.py", "import torch\n",  # app -> web (the fake app imports it below)
@@ -384,7 +395,7 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
              # a package's __init__ imports its modules, which import each other: no cycle
              "llmtrain/cli/__init__.py": "from llmtrain.cli import train\n",
              "llmtrain/cli/train.py": "from llmtrain.cli.args import check_out\n",
-             "llmtrain/report.py": "def f():\n    import matplotlib.pyplot\n",
+             "llmtrain/report/write.py": "def f():\n    import matplotlib.pyplot\n",
              "llmtrain/config/rules.py": "def f():\n    # lazy: torch\n    from llmtrain import dist\n"}
     bad = violations(fake_package(tmp_path, files))
     assert bad == []
