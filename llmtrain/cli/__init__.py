@@ -1,7 +1,7 @@
 """`llmtrain <command> [-c cfg.yaml] [key=value ...]`: COMMANDS below is the table of contents,
 {command: (function, help line, reads a config?)}; the functions live in one module per group:
 
-  cli/train.py     data and training: tokenizer, prepare, the stages pretrain sft classify reward
+  cli/train.py     data and training: tokenizer, prepare, the STAGES pretrain sft classify reward
                    ppo|grpo|rloo dpo evaluate (one run_stage), reward chitchat
   cli/models.py    using a checkpoint: generate, chat, classify predict, reward score, import, export
   cli/feedback.py  feedback <action>: candidates, annotators, the ranking app, export, import
@@ -20,36 +20,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmtrain.cli import feedback, models, pipeline, train
+from llmtrain.cli import feedback, models, pipeline
 from llmtrain.cli.args import config_args, not_utf8
+from llmtrain.cli.feedback import cmd_feedback
+from llmtrain.cli.models import (cmd_chat, cmd_classify_predict, cmd_export, cmd_generate, cmd_import,
+                                 cmd_reward_score)
+from llmtrain.cli.pipeline import cmd_demo, cmd_pipeline
+from llmtrain.cli.train import STAGES, cmd_prepare, cmd_reward_chitchat, cmd_tokenizer, run_stage
 from llmtrain.errors import LlmtrainError
 
 COMMANDS = {
-    "tokenizer": (train.cmd_tokenizer, "train a byte-level BPE tokenizer on text/JSONL files", True),
-    "prepare": (train.cmd_prepare, "tokenize a corpus into train/val token shards", True),
-    "pretrain": (train.run_stage, "stage 1: pretrain the model by next-token prediction", True),
-    "generate": (models.cmd_generate, "sample text from a checkpoint", False),
-    "sft": (train.run_stage, "stage 2: fine-tune on instruction/response pairs (loss on responses)", True),
-    "classify": (train.run_stage, "fine-tune with a classification head; `classify predict CKPT` labels text", True),
-    "reward": (train.run_stage, "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`", True),
-    "ppo": (train.rl_command("ppo"), "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)", True),
-    "grpo": (train.rl_command("grpo"), "stage 3b: critic-free RLHF, GRPO (G answers per prompt, no value model)", True),
-    "rloo": (train.rl_command("rloo"), "stage 3b: critic-free RLHF, RLOO (leave-one-out baseline, no value model)", True),
-    "dpo": (train.run_stage, "stage 3c: Direct Preference Optimization from the rankings (no reward model)", True),
-    "evaluate": (train.run_stage, "compare two checkpoints: reward-model score, win rates (a=... b=...)", True),
-    "chat": (models.cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
-    "feedback": (feedback.cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
-    "import": (models.cmd_import, "read a local Hugging Face model folder (Llama, Mistral, Qwen2) into a checkpoint", False),
-    "export": (models.cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)", False),
-    "pipeline": (pipeline.cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
-    "demo": (pipeline.cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
+    "tokenizer": (cmd_tokenizer, "train a byte-level BPE tokenizer on text/JSONL files", True),
+    "prepare": (cmd_prepare, "tokenize a corpus into train/val token shards", True),
+    **{name: (run_stage, help_, True) for name, (_, help_) in STAGES.items()},
+    "generate": (cmd_generate, "sample text from a checkpoint", False),
+    "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
+    "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
+    "import": (cmd_import, "read a local Hugging Face model folder (Llama, Mistral, Qwen2) into a checkpoint", False),
+    "export": (cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)", False),
+    "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
+    "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),
 }
 
 # Sub-commands with their own parser and flags: (command, action) -> function(argv after them).
 SUB_ACTIONS = {
-    ("classify", "predict"): models.cmd_classify_predict,
-    ("reward", "score"): models.cmd_reward_score,
-    ("reward", "chitchat"): train.cmd_reward_chitchat,
+    ("classify", "predict"): cmd_classify_predict,
+    ("reward", "score"): cmd_reward_score,
+    ("reward", "chitchat"): cmd_reward_chitchat,
 }
 
 

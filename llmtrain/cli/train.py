@@ -37,9 +37,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-# A stage command: its config class in llmtrain.config; its stage is llmtrain/stages/<command>.py.
-STAGE_CONFIGS = {"pretrain": "PretrainConfig", "sft": "SFTConfig", "classify": "ClassifyConfig",
-                 "reward": "RewardConfig", "dpo": "DPOConfig", "evaluate": "EvaluateConfig"}
+# The stage commands, in the order of a model's life: {command: (its config class in
+# llmtrain.config, help line)}. Each runs llmtrain/stages/<command>.py (ppo, grpo and rloo: the
+# one RL stage, stages/ppo.py, with its algorithm set).
+STAGES = {
+    "pretrain": ("PretrainConfig", "stage 1: pretrain the model by next-token prediction"),
+    "sft": ("SFTConfig", "stage 2: fine-tune on instruction/response pairs (loss on responses)"),
+    "classify": ("ClassifyConfig", "fine-tune with a classification head; `classify predict CKPT` labels text"),
+    "reward": ("RewardConfig", "stage 3a: reward model on rankings; `reward score CKPT`, `reward chitchat`"),
+    "ppo": ("PPOConfig", "stage 3b: RLHF with PPO against the reward model (KL-held, freezing or LoRA)"),
+    "grpo": ("PPOConfig", "stage 3b: critic-free RLHF, GRPO (G answers per prompt, no value model)"),
+    "rloo": ("PPOConfig", "stage 3b: critic-free RLHF, RLOO (leave-one-out baseline, no value model)"),
+    "dpo": ("DPOConfig", "stage 3c: Direct Preference Optimization from the rankings (no reward model)"),
+    "evaluate": ("EvaluateConfig", "compare two checkpoints: reward-model score, win rates (a=... b=...)"),
+}
+RL = ("ppo", "grpo", "rloo")
 
 
 def stage_module(command: str):
@@ -50,33 +62,25 @@ def stage_module(command: str):
         case "sft": from llmtrain.stages import sft as stage
         case "classify": from llmtrain.stages import classify as stage
         case "reward": from llmtrain.stages import reward as stage
+        case "ppo" | "grpo" | "rloo": from llmtrain.stages import ppo as stage
         case "dpo": from llmtrain.stages import dpo as stage
         case "evaluate": from llmtrain.stages import evaluate as stage
     return stage
 
 
 def run_stage(args) -> int:
-    """`llmtrain pretrain|sft|classify|reward|dpo|evaluate [-c cfg.yaml] [key=value ...]`: the
-    stage's main(config), with the config read from the YAML and the overrides, and checked."""
+    """`llmtrain <stage> [-c cfg.yaml] [key=value ...]`: the stage's main(config), with the config
+    read from the YAML and the overrides, and checked. `llmtrain grpo` is the RL stage with
+    algorithm=grpo; a YAML or override naming another algorithm is refused."""
     from llmtrain import config
 
     stage = stage_module(args.command)
-    stage.main(config.load_config(getattr(config, STAGE_CONFIGS[args.command]), args.config, args.overrides))
+    rl = [f"algorithm={args.command}"] if args.command in RL else []
+    cfg = config.load_config(getattr(config, STAGES[args.command][0]), args.config, [*rl, *args.overrides])
+    if rl and cfg.algorithm != args.command:
+        raise ConfigError(f"algorithm={cfg.algorithm} given to `llmtrain {args.command}`; use `llmtrain {cfg.algorithm}`")
+    stage.main(cfg)
     return 0
-
-
-def rl_command(algorithm: str):
-    """`llmtrain ppo|grpo|rloo`: the one RL stage (llmtrain/stages/ppo.py) with its algorithm set."""
-    def cmd(args) -> int:
-        from llmtrain.config import PPOConfig, load_config
-        from llmtrain.stages import ppo
-
-        cfg = load_config(PPOConfig, args.config, [f"algorithm={algorithm}", *args.overrides])
-        if cfg.algorithm != algorithm:
-            raise ConfigError(f"algorithm={cfg.algorithm} given to `llmtrain {algorithm}`; use `llmtrain {cfg.algorithm}`")
-        ppo.main(cfg)
-        return 0
-    return cmd
 
 
 def cmd_reward_chitchat(argv: list[str]) -> int:
