@@ -10,6 +10,7 @@ from llmtrain import checkpoint
 from llmtrain.config import ModelConfig
 from llmtrain.data.preference import Ranking
 from llmtrain.data.sft import encode
+from llmtrain.errors import DataError
 from llmtrain.generate import SamplingConfig
 from llmtrain.model import Transformer
 from llmtrain.scoring import encode_answer
@@ -80,3 +81,17 @@ def test_reward_dpo_and_sft_inputs_follow_the_model_template(qwen_ckpt):
     examples, dropped = encode(tok, [("x.jsonl:1", CONVS[2])], 500)
     assert dropped == 0 and examples[0].ids == hf.apply_chat_template(CONVS[2], tokenize=True, return_dict=False)
     assert examples[0].mask == render_chat(tok, CONVS[2])[1] and sum(examples[0].mask) > 0
+
+
+def test_a_conversation_the_template_refuses_names_the_data_line_and_the_template(tmp_path):
+    step = build(tmp_path, "qwen")[2]
+    (step / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    tok = Tokenizer.load(step)
+    assert encode(tok, [("a.jsonl:1", CONVS[2])], 500)[0][0].ids  # alternating: fine
+    with pytest.raises(DataError) as e:
+        encode(tok, [("a.jsonl:1", CONVS[2]), ("a.jsonl:2", CONVS[1])], 500)
+    assert str(e.value) == (f"a.jsonl:2: {step / 'chat_template.jinja'}: the chat template refused the conversation "
+                            "(Conversation roles must alternate user/assistant/user/assistant/...)")
