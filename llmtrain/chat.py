@@ -27,7 +27,7 @@ class ChatSession:
         checkpoint.load_weights(ckpt, self.model)
         self.model.to(dist.pick_device(device)).eval()
         self.sampling = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                                       (self.tok.end_id, self.tok.eos_id))
+                                       self.tok.stop_ids)
         ctx = self.model.config.max_seq_len
         self.room = prompt_budget(ctx, sampling.max_new_tokens)
         self.fit_note = (f"{self.room} tokens (the context window of {ctx} tokens with --max-new-tokens "
@@ -54,7 +54,7 @@ class ChatSession:
         if dropped:
             self.notice(f"(chat: the {dropped} oldest message(s) dropped from the history to fit {self.fit_note})")
         if len(ids) > room:
-            self.notice(f"(chat: the prompt of {len(ids)} tokens is cut to <|bos|> and its last {room - 1} to fit {self.fit_note})")
+            self.notice(f"(chat: the prompt of {len(ids)} tokens is cut to its first token and its last {room - 1} to fit {self.fit_note})")
         return truncate_left(ids, room)
 
     def reply(self, text: str, stream=None, prefix: str = "") -> str:

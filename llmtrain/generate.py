@@ -168,11 +168,11 @@ def answer_text(tok, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, 
 
 def greedy_answers(model: Transformer, tok, prompts: Sequence[Sequence[int]], max_new: int,
                    batch_size: int = 32) -> list[tuple[str, bool]]:
-    """Greedy answers (stopping at <|end|> or <|eos|>) to prompts of token ids, `batch_size` at
+    """Greedy answers (stopping at `tok.stop_ids`) to prompts of token ids, `batch_size` at
     a time -> (text, finished) each (`answer_text`). Greedy, so that the change between two
     models or two evaluations is readable, not sampling noise. A prompt longer than
     `prompt_budget` is cut from the left (`truncate_left`)."""
-    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))
+    s = SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop_ids=tok.stop_ids)
     room = prompt_budget(model.config.max_seq_len, max_new)
     out = []
     for i in range(0, len(prompts), batch_size):

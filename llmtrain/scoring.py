@@ -118,7 +118,7 @@ def sampled_kl(policy: Transformer, reference: Transformer, tok: Tokenizer, conv
     tokens (the stop token included) of log pi - log pi_ref (`kl`, estimator k1) and of
     (r - 1) - log r, r = pi_ref / pi (`kl_k3`). Both models take the same rows, so a policy
     identical to its reference gives exactly 0."""
-    s = SamplingConfig(max_new_tokens, 1.0, stop_ids=(tok.end_id, tok.eos_id))
+    s = SamplingConfig(max_new_tokens, 1.0, stop_ids=tok.stop_ids)
     g = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     was = policy.training, reference.training

@@ -68,7 +68,10 @@ def encode(tok: Tokenizer, convs: list[tuple[str, list[dict]]], max_len: int) ->
     Returns the examples and how many were dropped for having no response token left."""
     out, dropped = [], 0
     for where, msgs in convs:
-        ids, mask = render_chat(tok, msgs)
+        try:
+            ids, mask = render_chat(tok, msgs)
+        except DataError as e:  # a model's own template refused the conversation: say which line
+            raise DataError(f"{where}: {e}") from None
         ids, mask = ids[: max_len + 1], mask[: max_len + 1]
         if sum(mask[1:]) == 0:
             dropped += 1

@@ -27,7 +27,7 @@ def sample_candidates(model: Transformer, tok: Tokenizer, convs: list[list[dict]
                       generator: torch.Generator | None = None, batch_prompts: int = 32) -> list[list[dict]]:
     """-> per conversation, K candidates {"text", "finished", "n_tokens"}. The prompts must leave
     `sampling.max_new_tokens` of the context (`generate_to_db` skips those that do not)."""
-    stops = (tok.end_id, tok.eos_id)
+    stops = tok.stop_ids
     s = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, stops)
     out = []
     for i in range(0, len(convs), batch_prompts):

@@ -154,7 +154,7 @@ def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, 
     sft = Transformer(checkpoint.model_config(base))
     checkpoint.load_weights(base, sft)
     sft.to(env.device).eval()
-    s = SamplingConfig(max_new_tokens=cfg.norm_max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(tok.end_id, tok.eos_id))
+    s = SamplingConfig(max_new_tokens=cfg.norm_max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=tok.stop_ids)
     gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed)
     prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs for _ in range(cfg.norm_samples)]
     items = []

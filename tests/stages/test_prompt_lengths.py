@@ -171,7 +171,7 @@ def test_chat_prompt_longer_than_the_context(pretrained, capsys, max_new):
                      "--max-new-tokens", max_new, "--system", "Be brief."]) == 0
     got = capsys.readouterr()
     room = prompt_budget(CTX, int(max_new))
-    assert f"(chat: the prompt of " in got.err and f"is cut to <|bos|> and its last {room - 1} to fit {room} tokens" in got.err
+    assert f"(chat: the prompt of " in got.err and f"is cut to its first token and its last {room - 1} to fit {room} tokens" in got.err
     assert "oldest message(s) dropped" in got.err  # the second prompt: the long exchange goes
     assert no_traceback(got)
 

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, list[str], str]] = [
                "llmtrain.model.actor_critic"], "acyclic"),
     # Library pieces a stage is made of: pure losses and RL maths, tokenizer and chat template,
     # data readers (JSONL lines in data.jsonl, then one reader per kind), sampling, checkpoints.
-    ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
+    ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.chat_template", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
               "llmtrain.data.corpus", "llmtrain.data.packing", "llmtrain.data.sft", "llmtrain.data.prompts",
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
               "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
