@@ -2,8 +2,9 @@
 prompts, rankings, labelled texts), whatever the file format.
 
 `read_records(spec, parse)` -> ([(where, parse(record))], skipped), as read_jsonl, for `spec`:
-    a.jsonl (or any other name)  one JSON object per line, through data/jsonl.py (UTF-8, nesting
-                                 cap, lone surrogates, torn lines); where = "file:LINE"
+    a.jsonl (or any other name)  one JSON object per line, read by data/jsonl.py's jsonl_lines and
+                                 loads_line (UTF-8, nesting cap, lone surrogates, torn lines), with
+                                 read_jsonl's messages; where = "file:LINE"
     a.json                       a top-level JSON list of objects; where = "file:item N" (from 1)
     a.parquet                    one record per row (pyarrow); where = "file:row N" (from 1)
     a.csv                        a header row, then one record per row (every value text; a
@@ -31,7 +32,7 @@ import csv
 import json
 from pathlib import Path
 
-from llmtrain.data.jsonl import _surrogate_at, jsonl_lines, loads_line, read_jsonl
+from llmtrain.data.jsonl import _surrogate_at, jsonl_lines, loads_line
 from llmtrain.errors import ConfigError, DataError
 
 KINDS = (".jsonl", ".json", ".parquet", ".csv")
@@ -96,7 +97,8 @@ def _missing(label: str, names, columns: dict | None) -> None:
                             f"its columns: {', '.join(map(str, names)) or 'none'}")
 
 
-def _parse_rows(label: str, rows, parse, skip_bad_lines: bool, columns, check_text: bool = False):
+def _parse_rows(label: str, rows, parse, skip_bad_lines: bool, columns, check_text: bool = False, noun: str = "rows"):
+    """[(where, parse(record))] and how many were skipped, for the (where, record) of one source."""
     items, skipped = [], 0
     for where, rec in rows:
         try:
@@ -111,7 +113,7 @@ def _parse_rows(label: str, rows, parse, skip_bad_lines: bool, columns, check_te
                 raise DataError(f"{where}: {e}") from None
             skipped += 1
     if not items:
-        raise DataError(f"{label}: no usable rows")
+        raise DataError(f"{label}: no usable {noun}")
     return items, skipped
 
 
@@ -129,15 +131,25 @@ def _read_file(p: Path, parse, skip_bad_lines: bool, columns):
         return _parse_rows(str(p), _parquet_rows(p, columns), parse, skip_bad_lines, columns)
     if p.suffix == ".csv":
         return _parse_rows(str(p), _csv_rows(p, columns), parse, skip_bad_lines, columns)
-    if columns:  # a wrong map fails on the first line, not as every line skipped
-        first = next(jsonl_lines(p), None)
+    return _parse_rows(str(p), _jsonl_rows(p, columns), parse, skip_bad_lines, columns, noun="lines")
+
+
+def _jsonl_rows(p: Path, columns):
+    """One record per non-blank line, decoded by data/jsonl.py's loads_line (nesting cap, lone
+    surrogates); a line that is no JSON is a BadRow saying why. The first record is checked
+    against the column map, so a wrong map fails at once rather than as every line skipped."""
+    first = True
+    for n, line in jsonl_lines(p):
         try:
-            obj = loads_line(first[1]) if first else None
-        except ValueError:  # read_jsonl names the malformed line
-            obj = None
-        if isinstance(obj, dict):
-            _missing(f"{p}:{first[0]}", obj, columns)
-    return read_jsonl(p, (lambda obj: parse(_rename(obj, columns))) if columns else parse, skip_bad_lines)
+            rec = loads_line(line)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            yield f"{p}:{n}", BadRow(f"malformed JSON ({e.msg} at column {e.colno})"
+                                     if isinstance(e, json.JSONDecodeError) else str(e))
+            continue
+        if first and isinstance(rec, dict):
+            _missing(f"{p}:{n}", rec, columns)
+        first = False
+        yield f"{p}:{n}", rec
 
 
 def _json_rows(p: Path, columns):
