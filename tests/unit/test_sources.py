@@ -61,6 +61,7 @@ def test_hh_rlhf_transcripts_are_rankings_of_two(tmp_path):
     assert first.source == {"format": "hh-rlhf"} and first.scores is None
     assert first.where == f"{tmp_path / 'hh.jsonl'}:1"
     assert second.messages == [U("Say yes.")] and second.texts == ["Yes.", "Never"]
+    assert read_prompts(tmp_path / "hh.jsonl") == [first.messages, second.messages]  # the shared prompt
     # The prompt is what they share: a pair whose conversations differ before the answer is refused.
     bad = write_jsonl(tmp_path / "bad.jsonl", [hh_rows()[1],
                                                {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
@@ -99,6 +100,10 @@ def test_trl_conversational_and_implicit_prompt_pairs(tmp_path):
     assert a.messages == rows[0]["prompt"] and a.texts == ["Blue.", "Green."]
     assert b.messages == [U("Hi")] and b.texts == ["Hello.", "Go away."] and b.source == {"format": "chosen-rejected"}
     assert c.messages == [U("Hi")] and c.texts == ["Hello.", "Bye."]
+    csv_file = tmp_path / "pairs.csv"  # CSV cells are text: the scores are read as numbers
+    csv_file.write_text("prompt,chosen,rejected,score_chosen,score_rejected\nHi,Hello.,Bye.,7.5,2\n")
+    (d,), _ = read_rankings(csv_file)
+    assert (d.messages, d.texts, d.scores) == ([U("Hi")], ["Hello.", "Bye."], [7.5, 2.0])
     two = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "q", "chosen": [A("a"), U("more"), A("b")], "rejected": "x"}])
     with pytest.raises(DataError, match=f"^{two}:1: 'chosen' must be one assistant answer"):
         read_rankings(two)
