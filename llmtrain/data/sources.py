@@ -11,9 +11,10 @@ prompts, rankings, labelled texts), whatever the file format.
                                  UTF-8 BOM is dropped); where = "file:LINE", the line of the file
                                  the row starts on (the header is line 1), as an editor shows it
     a folder                     every .jsonl/.json/.parquet/.csv file directly in it, sorted by
-                                 name, all of one kind (other files are left alone); or a folder
-                                 written by `datasets`' save_to_disk (its "train" split, or its
-                                 only one); where = "folder:row N"
+                                 name, all of one kind (other files are left alone), each read as
+                                 above (each must hold a usable record); or a folder written by
+                                 `datasets`' save_to_disk (its "train" split, or its only one),
+                                 where = "folder:row N"
     hf:org/name[:config][@split] a Hub dataset through datasets.load_dataset (split "train" by
                                  default); offline (HF_HUB_OFFLINE=1), datasets' own cache, then a
                                  snapshot in huggingface_hub's cache; where = "hf:org/name@split:row N"
@@ -52,11 +53,11 @@ def read_records(spec, parse, *, skip_bad_lines: bool = False, columns: dict | N
     if (p / "dataset_dict.json").is_file() or ((p / "dataset_info.json").is_file() and (p / "state.json").is_file()):
         label, ds = _load_saved(p)
         return _parse_rows(label, _dataset_rows(label, ds, columns), parse, skip_bad_lines, columns)
-    files = sorted(f for f in p.iterdir() if f.suffix in KINDS and f.is_file())
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in KINDS and f.is_file())
     if not files:
         raise DataError(f"{p}: is a directory with no {', '.join(KINDS)} files in it (nor a dataset saved "
                         f"by datasets' save_to_disk)")
-    kinds = sorted({f.suffix for f in files})
+    kinds = sorted({f.suffix.lower() for f in files})
     if len(kinds) > 1:
         raise DataError(f"{p}: holds both {kinds[0]} and {kinds[1]} files; a folder is read as files of one kind")
     items, skipped = [], 0
@@ -124,12 +125,13 @@ def _read_file(p: Path, parse, skip_bad_lines: bool, columns):
         raise DataError(f"{p}: not a regular file (a device, pipe or socket), not a data file")
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    if p.suffix == ".json":
+    kind = p.suffix.lower()
+    if kind == ".json":
         rows, escapes = _json_rows(p, columns)
         return _parse_rows(str(p), rows, parse, skip_bad_lines, columns, check_text=escapes)
-    if p.suffix == ".parquet":
+    if kind == ".parquet":
         return _parse_rows(str(p), _parquet_rows(p, columns), parse, skip_bad_lines, columns)
-    if p.suffix == ".csv":
+    if kind == ".csv":
         return _parse_rows(str(p), _csv_rows(p, columns), parse, skip_bad_lines, columns)
     return _parse_rows(str(p), _jsonl_rows(p, columns), parse, skip_bad_lines, columns, noun="lines")
 
