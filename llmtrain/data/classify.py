@@ -1,4 +1,5 @@
-"""Labelled texts for the classification head: JSONL lines {"text": ..., "label": ...}.
+"""Labelled texts for the classification head: records {"text": ..., "label": ...} (JSONL lines,
+or rows of any source data/sources.py reads).
 
 Labels are named in the data; they are mapped to ids in sorted order and the list is saved
 with the checkpoint, so predictions come back as names.
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.data.jsonl import read_jsonl
+from llmtrain.data.sources import read_records
 from llmtrain.tokenizer import Tokenizer
 
 
@@ -32,8 +33,9 @@ def parse_line(obj) -> tuple[str, str]:
     return obj["text"], str(label)
 
 
-def read(path: str | Path, skip_bad_lines: bool = False):
-    return read_jsonl(path, parse_line, skip_bad_lines)
+def read(path: str | Path, skip_bad_lines: bool = False, columns: dict | None = None):
+    """(where, (text, label)) from any source data/sources.py reads; `columns` maps text/label."""
+    return read_records(path, parse_line, skip_bad_lines=skip_bad_lines, columns=columns)
 
 
 def encode_text(tok: Tokenizer, text: str, max_len: int) -> list[int]:

@@ -9,6 +9,13 @@ One line per (prompt, annotator):
 annotator found unacceptable (all ranks equal: it yields no preference pair). Optional per
 answer: "score" (a rating: margins and gap filters) and "finished" (default true; false for an
 answer cut off at the token limit, which the reward model and DPO then read without <|end|>).
+
+Published pairs are read too, as rankings of K=2 (chosen rank 1, rejected rank 2) whose
+`source` says {"format": "prompt-chosen-rejected" | "chosen-rejected" | "hh-rlhf"}: TRL's and
+UltraFeedback binarized's prompt/chosen/rejected (strings or message lists; UltraFeedback's
+score_chosen/score_rejected become the scores), and Anthropic HH-RLHF's chosen/rejected
+transcripts (data/formats.py). Any source data/sources.py reads: JSONL, JSON, Parquet, CSV,
+a folder, a saved or Hub dataset.
 """
 from __future__ import annotations
 
@@ -20,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtrain.data.jsonl import read_jsonl
-from llmtrain.data.prompts import last_user
+from llmtrain.data.formats import last_user, preference_pair
+from llmtrain.data.sources import read_records
 from llmtrain.errors import DataError
 from llmtrain.tokenizer import ROLES
 
@@ -76,6 +83,11 @@ class Ranking:
 def parse_line(obj) -> Ranking:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
+    if "chosen" in obj or "rejected" in obj:
+        if "ranked" in obj:
+            raise ValueError("has both 'ranked' and 'chosen'/'rejected': ambiguous, give one format")
+        msgs, texts, scores, fmt = preference_pair(obj)
+        return Ranking(msgs, texts, [1, 2], scores, source={"format": fmt})
     msgs = obj.get("messages")
     if msgs is None:
         if not isinstance(obj.get("prompt"), str):
@@ -115,8 +127,10 @@ def parse_line(obj) -> Ranking:
                    obj.get("source") if isinstance(obj.get("source"), dict) else {})
 
 
-def read_rankings(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Ranking], int]:
-    items, skipped = read_jsonl(path, parse_line, skip_bad_lines)
+def read_rankings(path: str | Path, skip_bad_lines: bool = False,
+                  columns: dict | None = None) -> tuple[list[Ranking], int]:
+    """Rankings from any source data/sources.py reads; `columns` maps our field names to its own."""
+    items, skipped = read_records(path, parse_line, skip_bad_lines=skip_bad_lines, columns=columns)
     out = []
     for where, r in items:
         r.where = where
@@ -186,10 +200,11 @@ def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, mar
 def load_pairs_data(data) -> tuple[list[Ranking], list[Ranking], dict]:
     """Read a RewardDataConfig's rankings, split them by prompt (or read `val`), and keep the
     rankings that give at least one pair. Returns (train, held-out, counts for the log)."""
-    rankings, skipped = read_rankings(data.train, data.skip_bad_lines)
+    columns = getattr(data, "columns", None)  # the data.columns key, where the config has it
+    rankings, skipped = read_rankings(data.train, data.skip_bad_lines, columns)
     if data.val:
         train_r = rankings
-        val_r, more = read_rankings(data.val, data.skip_bad_lines)
+        val_r, more = read_rankings(data.val, data.skip_bad_lines, columns)
         skipped += more
     else:
         train_r, val_r = split_by_prompt(rankings, data.val_every)

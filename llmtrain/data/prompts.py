@@ -1,42 +1,45 @@
-"""Prompts for generation (feedback candidates, PPO rollouts, evaluation): JSONL lines
-{"prompt": ..., ["system": ...]} or {"messages": [...]}. Any "response" and any trailing
-assistant turns are ignored, so an SFT file serves as a prompt file too."""
+"""Prompts for generation (feedback candidates, PPO rollouts, evaluation), from any record that
+holds one (any source data/sources.py reads):
+    {"prompt": "...", ["system": ...]} or {"prompt": [messages]}   (a "response" or a
+        "completion" beside it is ignored, so an SFT file serves as a prompt file too)
+    {"messages": [...]}                  trailing assistant turns are dropped
+    a preference record: our K-way ranking line (its conversation), or prompt/chosen/rejected,
+        HH-RLHF chosen/rejected (the prompt they share; data/formats.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from llmtrain.data.jsonl import read_jsonl
+from llmtrain.data.formats import check_messages, last_user, preference_pair, until_user
+from llmtrain.data.sources import read_records
 from llmtrain.errors import ConfigError
-from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
+from llmtrain.tokenizer import Tokenizer, render_chat
+
+__all__ = ["parse_prompt", "read_prompts", "last_user", "prompt_room", "fit_prompts"]
 
 
 def parse_prompt(obj) -> list[dict]:
-    if isinstance(obj, dict) and "prompt" in obj and "messages" in obj:
+    if not isinstance(obj, dict):
+        raise ValueError("expected 'prompt' (a string) or 'messages'")
+    if "chosen" in obj and "rejected" in obj and "ranked" not in obj:
+        return preference_pair(obj)[0]
+    if "ranked" in obj and "messages" in obj:  # our ranking lines carry both; the prompt is last_user(messages)
+        obj = {k: v for k, v in obj.items() if k != "prompt"}
+    if "prompt" in obj and "messages" in obj:
         raise ValueError("has both 'prompt' and 'messages': ambiguous, give one or the other")
-    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+    if isinstance(obj.get("prompt"), str):
         msgs = [{"role": "user", "content": obj["prompt"]}]
         if isinstance(obj.get("system"), str):
             msgs.insert(0, {"role": "system", "content": obj["system"]})
         return msgs
-    if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-        msgs = obj["messages"]
-        if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
-            raise ValueError("'messages' must be a list of {role, content} objects")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs.pop()
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        return msgs
+    if isinstance(obj.get("prompt"), list):  # TRL's conversational prompt
+        return until_user(check_messages(obj["prompt"], "prompt"), "prompt")
+    if isinstance(obj.get("messages"), list) and obj["messages"]:
+        return until_user(check_messages(obj["messages"], "messages"))
     raise ValueError("expected 'prompt' (a string) or 'messages'")
 
 
-def read_prompts(path: str | Path, skip_bad_lines: bool = False) -> list[list[dict]]:
-    return [m for _, m in read_jsonl(path, parse_prompt, skip_bad_lines)[0]]
-
-
-def last_user(messages: list[dict]) -> str:
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+def read_prompts(path: str | Path, skip_bad_lines: bool = False, columns: dict | None = None) -> list[list[dict]]:
+    return [m for _, m in read_records(path, parse_prompt, skip_bad_lines=skip_bad_lines, columns=columns)[0]]
 
 
 # ----------------------------------------------------------------------------- lengths, checked up front

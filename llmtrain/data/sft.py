@@ -1,8 +1,12 @@
 """Supervised fine-tuning data: JSONL conversations -> (ids, loss mask) -> length-bucketed batches.
 
-Each JSONL line is one of
+Each record (a JSONL line, or a row of any source data/sources.py reads) is one of
     {"prompt": "...", "response": "..."}                 (optionally "system": "...")
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"prompt": ..., "completion": ...}                   TRL's prompt-completion: each a string
+                                                         or a message list (optionally "system")
+Every assistant turn is learned (the loss mask of render_chat), so assistant turns inside a
+prompt list are learned too, as they are in `messages`.
 A malformed line is an error naming file, line and what is wrong; with skip_bad_lines it is
 skipped and counted instead. Nothing is dropped silently.
 """
@@ -14,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtrain.data.jsonl import read_jsonl
+from llmtrain.data.formats import check_messages, turns
+from llmtrain.data.sources import read_records
 from llmtrain.errors import DataError
 from llmtrain.losses import IGNORE
-from llmtrain.tokenizer import ROLES, Tokenizer, render_chat
+from llmtrain.tokenizer import Tokenizer, render_chat
 
 
 @dataclass
@@ -28,39 +33,36 @@ class Example:
 
 
 def parse_line(obj) -> list[dict]:
-    """One JSON value -> a list of messages, or ValueError saying what is wrong."""
+    """One record -> a list of messages, or ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     if "messages" in obj and ("prompt" in obj or "response" in obj):
         raise ValueError("has both 'messages' and 'prompt'/'response': ambiguous, give one or the other")
+    if "completion" in obj and ("messages" in obj or "response" in obj):
+        raise ValueError("has 'completion' beside 'messages' or 'response': ambiguous, give one format")
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise ValueError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise ValueError(f"messages[{i}].content is not a string")
-        out = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        out = check_messages(obj["messages"], "messages")
+    elif "completion" in obj:  # TRL's prompt-completion, standard (strings) or conversational (lists)
+        out = turns(obj.get("prompt"), "prompt", "user") + turns(obj["completion"], "completion", "assistant")
     elif "prompt" in obj or "response" in obj:
         for k in ("prompt", "response"):
             if not isinstance(obj.get(k), str):
                 raise ValueError(f"'{k}' is missing or not a string")
         out = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-        if isinstance(obj.get("system"), str):
-            out.insert(0, {"role": "system", "content": obj["system"]})
     else:
-        raise ValueError("expected 'prompt' and 'response', or 'messages'")
+        raise ValueError("expected 'prompt' and 'response', 'prompt' and 'completion', or 'messages'")
+    if isinstance(obj.get("system"), str) and isinstance(obj.get("prompt"), str):
+        out.insert(0, {"role": "system", "content": obj["system"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant message to learn from")
     return out
 
 
-def read_conversations(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[tuple[str, list[dict]]], int]:
-    return read_jsonl(path, parse_line, skip_bad_lines)
+def read_conversations(path: str | Path, skip_bad_lines: bool = False,
+                       columns: dict | None = None) -> tuple[list[tuple[str, list[dict]]], int]:
+    """Conversations from any source data/sources.py reads (JSONL, JSON, Parquet, CSV, a folder,
+    a saved or Hub dataset), `columns` mapping our field names to the source's."""
+    return read_records(path, parse_line, skip_bad_lines=skip_bad_lines, columns=columns)
 
 
 def encode(tok: Tokenizer, convs: list[tuple[str, list[dict]]], max_len: int) -> tuple[list[Example], int]:

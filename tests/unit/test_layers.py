@@ -45,8 +45,10 @@ LAYERS: list[tuple[str, list[str], str]] = [
     ("model", ["llmtrain.model", "llmtrain.model.transformer", "llmtrain.model.heads", "llmtrain.model.adapters",
                "llmtrain.model.actor_critic"], "acyclic"),
     # Library pieces a stage is made of: pure losses and RL maths, tokenizer and chat template,
-    # data readers (JSONL lines in data.jsonl, then one reader per kind), sampling, checkpoints.
+    # data readers (JSONL lines in data.jsonl, every file format and Hub dataset in data.sources,
+    # published record formats in data.formats, then one reader per kind), sampling, checkpoints.
     ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.chat_template", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
+              "llmtrain.data.sources", "llmtrain.data.formats",
               "llmtrain.data.corpus", "llmtrain.data.packing", "llmtrain.data.sft", "llmtrain.data.prompts",
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
               "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
@@ -117,6 +119,10 @@ LAZY_THIRD_PARTY: dict[str, str] = {
     "uvicorn": "the web server, only when serving",
     "chitchat_dataset": "optional extra `data` (`llmtrain reward chitchat`)",
     "resource": "POSIX only (peak memory on CPU)",
+    "pyarrow": "optional extra `hub`: Parquet data files (data/sources.py)",
+    "datasets": "optional extra `hub`: Hub datasets and folders written by save_to_disk (data/sources.py)",
+    "huggingface_hub": "optional extra `hub`: a Hub dataset's snapshot in the local cache when offline "
+                       "(data/sources.py)",
 }
 
 
