@@ -61,7 +61,7 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report", "llmtrain.interop",
-                  "llmtrain.interop.hf"], "package"),
+                  "llmtrain.interop.hf", "llmtrain.interop.hub"], "package"),
     ("pipeline", ["llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.__main__"], "acyclic"),
 ]
