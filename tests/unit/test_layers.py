@@ -92,6 +92,7 @@ LAZY_THIRD_PARTY: dict[str, str] = {
     "uvicorn": "the web server, only when serving",
     "chitchat_dataset": "optional extra `data` (`llmtrain reward chitchat`)",
     "resource": "POSIX only (peak memory on CPU)",
+    "huggingface_hub": "optional extra `hub`; only a Hub id needs it (0.3 s to import)",
 }
 
 
