@@ -53,6 +53,11 @@ LAYERS: list[tuple[str, list[str], str]] = [
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
               "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
               "llmtrain.checkpoint.saving", "llmtrain.checkpoint.loading"], "acyclic"),
+    # Models from elsewhere: Hugging Face folders and Hub ids in and out of our checkpoints; a
+    # stage's init_from / policy / reward_model may name one (training.load_base imports it).
+    ("interop", ["llmtrain.interop", "llmtrain.interop.hf", "llmtrain.interop.hf_config", "llmtrain.interop.hf_weights",
+                 "llmtrain.interop.hf_tokenizer", "llmtrain.interop.hf_import", "llmtrain.interop.hf_export",
+                 "llmtrain.interop.hub"], "acyclic"),
     # Shared by several stages: the stage skeleton, reward-model scoring, the RL run's models.
     ("stage parts", ["llmtrain.training", "llmtrain.scoring", "llmtrain.rl_models"], "acyclic"),
     # The demo's stated preferences (simulated annotator, "true" rule, style check): stages and
@@ -67,10 +72,7 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
-                  "llmtrain.report.write", "llmtrain.report", "llmtrain.interop",
-                  "llmtrain.interop.hf", "llmtrain.interop.hf_config", "llmtrain.interop.hf_weights",
-                  "llmtrain.interop.hf_tokenizer", "llmtrain.interop.hf_import", "llmtrain.interop.hf_export"],
-     "package"),
+                  "llmtrain.report.write", "llmtrain.report"], "package"),
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
     # the steps, and run() calling them in order (its __init__ re-exports them).
     ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",
@@ -121,8 +123,8 @@ LAZY_THIRD_PARTY: dict[str, str] = {
     "resource": "POSIX only (peak memory on CPU)",
     "pyarrow": "optional extra `hub`: Parquet data files (data/sources.py)",
     "datasets": "optional extra `hub`: Hub datasets and folders written by save_to_disk (data/sources.py)",
-    "huggingface_hub": "optional extra `hub`: a Hub dataset's snapshot in the local cache when offline "
-                       "(data/sources.py)",
+    "huggingface_hub": "optional extra `hub`: Hub models (interop/hub.py) and a Hub dataset's snapshot in the "
+                       "local cache when offline (data/sources.py); 0.3 s to import",
 }
 
 
