@@ -5,6 +5,9 @@ A run directory holds `checkpoints/step_NNNNNNN/` folders, each complete or abse
     config.json         {"model": ModelConfig, "stage": ..., "config": the stage's whole config}
     meta.json           progress: step, tokens seen, last losses, data-loader state
     tokenizer.json      a copy, so a checkpoint is usable on its own
+    chat_template.jinja, tokenizer_config.json
+                        a model's own chat template and its tokens (imported models; see
+                        tokenizer.py), copied from stage to stage; absent: ours
     train_state.pt      optimizer state, RNG state of rank 0 (rng_rank{r}.pt for other ranks), and
                         what else a stage needs to resume (e.g. PPO's value model and LoRA adapters)
 

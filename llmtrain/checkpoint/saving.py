@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from llmtrain.checkpoint.folders import READY, STEP_RE, TRASH, restore_ready, st
 from llmtrain.dist import is_sharded
 from llmtrain.files import disk_full, fsync_dir, fsync_file, fsync_tree, is_disk_full, remove
 from llmtrain.model.adapters import merged_state_dict
+from llmtrain.tokenizer import copy_tokenizer_files
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, *, config: dict
             current.write_text(json.dumps({"step": step, **meta}, indent=2))
             if tokenizer_path:
                 current = tmp / "tokenizer.json"
-                shutil.copyfile(tokenizer_path, current)
+                copy_tokenizer_files(tokenizer_path, tmp)  # and a model's own chat template, when it has one
             if optimizer is not None or sharded:
                 current = tmp / "train_state.pt"
                 torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng,

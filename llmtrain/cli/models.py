@@ -61,7 +61,7 @@ def cmd_generate(args) -> int:
     model = Transformer(checkpoint.model_config(ckpt))
     checkpoint.load_weights(ckpt, model)
     model.to(dist.pick_device(args.device)).eval()
-    stops = [tok.eos_id, tok.end_id] + [tok.tk.token_to_id(s) for s in args.stop if tok.tk.token_to_id(s) is not None]
+    stops = [*tok.stop_ids] + [tok.tk.token_to_id(s) for s in args.stop if tok.tk.token_to_id(s) is not None]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                               top_k=args.top_k, top_p=args.top_p, stop_ids=tuple(stops))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)

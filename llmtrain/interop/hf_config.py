@@ -128,6 +128,10 @@ def hf_config_json(mcfg: ModelConfig, tok, dtype: torch.dtype, head: str = "lm_h
     """config.json of the export: the HF family that computes our model exactly (Llama, or Qwen2
     with q/k/v biases), with our token ids."""
     arch = mcfg.hf_architecture()
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if tok.template is not None:  # a model with its own chat template keeps its own tokens
+        v = tok.template.variables
+        ids = {f"{k}_token_id": tok.tk.token_to_id(v[f"{k}_token"]) for k in ("bos", "eos", "pad") if v.get(f"{k}_token")}
     family = "qwen2" if arch.startswith("Qwen2") else "llama"
     kw = mcfg.hf_config()
     if head == "score":
@@ -135,5 +139,4 @@ def hf_config_json(mcfg: ModelConfig, tok, dtype: torch.dtype, head: str = "lm_h
         names = labels or ["score"]
         kw.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
     return {"architectures": [arch], "model_type": family, **kw, "head_dim": mcfg.dim // mcfg.n_heads,
-            "initializer_range": mcfg.init_std, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+            "initializer_range": mcfg.init_std, **ids, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}

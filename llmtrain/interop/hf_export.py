@@ -19,7 +19,7 @@ from llmtrain import checkpoint
 from llmtrain.errors import CheckpointError
 from llmtrain.files import publish
 from llmtrain.interop.hf_config import hf_config_json
-from llmtrain.interop.hf_tokenizer import export_tokenizer
+from llmtrain.interop.hf_tokenizer import export_tokenizer, token_ids
 from llmtrain.interop.hf_weights import expected_shapes
 from llmtrain.tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ def _export_model(d: Path, out: Path, dtype: str) -> dict:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if head == "lm_head":
-        gen = {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.end_id], "pad_token_id": tok.pad_id}
+        gen = token_ids(tok)
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     export_tokenizer(tok, out, mcfg, causal=head == "lm_head")
     return {"checkpoint": str(d), "stage": stage, "architecture": config["architectures"][0], "dtype": dtype,

@@ -3,7 +3,9 @@
 The config is mapped (hf_config), every tensor checked and read as fp32 (hf_weights), and
 our special tokens registered (hf_tokenizer); the embedding and lm_head rows of the tokens
 that were new start at the mean of the existing rows. The source's dtype, chat template and
-tokenizer changes are recorded in the checkpoint's config.json under "source".
+tokenizer changes are recorded in the checkpoint's config.json under "source". A source with a
+chat template keeps it (chat_template.jinja beside tokenizer.json): every stage renders chats
+with it, as transformers' apply_chat_template does; without one, ours is used.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from llmtrain.errors import CheckpointError
 from llmtrain.interop.hf_config import family_of, model_config_from_hf, read_json
 from llmtrain.interop.hf_tokenizer import import_tokenizer
 from llmtrain.interop.hf_weights import expected_shapes, module_with, read_weights, weight_files
+from llmtrain.tokenizer import chat_template_from_hf, write_chat_template
 
 
 def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict:
@@ -33,7 +36,10 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
     arch, family = family_of(hf, where)
     mcfg = model_config_from_hf(hf, family, where, max_seq_len)
     files = weight_files(src)
-    tk, new_tokens, tok_notes = import_tokenizer(src)
+    tok_cfg = read_json(src / "tokenizer_config.json", required=False)
+    has_template = bool(tok_cfg.get("chat_template")) or (src / "chat_template.jinja").is_file()
+    tk, new_tokens, tok_notes = import_tokenizer(src, keep_pretokenizer=has_template)
+    tpl = chat_template_from_hf(src, tk.id_to_token) if has_template else None
 
     tensors, dtype = read_weights(files, expected_shapes(mcfg), mcfg.tie_embeddings)
     src_vocab = mcfg.vocab_size
@@ -51,10 +57,7 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
         tensors[k] = w.contiguous()
     mcfg.vocab_size = vocab
 
-    tok_cfg = read_json(src / "tokenizer_config.json", required=False)
-    template = tok_cfg.get("chat_template")
-    if (src / "chat_template.jinja").is_file():
-        template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tpl.source if tpl is not None else None
     source = {
         "path": str(src.resolve()), "architecture": arch, "family": family, "dtype": str(dtype).removeprefix("torch."),
         "vocab_size": src_vocab, "added_tokens": new_tokens, "max_position_embeddings": hf.get("max_position_embeddings"),
@@ -66,9 +69,12 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = Path(tmp) / "tokenizer.json"
         tk.save(str(tok_path))
+        if tpl is not None:  # the model's own template: every stage renders chats with it
+            write_chat_template(Path(tmp), tpl)
         step = checkpoint.save(out, 0, model, config={"model": to_dict(mcfg), "stage": "import", "source": source},
                                meta={"tokens": 0}, tokenizer_path=str(tok_path))
-    return {"checkpoint": str(step), "config": mcfg, **source, "n_files": len(files)}
+    return {"checkpoint": str(step), "config": mcfg, **source, "n_files": len(files),
+            "stop_tokens": list(tpl.stop_tokens) if tpl is not None else []}
 
 
 def summary_line(s: dict) -> str:
@@ -83,6 +89,8 @@ def summary_line(s: dict) -> str:
             f"{c.max_seq_len}, {rope}{', q/k/v biases' if c.attention_bias else ''}"
             f"{', tied embeddings' if c.tie_embeddings else ''}\n"
             f"  {tokens}\n"
-            + "".join(f"  tokenizer: {n}\n" for n in s["tokenizer_changes"]) +
-            f"  chat template: ours (<|bos|><|user|>...<|end|><|assistant|>); the source's is kept in config.json\n"
+            + "".join(f"  tokenizer: {n}\n" for n in s["tokenizer_changes"])
+            + ("  chat template: the model's own (chat_template.jinja), used by every stage and by chat; "
+               f"answers end at {' or '.join(s['stop_tokens'])}\n" if s["chat_template"] else
+               "  chat template: none in the source; ours (<|bos|><|user|>...<|end|><|assistant|>)\n") +
             f"  -> {s['checkpoint']}")

@@ -2,7 +2,8 @@
 
 import_tokenizer reads a source's tokenizer.json and registers our special tokens
 (`tokenizer.SPECIAL_TOKENS`); export_tokenizer writes ours with tokenizer_config.json
-carrying CHAT_TEMPLATE, the one template of `render_chat`, for `apply_chat_template`.
+carrying CHAT_TEMPLATE, our template of `render_chat`, for `apply_chat_template`, or a model's
+own template (kept from its import) with its tokens.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _metaspace_always(node, changed: list) -> None:
             _metaspace_always(v, changed)
 
 
-def import_tokenizer(src: Path):
+def import_tokenizer(src: Path, keep_pretokenizer: bool = False):
     """The source tokenizer with every special token of ours registered; -> (tokenizer, the
     tokens that were new, notes on what else changed). Truncation and padding the file may
     carry are switched off.
@@ -53,7 +54,9 @@ def import_tokenizer(src: Path):
     gets one; HF's apply_chat_template encodes the rendered string, where a message follows a
     special token and would get none: the two would tokenize the same chat differently. With
     "always" each stretch between special tokens starts with "▁", which is what we encode;
-    a text without special tokens tokenizes exactly as before."""
+    a text without special tokens tokenizes exactly as before. A model that keeps its own chat
+    template (`keep_pretokenizer`) encodes the rendered text whole, as transformers does, so its
+    tokenizer stays exactly as it is."""
     path = src / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no tokenizer.json (a fast tokenizer); write one with transformers: "
@@ -61,7 +64,7 @@ def import_tokenizer(src: Path):
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
         notes, changed = [], []
-        for part in ("pre_tokenizer", "decoder"):
+        for part in ("pre_tokenizer", "decoder") if not keep_pretokenizer else ():
             _metaspace_always(spec.get(part), changed)
         if changed:
             notes.append('Metaspace prepend_scheme "first" -> "always" (each message starts with its "▁", as '
@@ -78,9 +81,29 @@ def import_tokenizer(src: Path):
     return tk, new, notes
 
 
+def token_ids(tok) -> dict[str, int | list[int]]:
+    """bos/eos/pad ids for config.json and generation_config.json: ours, or, for a model with its
+    own chat template, its tokens (eos: every token that ends an answer)."""
+    if tok.template is None:
+        return {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.end_id], "pad_token_id": tok.pad_id}
+    v = tok.template.variables
+    ids = {f"{k}_token_id": tok.tk.token_to_id(v[f"{k}_token"]) for k in ("bos", "pad") if v.get(f"{k}_token")}
+    return {**ids, "eos_token_id": list(tok.stop_ids)}
+
+
 def export_tokenizer(tok, out: Path, mcfg: ModelConfig, causal: bool) -> None:
     """tokenizer.json (ours, with <|bos|> put in front of plain text as Llama's tokenizers do) and
-    tokenizer_config.json with our chat template."""
+    tokenizer_config.json with our chat template; a model with its own template gets its
+    tokenizer back as it was imported, with its template and tokens."""
+    if tok.template is not None:
+        tok.tk.save(str(out / "tokenizer.json"))
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.template.variables,
+                "chat_template": tok.template.source, "model_max_length": mcfg.max_seq_len,
+                "clean_up_tokenization_spaces": False}
+        if causal:
+            conf["padding_side"] = "left"
+        (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False))
+        return
     tk = tok.tk
     bos = SPECIAL_TOKENS["bos"]
     tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

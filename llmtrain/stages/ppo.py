@@ -138,7 +138,7 @@ def main(cfg: PPOConfig) -> Path:
     resumed, done = resume(Path(run.out_dir), m, env, cfg, bases)
     s = training.start(cfg.algorithm, cfg, m.policy, mcfg, tok_path, env, prepared=(m.train_ac, m.optimizer, resumed, done))
     training.announce(s, *setup_lines(cfg, m, env, s.log, prompts, sft_ckpt, mcfg.dim, s.start_step))
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, (tok.end_id, tok.eos_id))
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, tok.stop_ids)
     evaluating = env.is_main or m.sharded  # sharded: every forward is a collective
     if s.start_step == 0 and evaluating:
         evaluate(cfg, m, tok, prompts.val, env, s.log, 0)

@@ -88,7 +88,8 @@ def hf_tokenizer(out: Path, with_ours: bool) -> int:
     tk.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"}))
+        "chat_template": "{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]\n{% endif %}"}))
     return tk.get_vocab_size()
 
 
@@ -383,8 +384,8 @@ def test_export_of_our_pretrained_model_generates_like_llmtrain_generate(pretrai
 
 def test_sft_from_an_imported_model_then_export(tmp_path):
     """Import a tiny Llama (our special tokens added), fine-tune it with our SFT stage, export it:
-    the held-out loss falls, and transformers with the exported chat template answers exactly
-    as our chat rendering + generate do."""
+    the held-out loss falls, and transformers with the exported chat template (the source's own,
+    kept through import, SFT and export) answers exactly as our chat rendering + generate do."""
     src = tmp_path / "hf"
     make_hf_model(src, "llama-tied")
     import_hf(src, tmp_path / "imported")
@@ -410,7 +411,8 @@ def test_sft_from_an_imported_model_then_export(tmp_path):
     conv = [{"role": "user", "content": "Tell me about the candle 7"}]
     ids = hf_tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = hf.generate(**ids, do_sample=False, max_new_tokens=12)[0, ids["input_ids"].shape[1]:].tolist()
-    s = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=(tok.eos_id, tok.end_id))
+    assert tok.template is not None  # the source's template, kept from the import through SFT
+    s = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=tok.stop_ids)
     mine = generate(load_ours(tmp_path / "sft"), [render_chat(tok, conv, add_generation_prompt=True)[0]], s,
                     pad_id=tok.pad_id)[0]
     print(f"answer: {tok.decode(mine)!r}")
@@ -529,7 +531,7 @@ def test_ppo_lora_exports_as_a_peft_adapter(pretrained, rm_ckpt, tmp_path, monke
         want = load_ours(tmp_path / "ppo")(x)
     assert (want - base_logits).abs().max() > 1e-4  # the adapter matters
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    with pytest.raises(CheckpointError, match="needs an RL \(ppo, grpo, rloo\) checkpoint"):
+    with pytest.raises(CheckpointError, match=r"needs an RL \(ppo, grpo, rloo\) checkpoint"):
         export_hf(pretrained, tmp_path / "no", adapter=True)
 
 
