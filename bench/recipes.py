@@ -13,15 +13,17 @@ Each stage runs from its recipe YAML, unchanged but for what a benchmark must re
     it be (SFT, reward and DPO texts of data.max_len tokens; RL prompts of --prompt-tokens and
     answers of max_new_tokens, which random weights never end early), so the figures are the
     worst case of the recipe's batch, not the average of a dataset;
-  - the length of the run: --steps optimizer steps (iterations for GRPO/PPO); no evaluation
-    before the end, no checkpoint before the end, no sample answers.
+  - the length of the run: --steps micro-steps of SFT, reward and DPO, each one micro-batch
+    (run.grad_accum=1): the recipe's step is that time x its run.grad_accum, as accumulation
+    repeats the same micro-step; --rl-iters GRPO/PPO iterations, whole (rollout, scoring,
+    reference, update); no evaluation before the end, no checkpoint before the end, no samples.
 Batch, micro-batch, gradient accumulation, LoRA, freezing, precision and activation
 checkpointing are the recipe's own. The tokenizer is a small one trained here (vocab 2048): the
 model's vocabulary (49152 / 151936 rows of embedding and LM head) is the published one, so the
 LM head costs what it costs; only which ids appear differs.
 
-Each (shape, stage) runs in its own process. Seconds per step: the median over the steps after
-the first (which warms up). Peak memory: on CPU the process's peak resident set minus its
+Each (shape, stage) runs in its own process. Seconds per step: the median over the micro-steps
+after the first (which warms up) x grad_accum; an RL iteration as timed by the stage. Peak memory: on CPU the process's peak resident set minus its
 resident set after importing torch (weights, gradients, optimizer state, activations, the
 frozen reference and reward model); on a GPU torch.cuda.max_memory_allocated. Figures are
 printed, nothing is asserted.
@@ -114,17 +116,19 @@ def make_checkpoints(root: Path, shape: str, smoke: bool) -> tuple[Path, Path, P
     return tok_path, sft, rm
 
 
-def overrides(stage: str, ckpt: dict, data: dict, out: Path, steps: int, device: str, smoke: bool) -> list[str]:
+def overrides(stage: str, ckpt: dict, data: dict, out: Path, steps: int, rl_iters: int, device: str,
+              smoke: bool) -> list[str]:
     if smoke:  # short texts: only checks that every stage of the recipe runs
         lengths = (["max_new_tokens=8"] if stage in ("grpo", "ppo") else ["data.max_len=64"]
                    + (["norm_max_new_tokens=8"] if stage == "reward" else []))
-        return overrides(stage, ckpt, data, out, steps, device, False) + lengths
-    run = [f"run.out_dir={out}", f"run.max_steps={steps}", "run.log_every=1", "run.eval_every=0", "run.save_every=0",
-           f"run.device={device}"]
+        return overrides(stage, ckpt, data, out, steps, rl_iters, device, False) + lengths
+    run = [f"run.out_dir={out}", "run.log_every=1", "run.eval_every=0", "run.save_every=0", f"run.device={device}"]
     if stage in ("grpo", "ppo"):
-        return run + [f"policy={ckpt['sft']}", f"reward_model={ckpt['rm']}", f"prompts={data['prompts']}",
+        return run + [f"run.max_steps={rl_iters}", f"policy={ckpt['sft']}", f"reward_model={ckpt['rm']}", f"prompts={data['prompts']}",
                       "eval_prompts=1"]
-    common = run + ["run.eval_batches=1", "data.val=", "data.val_every=8"]
+    # One micro-batch per optimizer step: its time x the recipe's run.grad_accum is the recipe's
+    # step (accumulation runs the same micro-step grad_accum times; memory does not grow with it).
+    common = run + [f"run.max_steps={steps}", "run.grad_accum=1", "run.eval_batches=1", "data.val=", "data.val_every=8"]
     if stage == "sft":
         return common + [f"init_from={ckpt['sft']}", f"data.train={data['sft']}", "sample_prompts=0"]
     if stage == "reward":
@@ -137,7 +141,7 @@ def child(a) -> None:
     import torch
 
     base = rss_mb()
-    from llmtrain.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+    from llmtrain.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config, read_yaml
     from llmtrain.metrics import read_metrics
     from llmtrain.stages import dpo, ppo, reward, sft
 
@@ -145,29 +149,33 @@ def child(a) -> None:
         torch.set_num_threads(a.threads)
     cls, stage_main = {"sft": (SFTConfig, sft.main), "reward": (RewardConfig, reward.main), "dpo": (DPOConfig, dpo.main),
                        "grpo": (PPOConfig, ppo.main), "ppo": (PPOConfig, ppo.main)}[a.stage]
-    cfg = load_config(cls, RECIPES / a.shape / f"{a.stage}.yaml", a.overrides)
+    recipe = RECIPES / a.shape / f"{a.stage}.yaml"
+    accum = read_yaml(recipe).get("run", {}).get("grad_accum", 1)  # the recipe's, before the override to 1
+    cfg = load_config(cls, recipe, a.overrides)
     t0 = time.time()
     stage_main(cfg)
     wall = time.time() - t0
     recs = read_metrics(cfg.run.out_dir, "train")
     if a.stage in ("grpo", "ppo"):
-        secs = [r["seconds"] for r in recs]
-    else:
+        secs, accum = [r["seconds"] for r in recs], 1
+    else:  # micro-steps: the time between consecutive steps' records
         secs = [b["time"] - r["time"] for r, b in zip(recs, recs[1:])]
     setup = read_metrics(cfg.run.out_dir, "setup")
     cuda = torch.cuda.is_available() and cfg.run.device.startswith(("cuda", "auto"))
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb() - base
-    n = cfg.run.batch_size * cfg.run.grad_accum if a.stage not in ("grpo", "ppo") else \
+    n = cfg.run.batch_size * accum if a.stage not in ("grpo", "ppo") else \
         cfg.rollout_batch * (1 if cfg.algorithm == "ppo" else cfg.group_size)
+    micro = statistics.median(secs[1:] or secs)
     print("RESULT " + json.dumps({
-        "sec_per_step": statistics.median(secs[1:] or secs), "steps_timed": len(secs[1:] or secs), "peak_mb": peak,
+        "sec_per_step": micro * accum, "sec_per_micro_step": micro, "grad_accum": accum,
+        "steps_timed": len(secs[1:] or secs), "peak_mb": peak,
         "wall_s": wall, "per_step": n, "device": cfg.run.device,
         "trainable": setup[0].get("trainable_params") if setup else None,
         "total": setup[0].get("total_params") if setup else None}))
 
 
 def measure(shape: str, stage: str, ckpt: dict, data: dict, root: Path, a) -> dict:
-    ov = overrides(stage, ckpt, data, root / f"run-{stage}", a.steps, a.device, a.smoke)
+    ov = overrides(stage, ckpt, data, root / f"run-{stage}", a.steps, a.rl_iters, a.device, a.smoke)
     cmd = [sys.executable, __file__, "--child", "--shape", shape, "--stage", stage, "--threads", str(a.threads), *ov]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -192,7 +200,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
-    ap.add_argument("--steps", type=int, default=2, help="optimizer steps per stage; the first is not timed")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="SFT/reward/DPO micro-steps per stage; the first is not timed (default 2)")
+    ap.add_argument("--rl-iters", type=int, default=1,
+                    help="GRPO/PPO iterations; with more than 1 the first is not timed (default 1)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the generated data")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
