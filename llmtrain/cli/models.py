@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from llmtrain.cli.args import check_flags, check_out, sampling_flags
-from llmtrain.data.jsonl import read_jsonl
 
 
 def add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
@@ -120,11 +119,13 @@ def cmd_classify_predict(argv: list[str]) -> int:
     check_out("--output", a.output, "file")
     texts = list(a.text)
     if a.input:
+        from llmtrain.data.sources import read_records
+
         def text_of(obj):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ValueError("'text' is missing or not a string")
             return obj["text"]
-        texts += [t for _, t in read_jsonl(a.input, text_of)[0]]
+        texts += [t for _, t in read_records(a.input, text_of)[0]]
     if not texts:
         p.error("give --text or --input")
     model, tok, labels = classify.load_classifier(a.checkpoint, a.device)
@@ -157,6 +158,8 @@ def cmd_reward_score(argv: list[str]) -> int:
             p.error("--prompt needs at least one --response")
         items += [([{"role": "user", "content": a.prompt}], r) for r in a.response]
     if a.input:
+        from llmtrain.data.sources import read_records
+
         def parse(obj):
             if not isinstance(obj, dict) or not isinstance(obj.get("response"), str):
                 raise ValueError("'response' is missing or not a string")
@@ -165,7 +168,7 @@ def cmd_reward_score(argv: list[str]) -> int:
             if isinstance(obj.get("prompt"), str):
                 return [{"role": "user", "content": obj["prompt"]}], obj["response"]
             raise ValueError("'prompt' (or 'messages') is missing")
-        items += [x for _, x in read_jsonl(a.input, parse)[0]]
+        items += [x for _, x in read_records(a.input, parse)[0]]
     if not items:
         p.error("give --prompt and --response, or --input")
     model, tok, norm = scoring.load_reward_model(a.checkpoint)

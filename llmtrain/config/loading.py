@@ -169,6 +169,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str, origins=None) -> Any:
         if not isinstance(value, typing.Hashable) or value not in args:
             raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}, got {_short(value)}")
         return value
+    if origin is dict:  # a mapping, e.g. data.columns {our field: the data's column}
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(args[0], k, f"{key} (a key)", source, origins): _coerce(args[1], v, f"{key}.{k}", source, origins)
+                for k, v in value.items()} if args else dict(value)
     if origin in (list, tuple):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single item where a list is expected
@@ -217,6 +222,9 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_type_name(k).removeprefix('a ')} to {_type_name(v).removeprefix('a ')}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 

@@ -39,12 +39,16 @@ class PretrainConfig:
 
 @dataclass
 class JSONLDataConfig:
-    """Examples in a JSONL file, one per line, and the held-out ones."""
+    """Examples and the held-out ones. `train` / `val` name a data source: a JSONL, JSON, Parquet
+    or CSV file, a folder of them, a folder written by datasets' save_to_disk, or a Hub dataset
+    hf:org/name[:config][@split] (llmtrain/data/sources.py)."""
     train: str = ""
     val: str = ""  # a held-out file; empty: hold out 1 example in val_every of `train`, by position (every val_every-th)
     val_every: int = check(10, HELD_OUT_EVERY)
     max_len: int = check(0, NON_NEGATIVE | "0: the context window")  # 0: the model's context window
     skip_bad_lines: bool = False
+    # the data's own field names: {ours: theirs}, e.g. {prompt: question, response: answer}
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class RewardDataConfig:
     min_score_gap: float = check(0.0, NON_NEGATIVE)  # with rated candidates: drop pairs whose ratings differ less
     include_simulated: bool = True
     skip_bad_lines: bool = False
+    # the data's own field names: {ours: theirs}, e.g. {prompt: question, response: answer}
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +128,8 @@ class PPOConfig:
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     policy: str = ""  # the SFT checkpoint: initial policy and frozen reference
     reward_model: str = ""  # the reward-model checkpoint: scores, and the value head's start
-    prompts: str = "data/sft/aristocrat.jsonl"  # JSONL prompts ({"prompt"} / {"messages"}; responses ignored)
+    prompts: str = "data/sft/aristocrat.jsonl"  # prompts ({"prompt"} / {"messages"} / preference lines; answers ignored), any data source
+    prompt_columns: dict[str, str] = field(default_factory=dict)  # the prompts' own field names: {ours: theirs}
     # 1 prompt in val_every is held out for evaluation, by position (every val_every-th: the SFT split, so they are unseen)
     val_every: int = check(10, HELD_OUT_EVERY)
     eval_prompts: int = check(32, NON_NEGATIVE | "0: all")  # held-out prompts per evaluation (0: all)
@@ -208,6 +215,7 @@ class EvaluateConfig:
     b: str = ""  # challenger (e.g. the PPO or DPO model)
     reward_model: str = ""
     prompts: str = "data/sft/aristocrat.jsonl"
+    prompt_columns: dict[str, str] = field(default_factory=dict)  # the prompts' own field names: {ours: theirs}
     val_every: int = check(10, HELD_OUT_EVERY)  # 1 prompt in val_every held out, by position (the SFT split)
     max_prompts: int = check(0, NON_NEGATIVE | "0: all")
     true_rule: str = ""  # a simulated annotator's rule: the true preference

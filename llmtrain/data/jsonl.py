@@ -1,9 +1,10 @@
 """JSONL data files, whatever their records: UTF-8 lines (a DataError names file and line),
-json.loads with a nesting cap and no lone surrogates, one parse function per record kind
-(`read_jsonl`), and the deterministic held-out split every reader of such files shares.
+json.loads with a nesting cap and no lone surrogates, and the deterministic held-out split every
+reader shares.
 
-Each kind of data reads its records through here: pretraining corpora (data/corpus.py),
-conversations (data/sft.py), prompts, rankings, labelled texts, and the CLI's --input files.
+Every JSONL line any kind of data reads comes through here: pretraining corpora
+(data/corpus.py), and through data/sources.py's read_records conversations, prompts, rankings,
+labelled texts and the CLI's --input files.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import json
 from pathlib import Path
 
 from llmtrain.errors import DataError
-from llmtrain.files import regular_file
 
 MAX_JSON_DEPTH = 64  # data lines are flat: deeper nesting is refused before the parser recurses
 
@@ -84,23 +84,6 @@ def _surrogate_at(obj, path: str = "") -> str | None:
         elif isinstance(v, list):
             stack += [(x, f"{at}[{i}]") for i, x in enumerate(v)]
     return None
-
-
-def read_jsonl(path: str | Path, parse, skip_bad_lines: bool = False) -> tuple[list[tuple[str, object]], int]:
-    """Parse every line of a JSONL file with `parse(obj)`; -> ([(file:line, parsed)], skipped)."""
-    p = regular_file(path, "a JSONL data file", "data file", DataError)
-    items, skipped = [], 0
-    for n, line in jsonl_lines(p):
-        try:
-            items.append((f"{p}:{n}", parse(loads_line(line))))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            msg = f"malformed JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
-            if not skip_bad_lines:
-                raise DataError(f"{p}:{n}: {msg}") from None
-            skipped += 1
-    if not items:
-        raise DataError(f"{p}: no usable lines")
-    return items, skipped
 
 
 def split(examples: list, val_every: int) -> tuple[list, list]:

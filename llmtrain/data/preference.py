@@ -200,7 +200,7 @@ def pair_tensors(rankings: list[Ranking], starts: list[int], min_gap: float, mar
 def load_pairs_data(data) -> tuple[list[Ranking], list[Ranking], dict]:
     """Read a RewardDataConfig's rankings, split them by prompt (or read `val`), and keep the
     rankings that give at least one pair. Returns (train, held-out, counts for the log)."""
-    columns = getattr(data, "columns", None)  # the data.columns key, where the config has it
+    columns = data.columns
     rankings, skipped = read_rankings(data.train, data.skip_bad_lines, columns)
     if data.val:
         train_r = rankings

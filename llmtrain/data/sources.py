@@ -1,10 +1,10 @@
 """Where a data key's records come from: one reader for every kind of data (conversations,
 prompts, rankings, labelled texts), whatever the file format.
 
-`read_records(spec, parse)` -> ([(where, parse(record))], skipped), as read_jsonl, for `spec`:
+`read_records(spec, parse)` -> ([(where, parse(record))], skipped), for `spec`:
     a.jsonl (or any other name)  one JSON object per line, read by data/jsonl.py's jsonl_lines and
                                  loads_line (UTF-8, nesting cap, lone surrogates, torn lines), with
-                                 read_jsonl's messages; where = "file:LINE"
+                                 their messages; where = "file:LINE"
     a.json                       a top-level JSON list of objects; where = "file:item N" (from 1)
     a.parquet                    one record per row (pyarrow); where = "file:row N" (from 1)
     a.csv                        a header row, then one record per row (every value text; a
@@ -35,6 +35,7 @@ from pathlib import Path
 
 from llmtrain.data.jsonl import _surrogate_at, jsonl_lines, loads_line
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.files import regular_file
 
 KINDS = (".jsonl", ".json", ".parquet", ".csv")
 HUB_EXTRA = "pip install 'llmtrain[hub]'"
@@ -121,10 +122,7 @@ def _parse_rows(label: str, rows, parse, skip_bad_lines: bool, columns, check_te
 # ----------------------------------------------------------------------------- files
 
 def _read_file(p: Path, parse, skip_bad_lines: bool, columns):
-    if p.exists() and not p.is_file():
-        raise DataError(f"{p}: not a regular file (a device, pipe or socket), not a data file")
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
+    p = regular_file(p, "a data file", "data file", DataError)  # folders were taken care of above
     kind = p.suffix.lower()
     if kind == ".json":
         rows, escapes = _json_rows(p, columns)

@@ -55,9 +55,10 @@ def stages_of(cfg: PipelineConfig) -> list[str]:
 
 
 def abs_path(path: str, base: Path) -> str:
-    """A config path relative to `base`; empty stays empty."""
-    if not path:
-        return ""
+    """A config path relative to `base`; empty stays empty, and a Hub dataset (hf:org/name) is
+    no path."""
+    if not path or path.startswith("hf:"):
+        return path
     p = Path(path)
     return str(p if p.is_absolute() else base / p)
 

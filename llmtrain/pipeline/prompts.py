@@ -13,7 +13,7 @@ from llmtrain.pipeline.config import abs_path
 def held_out(cfg, base) -> tuple[list, list]:
     """The SFT data's split into (train, held-out) conversations: the held-out prompts are
     never trained on by any stage and are where every model is compared."""
-    return split(read_prompts(abs_path(cfg.sft.data.train, base)), cfg.sft.data.val_every)
+    return split(read_prompts(abs_path(cfg.sft.data.train, base), columns=cfg.sft.data.columns), cfg.sft.data.val_every)
 
 
 def feedback_convs(cfg, base) -> list:

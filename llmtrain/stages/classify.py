@@ -33,10 +33,10 @@ def main(cfg: ClassifyConfig) -> Path:
 
     # ---- data, labels, model
     max_len = cfg.data.max_len or mcfg.max_seq_len
-    items, skipped = cls_data.read(cfg.data.train, cfg.data.skip_bad_lines)
+    items, skipped = cls_data.read(cfg.data.train, cfg.data.skip_bad_lines, cfg.data.columns)
     if cfg.data.val:
         train_items = items
-        val_items, more = cls_data.read(cfg.data.val, cfg.data.skip_bad_lines)
+        val_items, more = cls_data.read(cfg.data.val, cfg.data.skip_bad_lines, cfg.data.columns)
         skipped += more
     else:
         train_items, val_items = split(items, cfg.data.val_every)

@@ -86,7 +86,7 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
 def main(cfg: EvaluateConfig) -> dict:
     if not (cfg.a and cfg.b and cfg.reward_model):
         raise ConfigError("set a, b (the two checkpoints) and reward_model")
-    convs = split(read_prompts(cfg.prompts), cfg.val_every)[1][: cfg.max_prompts or None]
+    convs = split(read_prompts(cfg.prompts, columns=cfg.prompt_columns), cfg.val_every)[1][: cfg.max_prompts or None]
     out = compare(cfg.a, {"b": cfg.b}, cfg.reward_model, convs, cfg.true_rule, cfg.max_new_tokens)["b"]
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

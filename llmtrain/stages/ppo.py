@@ -166,7 +166,7 @@ def load_prompts(cfg: PPOConfig, tok: Tokenizer, mcfg, sft_ckpt: Path) -> Prompt
     leaves fewer than max_new_tokens of the policy's context is skipped (counted, logged), never
     a crash at the iteration that draws it."""
     room = prompt_room(mcfg.max_seq_len, cfg.max_new_tokens, "max_new_tokens", f" of the policy {sft_ckpt}")
-    train_p, val_p = split(read_prompts(cfg.prompts), cfg.val_every)
+    train_p, val_p = split(read_prompts(cfg.prompts, columns=cfg.prompt_columns), cfg.val_every)
     n_train, n_val = len(train_p), len(val_p)
     train_p, long_train = fit_prompts(tok, train_p, room)
     val_p, long_val = fit_prompts(tok, val_p, room)

@@ -111,9 +111,9 @@ def main(cfg: SFTConfig) -> Path:
 def read_data(cfg: SFTConfig, tok: Tokenizer, max_len: int):
     """-> (train examples, held-out examples, held-out conversations, bad lines skipped,
     conversations dropped for want of a response token within max_len)."""
-    convs, skipped = sft_data.read_conversations(cfg.data.train, cfg.data.skip_bad_lines)
+    convs, skipped = sft_data.read_conversations(cfg.data.train, cfg.data.skip_bad_lines, cfg.data.columns)
     if cfg.data.val:
-        val_convs, skipped_val = sft_data.read_conversations(cfg.data.val, cfg.data.skip_bad_lines)
+        val_convs, skipped_val = sft_data.read_conversations(cfg.data.val, cfg.data.skip_bad_lines, cfg.data.columns)
         skipped += skipped_val
         train_convs = convs
     else:

@@ -68,3 +68,34 @@ def test_sft_trains_on_a_parquet_prompt_completion_file(pretrained, tmp_path):
     sft.main(cfg)
     v = [r["loss"] for r in read_metrics(tmp_path / "sft", "val")]
     assert v[-1] < 0.6 * v[0]
+
+
+def test_column_map_from_the_config_and_its_errors(pretrained, tmp_path):
+    """data.columns maps our field names to a file's own (here a CSV of question/answer), given
+    in the YAML or on the command line; a column it names that the file lacks, and a value that is
+    not a mapping, are one line naming the file and column, or the key."""
+    import csv
+
+    from llmtrain.config import load_config
+    from llmtrain.errors import ConfigError, DataError
+
+    data = tmp_path / "qa.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer"])
+        w.writerows([(f"Tell me about the {x}", f"Indeed, the {x} is splendid.") for _, x in prompts(30)])
+    yaml_file = tmp_path / "sft.yaml"
+    yaml_file.write_text("data:\n  columns: {prompt: question}\n")
+    base = [f"init_from={pretrained}", f"data.train={data}", "data.val_every=5", f"run.out_dir={tmp_path / 'sft'}",
+            "run.max_steps=2", "run.batch_size=4", "run.threads=1", "sample_prompts=0"]
+    cfg = load_config(SFTConfig, yaml_file, [*base, "data.columns.response=answer"])
+    assert cfg.data.columns == {"prompt": "question", "response": "answer"}
+    sft.main(cfg)
+    assert [r["step"] for r in read_metrics(tmp_path / "sft", "train")][-1] == 2
+
+    bad = load_config(SFTConfig, None, [*base, f"run.out_dir={tmp_path / 'bad'}", "data.columns.prompt=query"])
+    with pytest.raises(DataError) as e:
+        sft.main(bad)
+    assert str(e.value).startswith(f"{data}: no column 'query'") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"'data.columns' must be a mapping of string to string, got 5"):
+        load_config(SFTConfig, None, [*base, "data.columns=5"])

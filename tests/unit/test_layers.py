@@ -398,7 +398,7 @@ def test_the_check_passes_a_clean_fake_tree(tmp_path):
     files = {"llmtrain/stages/ppo.py": "from llmtrain import checkpoint, training\nfrom llmtrain.styles import RULES\n",
              "llmtrain/feedback/app.py": "from llmtrain.feedback import store\n",
              "llmtrain/interop/__init__.py": "from llmtrain.interop.hf import export_hf\n",
-             "llmtrain/data/sft.py": "from llmtrain.data.jsonl import read_jsonl\nfrom llmtrain.losses import IGNORE\n",
+             "llmtrain/data/sft.py": "from llmtrain.data.jsonl import split\nfrom llmtrain.losses import IGNORE\n",
              "llmtrain/metrics.py": "from llmtrain import config\n",
              # a package's __init__ imports its modules, which import each other: no cycle
              "llmtrain/cli/__init__.py": "from llmtrain.cli import train\n",
