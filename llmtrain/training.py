@@ -18,6 +18,7 @@ import torch
 from llmtrain import checkpoint, dist
 from llmtrain.config import ModelConfig, OptimConfig, to_dict
 from llmtrain.errors import CheckpointError, ConfigError
+from llmtrain.interop.hub import resolve_model
 from llmtrain.metrics import Metrics, Progress, fmt_duration
 from llmtrain.tokenizer import Tokenizer
 
@@ -147,12 +148,14 @@ def accumulate(train_model: torch.nn.Module, n_micro: int, loss_of, env, precisi
 
 # ----------------------------------------------------------------------------- a stage's skeleton
 
-def load_base(path: str, key: str, what: str) -> tuple[Path, Path, Tokenizer, ModelConfig]:
+def load_base(path: str, key: str, what: str, run_dir: str | Path) -> tuple[Path, Path, Tokenizer, ModelConfig]:
     """The checkpoint a stage starts from -> (its folder, tokenizer file, tokenizer, model config).
-    An empty `path` is a ConfigError naming `key` and `what` it should be."""
+    `path` may also be a Hugging Face model folder or a Hub id (org/name[@revision]): it is
+    imported into `run_dir/imported/` the first time (interop/hub.py). An empty `path` is a
+    ConfigError naming `key` and `what` it should be."""
     if not path:
         raise ConfigError(f"{key} is not set: give {what}")
-    base = checkpoint.resolve(path)
+    base = checkpoint.resolve(resolve_model(path, run_dir, key))
     tok_path = checkpoint.tokenizer_of(base)
     return base, tok_path, Tokenizer.load(tok_path), checkpoint.model_config(base)
 

@@ -36,7 +36,7 @@ COMMANDS = {
     "generate": (cmd_generate, "sample text from a checkpoint", False),
     "chat": (cmd_chat, "chat with a fine-tuned checkpoint in the terminal", False),
     "feedback": (cmd_feedback, "human feedback: candidates, the ranking app, simulated annotator, export", False),
-    "import": (cmd_import, "read a local Hugging Face model folder (Llama, Mistral, Qwen2) into a checkpoint", False),
+    "import": (cmd_import, "read a Hugging Face model (a folder, or a Hub id org/name[@rev]; Llama, Mistral, Qwen2) into a checkpoint", False),
     "export": (cmd_export, "write a checkpoint as a Hugging Face model folder (transformers; LoRA as a peft adapter)", False),
     "pipeline": (cmd_pipeline, "run a chain of stages from one YAML (-c)", True),
     "demo": (cmd_demo, "the whole chain on shipped data, on CPU, in minutes (configs/demo.yaml)", False),

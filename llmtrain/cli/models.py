@@ -31,7 +31,8 @@ def add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     commands["generate"].add_argument("--stop", action="append", default=[], help="extra stop token (a special token string)")
     commands["chat"].add_argument("--system", default="", help="a system message that opens the conversation")
     imp = commands["import"]
-    imp.add_argument("source", help="a local Hugging Face model folder: config.json, *.safetensors, tokenizer.json")
+    imp.add_argument("source", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a "
+                     "Hub id org/name[@revision] (fetched through huggingface_hub: its cache, HF_TOKEN, HF_HUB_OFFLINE)")
     imp.add_argument("-o", "--output", required=True, help="the run directory to write (its checkpoints/step_0000000)")
     imp.add_argument("--max-seq-len", type=int, default=0,
                      help="use a shorter context than max_position_embeddings (0: the model's own)")
@@ -186,10 +187,14 @@ def cmd_reward_score(argv: list[str]) -> int:
 def cmd_import(args) -> int:
     from llmtrain.config import NON_NEGATIVE
     from llmtrain.interop.hf import import_hf, summary_line
+    from llmtrain.interop.hub import download, parse_hub_id
 
     check_flags(**{"--max-seq-len": (args.max_seq_len, NON_NEGATIVE | "0: the model's own")})
     check_out("--output", args.output, "directory")
-    print(summary_line(import_hf(args.source, args.output, max_seq_len=args.max_seq_len)))
+    source = args.source
+    if not Path(source).exists() and parse_hub_id(source):  # a Hub id: fetched into the HF cache first
+        source = download(source)
+    print(summary_line(import_hf(source, args.output, max_seq_len=args.max_seq_len)))
     return 0
 
 

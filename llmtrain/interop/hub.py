@@ -14,6 +14,7 @@ Hub repository, it came from).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -107,6 +108,10 @@ def resolve_model(spec: str, run_dir: str | Path, key: str = "", log=print) -> P
         repo, rev = parse_hub_id(spec)
         name = _slug(repo.replace("/", "--") + (f"@{rev}" if rev else ""))
     out = Path(run_dir) / "imported" / name
+    if not checkpoint.step_dirs(out) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process of a torchrun would import into the same folder at once
+        raise CheckpointError(f"{_named(key)}{spec}: under torchrun, import it first: llmtrain import {spec} -o DIR, "
+                              f"then give {key or 'the checkpoint'}=DIR")
     if checkpoint.step_dirs(out):
         done = checkpoint.read_config(checkpoint.resolve(out)).get("source", {}).get("path")
         if done == str(source.resolve()):

@@ -29,7 +29,7 @@ def main(cfg: ClassifyConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
     base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from",
-                                                   "a pretrained or fine-tuned checkpoint")
+                                                   "a pretrained or fine-tuned checkpoint", cfg.run.out_dir)
 
     # ---- data, labels, model
     max_len = cfg.data.max_len or mcfg.max_seq_len

@@ -47,7 +47,7 @@ def answer_logprobs(model: Transformer, tok: Tokenizer, rankings: list[Ranking],
 def main(cfg: DPOConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint")
+    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint", cfg.run.out_dir)
     max_len = cfg.data.max_len or mcfg.max_seq_len
 
     train_r, val_r, counts = load_pairs_data(cfg.data)

@@ -42,6 +42,7 @@ from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prom
 from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.generate import SamplingConfig, generate
+from llmtrain.interop.hub import resolve_model
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, Progress
 from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, masked_moments,
@@ -130,7 +131,8 @@ def main(cfg: PPOConfig) -> Path:
     check(cfg)
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint")
+    sft_ckpt, tok_path, tok, mcfg = training.load_base(cfg.policy, "policy", "the SFT checkpoint", cfg.run.out_dir)
+    cfg.reward_model = str(resolve_model(cfg.reward_model, run.out_dir, "reward_model")) if cfg.reward_model else ""
     bases = {"policy": str(sft_ckpt), "reward_model": str(checkpoint.resolve(cfg.reward_model))}
     prompts = load_prompts(cfg, tok, mcfg, sft_ckpt)  # before any model is loaded
     m = build_models(cfg, env, mcfg, sft_ckpt)

@@ -33,7 +33,7 @@ from llmtrain.training import count_params, optimizer_step
 def main(cfg: RewardConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
-    base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from", "the fine-tuned (SFT) checkpoint")
+    base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from", "the fine-tuned (SFT) checkpoint", cfg.run.out_dir)
 
     # ---- data
     max_len = cfg.data.max_len or mcfg.max_seq_len

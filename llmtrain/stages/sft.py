@@ -31,7 +31,7 @@ def main(cfg: SFTConfig) -> Path:
     run = cfg.run
     env = dist.setup(run.device, run.threads)
     base, tok_path, tok, mcfg = training.load_base(cfg.init_from, "init_from",
-                                                   "the pretrained checkpoint (e.g. init_from=runs/pretrain)")
+                                                   "the pretrained checkpoint (e.g. init_from=runs/pretrain)", cfg.run.out_dir)
 
     # ---- model, data
     torch.manual_seed(run.seed)

@@ -132,3 +132,27 @@ def test_hub_ids_parse():
     assert parse_hub_id("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
     assert parse_hub_id("Qwen/Qwen2.5-0.5B-Instruct@main") == ("Qwen/Qwen2.5-0.5B-Instruct", "main")
     assert parse_hub_id("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
+
+
+def test_cli_import_takes_a_hub_id_and_a_stage_imports_on_the_fly(hf_model, tmp_path):
+    """`llmtrain import org/name -o DIR` through the offline cache; `llmtrain sft init_from=org/name`
+    imports it into its run folder, says so, and trains from it."""
+    src, _ = hf_model
+    cache_model(tmp_path / "hf", "tiny-org/tiny-llama", src)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "llmtrain", "import", "tiny-org/tiny-llama", "-o", str(tmp_path / "imp")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"snapshots/{COMMIT}" in r.stdout and is_ours(tmp_path / "imp")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "response": f"I say {i}."}) + "\n" for i in range(20)))
+    r = subprocess.run([sys.executable, "-m", "llmtrain", "sft", "init_from=tiny-org/tiny-llama", f"data.train={data}",
+                        f"run.out_dir={tmp_path / 'sft'}", "run.max_steps=1", "run.batch_size=2", "sample_prompts=0",
+                        "run.threads=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "init_from: importing the Hugging Face model tiny-org/tiny-llama" in r.stdout
+    assert is_ours(tmp_path / "sft" / "imported" / "tiny-org--tiny-llama") and is_ours(tmp_path / "sft")
+    bad = subprocess.run([sys.executable, "-m", "llmtrain", "sft", "init_from=tiny-org/missing", f"data.train={data}",
+                          f"run.out_dir={tmp_path / 'sft2'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("llmtrain sft: error: init_from: tiny-org/missing: no such folder here")
