@@ -122,3 +122,17 @@ def test_every_stage_loads_with_its_defaults():
         load_config(cls, None, [])
     for algorithm in ("grpo", "rloo"):
         load_config(PPOConfig, None, [f"algorithm={algorithm}"])
+
+
+RECIPE_CLASS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "grpo": PPOConfig, "ppo": PPOConfig}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("recipes/*/*.yaml")))
+def test_every_recipe_loads_with_its_stage(path, tmp_path, monkeypatch):
+    """configs/recipes/<model>/<stage>.yaml: each loads with its stage's class (Hub ids and hf:
+    datasets are only resolved when the stage runs), and GRPO/PPO recipes name their algorithm."""
+    stage = Path(path).stem
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(RECIPE_CLASS[stage], CONFIGS / path, [])
+    if stage in ("grpo", "ppo"):
+        assert cfg.algorithm == stage
