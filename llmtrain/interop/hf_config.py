@@ -16,7 +16,10 @@ from llmtrain.config import ModelConfig
 from llmtrain.errors import CheckpointError
 
 # architecture in config.json -> our family name (model_type)
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 # reward models: the backbone with a one-output score head at the last token
+                 "LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "mistral",
+                 "Qwen2ForSequenceClassification": "qwen2"}
 
 
 def read_json(path: Path, required: bool = True) -> dict:

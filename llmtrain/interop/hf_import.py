@@ -41,13 +41,18 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
     tk, new_tokens, tok_notes = import_tokenizer(src, keep_pretokenizer=has_template)
     tpl = chat_template_from_hf(src, tk.id_to_token) if has_template else None
 
-    tensors, dtype = read_weights(files, expected_shapes(mcfg), mcfg.tie_embeddings)
+    head = "score" if arch.endswith("ForSequenceClassification") else "lm_head"
+    labels = hf.get("num_labels", len(hf.get("id2label") or {0: "LABEL_0"}))
+    if head == "score" and labels != 1:
+        raise CheckpointError(f"{where}: a sequence classifier with {labels} labels; a reward model has one output "
+                              "(num_labels 1)")
+    tensors, dtype = read_weights(files, expected_shapes(mcfg, head), mcfg.tie_embeddings and head == "lm_head")
     src_vocab = mcfg.vocab_size
     # Rows for the tokens we added (new rows, or spare rows past the source tokenizer's): the mean
     # of the existing rows, a neutral start that SFT then moves.
     vocab = max(src_vocab, max(tk.get_vocab(with_added_tokens=True).values()) + 1)
     new_ids = [tk.token_to_id(t) for t in new_tokens]
-    heads = ["model.embed_tokens.weight"] + ([] if mcfg.tie_embeddings else ["lm_head.weight"])
+    heads = ["model.embed_tokens.weight"] + ([] if mcfg.tie_embeddings or head == "score" else ["lm_head.weight"])
     for k in heads:
         w = tensors[k]
         mean = w.mean(0, keepdim=True)
@@ -65,13 +70,17 @@ def import_hf(src: str | Path, out: str | Path, *, max_seq_len: int = 0) -> dict
         "special_tokens": {k: tok_cfg.get(k) for k in ("bos_token", "eos_token", "pad_token") if k in tok_cfg},
         "tokenizer_changes": tok_notes,
     }
-    model = module_with(mcfg, tensors)
+    model = module_with(mcfg, tensors, head)
+    stage = {"stage": "import"}
+    if head == "score":  # a reward model as the reward stage writes one; an export of ours keeps its offset
+        offset = float((hf.get("llmtrain") or {}).get("reward_offset", 0.0))
+        stage = {"stage": "reward", "reward": {"offset": offset, "std": 1.0}}
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = Path(tmp) / "tokenizer.json"
         tk.save(str(tok_path))
         if tpl is not None:  # the model's own template: every stage renders chats with it
             write_chat_template(Path(tmp), tpl)
-        step = checkpoint.save(out, 0, model, config={"model": to_dict(mcfg), "stage": "import", "source": source},
+        step = checkpoint.save(out, 0, model, config={"model": to_dict(mcfg), **stage, "source": source},
                                meta={"tokens": 0}, tokenizer_path=str(tok_path))
     return {"checkpoint": str(step), "config": mcfg, **source, "n_files": len(files),
             "stop_tokens": list(tpl.stop_tokens) if tpl is not None else []}

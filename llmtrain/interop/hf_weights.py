@@ -75,11 +75,15 @@ def read_weights(files: list[Path], shapes: dict[str, tuple], tied: bool) -> tup
     return out, dtypes.pop()
 
 
-def module_with(mcfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Our Transformer holding exactly `tensors` (no copy, no random init: built on meta)."""
+def module_with(mcfg: ModelConfig, tensors: dict[str, torch.Tensor], head: str = "lm_head") -> torch.nn.Module:
+    """Our Transformer (or, head="score", reward model) holding exactly `tensors` (no copy, no
+    random init: built on meta)."""
     with torch.device("meta"):
-        model = Transformer(mcfg)
+        model = ScoreModel(mcfg, 1) if head == "score" else Transformer(mcfg)
     sd = dict(tensors)
+    if head == "score":
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
     if mcfg.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     model.load_state_dict(sd, strict=True, assign=True)

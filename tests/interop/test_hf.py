@@ -500,6 +500,25 @@ def test_score_models_export_as_sequence_classification(kind, rm_ckpt, classify_
         torch.testing.assert_close(hf(**batch).logits, ours.eval()(batch["input_ids"], lengths), atol=ATOL, rtol=0)
 
 
+def test_a_hugging_face_reward_model_imports_as_ours(rm_ckpt, classify_ckpt, tmp_path):
+    """A ...ForSequenceClassification with one label (here our reward model exported, then
+    imported back) becomes a reward checkpoint that PPO's reward_model and `reward score` take:
+    same scores on the same texts, its offset kept. More labels are refused, naming the file."""
+    from llmtrain.scoring import load_reward_model, score_texts
+
+    export_hf(rm_ckpt, tmp_path / "hf-rm")
+    summary = import_hf(tmp_path / "hf-rm", tmp_path / "back")
+    assert summary["architecture"] == "LlamaForSequenceClassification"
+    items = [(CONVERSATIONS[0], a, True) for a in ("Quite well.", "Splendid, old chap, splendid.")]
+    ours, tok, norm = load_reward_model(rm_ckpt)
+    back, tok_back, norm_back = load_reward_model(tmp_path / "back")
+    assert norm_back["offset"] == norm["offset"] == 0.25
+    assert score_texts(back, tok_back, items, offset=0.25) == score_texts(ours, tok, items, offset=0.25)
+    export_hf(classify_ckpt, tmp_path / "hf-cls")
+    with pytest.raises(CheckpointError, match=r"hf-cls/config.json: a sequence classifier with 3 labels"):
+        import_hf(tmp_path / "hf-cls", tmp_path / "cls-back")
+
+
 def test_ppo_lora_exports_as_a_peft_adapter(pretrained, rm_ckpt, tmp_path, monkeypatch):
     """A real (two-iteration) PPO run with LoRA; its adapter loads in peft on the exported base
     and gives the logits of our merged policy."""
