@@ -17,8 +17,10 @@ Each stage runs from its recipe YAML, unchanged but for what a benchmark must re
     (run.grad_accum=1): the recipe's step is that time x its run.grad_accum, as accumulation
     repeats the same micro-step; --rl-iters GRPO/PPO iterations, whole (rollout, scoring,
     reference, update); no evaluation before the end, no checkpoint before the end, no samples.
-Batch, micro-batch, gradient accumulation, LoRA, freezing, precision and activation
-checkpointing are the recipe's own. The tokenizer is a small one trained here (vocab 2048): the
+Batch, micro-batch, gradient accumulation, LoRA, freezing and activation checkpointing are the
+recipe's own; the precision too, except on a CPU, where the default is fp32 (--precision): the
+recipes' bf16 is for GPUs, and CPUs without native bf16 (AVX512-BF16/AMX) multiply it dozens of
+times slower (measured here: 1 GFLOP/s against 84 for fp32 on one core). The tokenizer is a small one trained here (vocab 2048): the
 model's vocabulary (49152 / 151936 rows of embedding and LM head) is the published one, so the
 LM head costs what it costs; only which ids appear differs.
 
@@ -176,6 +178,8 @@ def child(a) -> None:
 
 def measure(shape: str, stage: str, ckpt: dict, data: dict, root: Path, a) -> dict:
     ov = overrides(stage, ckpt, data, root / f"run-{stage}", a.steps, a.rl_iters, a.device, a.smoke)
+    if a.precision == "fp32":
+        ov += ["run.precision=fp32"] + (["frozen_precision=fp32"] if stage in ("grpo", "ppo") else [])
     cmd = [sys.executable, __file__, "--child", "--shape", shape, "--stage", stage, "--threads", str(a.threads), *ov]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -206,6 +210,8 @@ def main() -> None:
                     help="GRPO/PPO iterations; with more than 1 the first is not timed (default 1)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the generated data")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["recipe", "fp32"], default=None,
+                    help="the recipe's precision (bf16), or fp32; default: fp32 on a CPU, the recipe's elsewhere")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default="")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short texts: checks the script runs")
@@ -216,6 +222,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a)
+    if a.precision is None:
+        a.precision = "fp32" if a.device == "cpu" else "recipe"
+    if a.precision == "fp32":
+        print("precision: fp32 (the recipes say bf16, for a GPU; a CPU without AVX512-BF16/AMX multiplies bf16 "
+              "dozens of times slower than fp32, and an fp32 run's memory bounds the bf16-autocast one's from above)")
     from llmtrain.config import read_yaml
     from llmtrain.tokenizer import Tokenizer
 
@@ -235,7 +246,7 @@ def main() -> None:
                 print(f"{shape:<14}{stage:<8}" + (f"error: {r['error']}" if "error" in r else
                       f"{r['sec_per_step']:>9.1f} s/step {r['peak_mb'] / 1024:>7.2f} GiB peak  ({r['recipe']}; "
                       f"{time.time() - t:.0f} s)"), flush=True)
-    print(f"\n| shape | stage | batch and lengths | s/step ({a.device}) | peak memory |")
+    print(f"\n| shape | stage | batch and lengths | s/step ({a.device}, {a.precision}) | peak memory |")
     print("|---|---|---|---|---|")
     for key, r in results.items():
         shape, stage = key.split("/")
