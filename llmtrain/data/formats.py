@@ -27,13 +27,18 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def check_messages(msgs, field: str) -> list[dict]:
-    """A message list -> [{role, content}] (a "name" key is allowed and dropped), or ValueError
-    naming `field` and the message."""
+    """A message list -> [{role, content}] (a "name" key is allowed and dropped, and so is any key
+    whose value is null: Parquet and datasets give every message every field of the column's
+    struct, e.g. tool_calls: null), or ValueError naming `field`, the message and the key."""
     if not isinstance(msgs, list) or not msgs:
         raise ValueError(f"'{field}' must be a non-empty list")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{field}[{i}] must be an object with 'role' and 'content'")
+        extra = sorted(k for k, v in m.items() if k not in ("role", "content", "name") and v is not None)
+        if extra:
+            raise ValueError(f"{field}[{i}] has {extra[0]!r}, which is not read (only role and content: tool calls "
+                             "and other message fields are not supported)")
         if m["role"] not in ROLES:
             raise ValueError(f"{field}[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):

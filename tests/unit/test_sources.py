@@ -284,3 +284,20 @@ def test_a_bad_hub_spec_and_a_missing_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"^hf:org/name@train: reading a Hugging Face dataset needs"):
         read_records("hf:org/name", dict)
+
+
+def test_message_fields_a_parquet_struct_fills_with_null_are_dropped_others_named(tmp_path):
+    """Parquet / datasets give every message every field of the column's struct: keys whose value
+    is null are dropped; a key with a value we do not read (tool calls) is named."""
+    from llmtrain.data.sft import read_conversations
+
+    datasets = pytest.importorskip("datasets")
+    rows = [{"messages": [{"role": "user", "content": "Hello?", "tool_calls": None},
+                          {"role": "assistant", "content": "Quite so.", "tool_calls": None}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    convs, _ = read_conversations(tmp_path / "a.parquet")
+    assert convs[0][1] == [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Quite so."}]
+    (tmp_path / "b.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi", "tool_calls": [{"id": 1}]}, '
+                                      '{"role": "assistant", "content": "Yes."}]}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:1: messages\[0\] has 'tool_calls', which is not read"):
+        read_conversations(tmp_path / "b.jsonl")
