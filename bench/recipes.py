@@ -183,6 +183,8 @@ def measure(shape: str, stage: str, ckpt: dict, data: dict, root: Path, a) -> di
     cmd = [sys.executable, __file__, "--child", "--shape", shape, "--stage", stage, "--threads", str(a.threads), *ov]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode < 0:  # the kernel's OOM killer sends SIGKILL: nothing is printed
+        return {"error": f"killed by signal {-out.returncode}" + (" (out of memory)" if out.returncode == -9 else "")}
     if out.returncode or not line:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(line[0][7:])
