@@ -62,7 +62,8 @@ def download(spec: str, key: str = "") -> Path:
     there when offline). Errors are one line naming the id and what to do."""
     parsed = parse_hub_id(spec)
     if parsed is None:
-        raise CheckpointError(f"{_named(key)}{spec!r}: not a checkpoint folder and not a Hub id (org/name[@revision])")
+        raise CheckpointError(f"{_named(key)}{spec!r}: not found (no such checkpoint folder, and not a Hub id "
+                              "org/name[@revision])")
     repo, rev = parsed
     try:
         from huggingface_hub import snapshot_download  # lazy: 0.3 s, and only for Hub ids
@@ -100,7 +101,7 @@ def resolve_model(spec: str, run_dir: str | Path, key: str = "", log=print) -> P
         if is_ours(path):
             return path
         if not is_hf_folder(path):
-            raise CheckpointError(f"{_named(key)}{path}: neither an llmtrain checkpoint (a run or step folder) nor a "
+            raise CheckpointError(f"{_named(key)}{path}: not a checkpoint: neither an llmtrain run or step folder nor a "
                                   "Hugging Face model folder (config.json and *.safetensors)")
         source, name = path.resolve(), _slug(path.resolve().name)
     else:
