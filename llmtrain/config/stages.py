@@ -104,7 +104,7 @@ class RewardDataConfig:
 
 @dataclass
 class RewardConfig:
-    init_from: str = ""  # the fine-tuned (SFT) checkpoint: backbone of the reward model
+    init_from: str = ""  # the fine-tuned (SFT) checkpoint: backbone of the reward model (or a reward model to continue)
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/reward", max_steps=200, batch_size=4,
@@ -112,6 +112,7 @@ class RewardConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     margin_scale: float = check(0.0, NON_NEGATIVE)  # margin = scale x rating gap, for rated candidates
     norm_prompts: int = check(32, NON_NEGATIVE)  # held-out prompts whose SFT answers set the reward's zero
+    norm_policy: str = ""  # the model whose answers those are (empty: init_from; set it when init_from is a reward model)
     norm_samples: int = check(2, POSITIVE)  # SFT answers sampled per prompt for that
     norm_max_new_tokens: int = check(48, POSITIVE)
 

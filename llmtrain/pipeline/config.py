@@ -8,11 +8,13 @@ from pathlib import Path
 from llmtrain.config import (NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_P, WRITABLE_DIR, DPOConfig, EvaluateConfig,
                              PPOConfig, PrepareConfig, PretrainConfig, RewardConfig, Rule, SFTConfig, TokenizerConfig,
                              check, load_config)
+from llmtrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 RL_METHODS = ["ppo", "grpo", "rloo", "dpo"]
-STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "reward", *RL_METHODS, "evaluate", "report"]
+STAGES = ["tokenizer", "prepare", "pretrain", "sft", "candidates", "rankings", "reward", *RL_METHODS, "rounds",
+          "evaluate", "report"]
 
 
 @dataclass
@@ -40,6 +42,10 @@ class PipelineConfig:
     feedback: FeedbackStageConfig = field(default_factory=FeedbackStageConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     methods: list[str] = field(default_factory=lambda: ["ppo", "grpo", "dpo"])  # which of ppo grpo rloo dpo run
+    # Iterative RLHF: rounds of (new candidates from the policy -> rankings -> reward model continued
+    # -> policy continued) after the first; round_method's policy goes on (empty: the first of methods)
+    rounds: int = check(1, Rule(lambda v: 1 <= v <= 20, "between 1 and 20"))
+    round_method: str = ""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: PPOConfig = field(default_factory=lambda: PPOConfig(algorithm="grpo"))
     rloo: PPOConfig = field(default_factory=lambda: PPOConfig(algorithm="rloo"))
@@ -50,8 +56,18 @@ class PipelineConfig:
 
 
 def stages_of(cfg: PipelineConfig) -> list[str]:
-    """The stages this config runs: all of STAGES but the RL methods it does not choose."""
-    return [s for s in STAGES if s not in RL_METHODS or s in cfg.methods]
+    """The stages this config runs: all of STAGES but the RL methods it does not choose (and
+    `rounds` with one round)."""
+    return [s for s in STAGES if (s not in RL_METHODS or s in cfg.methods) and (s != "rounds" or cfg.rounds > 1)]
+
+
+def method_of(cfg) -> str:
+    """The RL method whose policy goes on from round to round: round_method, else the first of
+    `methods`."""
+    m = cfg.round_method or cfg.methods[0]
+    if m not in cfg.methods:
+        raise ConfigError(f"round_method={m}: not one of the methods this run trains ({', '.join(cfg.methods)})")
+    return m
 
 
 def abs_path(path: str, base: Path) -> str:

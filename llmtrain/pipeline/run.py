@@ -6,6 +6,7 @@ import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -15,9 +16,36 @@ from llmtrain.errors import ConfigError
 from llmtrain.metrics import fmt_duration
 from llmtrain.pipeline import steps
 from llmtrain.pipeline.checks import check_split
-from llmtrain.pipeline.config import REPO, RL_METHODS, STAGES, PipelineConfig
+from llmtrain.pipeline.config import REPO, RL_METHODS, STAGES, PipelineConfig, method_of
 from llmtrain.pipeline.human import bind
 from llmtrain.pipeline.prompts import db_convs, feedback_convs
+from llmtrain.pipeline.rounds import run_rounds
+
+
+@dataclass
+class Round:
+    """Where one round of iterative RLHF reads and writes. Round 1 is the run's own folders
+    (candidates from the SFT model); round n >= 2 lives in round<n>/: candidates from round n-1's
+    policy of `method`, its rankings, the reward model continued on every ranking so far, and
+    the policy continued from round n-1's."""
+    n: int
+    root: Path  # the run's folder (round 1) or round<n>/
+    writer: Path  # the model that writes this round's candidates and starts its RL
+    writer_name: str
+    reward_from: Path  # what the reward model starts from
+    rankings_so_far: list[Path]  # every round's rankings.jsonl up to this one
+    cleanup: contextlib.ExitStack  # the run's: the ranking app of --human
+
+    def __post_init__(self):
+        self.feedback = self.root / "feedback"
+        self.db, self.prompts = self.feedback / "feedback.db", self.feedback / "prompts.jsonl"
+        self.rankings = self.feedback / "rankings.jsonl"
+        self.all_rankings = self.rankings if self.n == 1 else self.feedback / "all_rankings.jsonl"
+        self.reward = self.root / "reward"
+        self.summary = self.root / "round.json"
+
+    def policy(self, method: str) -> Path:
+        return self.root / method
 
 
 class Run:
@@ -36,11 +64,21 @@ class Run:
         self.report = root / "report.md"
         self.cleanup = contextlib.ExitStack()  # what the run stops at its end (the ranking app of --human)
 
+    def round(self, n: int, method: str = "") -> Round:
+        """Round n's folders; `method` (n >= 2) is the RL method whose policy goes on."""
+        if n == 1:
+            return Round(1, self.root, self.sft, "the SFT model", self.sft, [self.rankings], self.cleanup)
+        last = self.round(n - 1, method)
+        return Round(n, self.root / f"round{n}", last.policy(method), f"round {n - 1}'s {method.upper()} policy",
+                     last.reward, [*last.rankings_so_far, self.root / f"round{n}" / "feedback" / "rankings.jsonl"],
+                     self.cleanup)
+
     def outputs(self, stage: str) -> list[Path]:
         return {"tokenizer": [self.tokenizer.parent], "prepare": [self.data], "pretrain": [self.pretrain],
                 "sft": [self.sft, self.root / "style.json"], "candidates": [self.feedback],
                 "rankings": [self.rankings], "reward": [self.reward],
                 **{m: [self.root / m] for m in RL_METHODS},
+                "rounds": sorted(self.root.glob("round[0-9]*")),
                 "evaluate": [self.evaluation], "report": [self.report, self.root / "report.html", self.root / "plots"]}[stage]
 
 
@@ -51,6 +89,10 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     unknown = [m for m in cfg.methods if m not in RL_METHODS]
     if unknown or not cfg.methods:
         raise ConfigError(f"methods: {unknown or 'empty'}; choose from {', '.join(RL_METHODS)}")
+    if cfg.rounds > 1:
+        method_of(cfg)
+    elif cfg.round_method:
+        raise ConfigError(f"round_method={cfg.round_method}: only with rounds above 1 (rounds={cfg.rounds})")
     for m in ("ppo", "grpo", "rloo"):
         if getattr(cfg, m).algorithm != m:
             raise ConfigError(f"{m}.algorithm={getattr(cfg, m).algorithm}: the {m} section runs {m}")
@@ -102,6 +144,8 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
                 stage(m, steps.finished(r.root / m, getattr(cfg, m).run.max_steps), lambda m=m: steps.rl(cfg, base, r, m))
         if "dpo" in cfg.methods:
             stage("dpo", steps.finished(r.dpo, cfg.dpo.run.max_steps), lambda: steps.dpo(cfg, r))
+        if cfg.rounds > 1:
+            run_rounds(cfg, base, r, human, stage)
         stage("evaluate", r.evaluation.is_file(), lambda: steps.evaluate(cfg, base, r))
         stage("report", r.report.is_file(), lambda: steps.report(cfg, base, r, timings))
     total = sum(timings.values())

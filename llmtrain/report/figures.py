@@ -92,6 +92,25 @@ def methods_table(ev: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return header, rows, warnings
 
 
+def rounds_table(r) -> tuple[list[str], list[list[str]]]:
+    """Iterative RLHF, one row a round from round<n>/round.json (none with one round): the
+    reward model's accuracy on the round's new candidates before and after it learnt them, and
+    the round's policy against the last round's and against SFT."""
+    header = ["round", "candidates by", "RM accuracy on them: last RM -> this RM", "wins over last round: true rule / RM",
+              "wins over SFT: true rule / RM", "KL to last round / to SFT (nats/answer)"]
+    rows = []
+    for path in sorted(Path(r.root).glob("round[0-9]*/round.json"), key=lambda p: int(p.parent.name[5:])):
+        s = json.loads(path.read_text())
+        acc, last, sft = s["reward_accuracy"], s["vs_last_round"], s["vs_sft"]
+        rows.append([f"{s['round']} ({s['method'].upper()})", s["candidates_by"],
+                     f"{_pct(acc['last_round_rm']['accuracy'])} -> {_pct(acc['this_round_rm']['accuracy'])} "
+                     f"({acc['this_round_rm']['pairs']} pairs)",
+                     f"{_pct(last.get('win_rate_b_by_true_rule'))} / {_pct(last['win_rate_b_by_reward_model'])}",
+                     f"{_pct(sft.get('win_rate_b_by_true_rule'))} / {_pct(sft['win_rate_b_by_reward_model'])}",
+                     f"{last['kl_b']:.2f} / {sft['kl_b']:.2f}"])
+    return header, rows
+
+
 def headline(r, cfg) -> tuple[list[tuple[str, str, str]], dict]:
     """Rows (figure, value, how to read it) and the raw numbers."""
     nums: dict = {}

@@ -51,6 +51,13 @@ METHODS_NOTE = ("Greedy answers of each model to the same held-out prompts, agai
                 "over its tokens of log pi - log pi_SFT. Distinct answers is the share of different answers over "
                 "the prompts; under half of SFT's is flagged as collapse (one answer for every prompt).")
 
+ROUNDS_NOTE = ("Each round after the first: the last round's policy wrote new candidates, they were ranked, the reward "
+               "model went on learning from every ranking so far, and the policy went on from the last round's (which "
+               "was also its KL reference). The reward model's accuracy is on the held-out prompts of the new "
+               "candidates' rankings (neither reward model trained on them): the last one's shows how far the policy "
+               "moved off what it knew, this one's what learning the new answers gave back. Win rates are on greedy "
+               "answers to the held-out SFT prompts, ties half, by the true rule and by the round's reward model.")
+
 EXPLAIN = [
     ("Pretraining", "pretrain.png",
      "A small transformer read about a million words of real English chat and learnt to guess the next word "

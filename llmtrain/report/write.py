@@ -10,8 +10,8 @@ from pathlib import Path
 
 from llmtrain.metrics import fmt_duration
 from llmtrain.report.figures import (RL_METHODS, headline, method_dir, methods_of, methods_table, ranking_sources,
-                                     run_metrics)
-from llmtrain.report.prose import EXPLAIN, METHODS_NOTE, rule_of, rule_sentence, sources_sentence
+                                     rounds_table, run_metrics)
+from llmtrain.report.prose import EXPLAIN, METHODS_NOTE, ROUNDS_NOTE, rule_of, rule_sentence, sources_sentence
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Report:
     sections: list  # (title, png, text) of each stage that ran
     made: dict  # png -> whether its plot was drawn
     samples: list
+    rounds: tuple = ([], [])  # rounds_table: header, rows (none with one round)
 
 
 def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
@@ -37,7 +38,8 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
     sources = sources_sentence(src, rule_of(cfg, ev))
     sections = [(t, png, text.replace("{sources}", sources)) for t, png, text in EXPLAIN
                 if png[:-4] not in RL_METHODS or png[:-4] in ran or made.get(png)]
-    rep = Report(cfg.name, r.root, timings, rows, methods_table(ev), rule_sentence(cfg, ev, src), sections, made, samples)
+    rep = Report(cfg.name, r.root, timings, rows, methods_table(ev), rule_sentence(cfg, ev, src), sections, made, samples,
+                 rounds_table(r))
     for w in rep.methods[2]:
         print(f"report: warning: {w}")
     (r.root / "report.md").write_text("\n".join(markdown(rep)) + "\n")
@@ -87,6 +89,10 @@ def markdown(rep: Report) -> list[str]:
             md += [METHODS_NOTE, "", "| " + " | ".join(m_header) + " |", "|---" * len(m_header) + "|"]
             md += ["| " + " | ".join(row) + " |" for row in m_rows]
         md += [f"\n**Warning — {w}**" for w in warnings]
+    if rep.rounds[1]:
+        md += ["", "## Iterative RLHF, round by round", "", ROUNDS_NOTE, "",
+               "| " + " | ".join(rep.rounds[0]) + " |", "|---" * len(rep.rounds[0]) + "|"]
+        md += ["| " + " | ".join(row) + " |" for row in rep.rounds[1]]
     for title, png, text in rep.sections:
         md += ["", f"## {title}", "", text]
         if rep.made.get(png):
@@ -120,6 +126,11 @@ def html_page(rep: Report) -> list[str]:
             h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in m_rows]
             h.append("</table>")
         h += [f"<p style='color:#b00020'><strong>Warning — {html.escape(w)}</strong></p>" for w in warnings]
+    if rep.rounds[1]:
+        h.append(f"<h2>Iterative RLHF, round by round</h2><p>{html.escape(ROUNDS_NOTE)}</p><table><tr>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for c in rep.rounds[0]) + "</tr>")
+        h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rep.rounds[1]]
+        h.append("</table>")
     for title, png, text in rep.sections:
         h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
         if rep.made.get(png):

@@ -20,7 +20,9 @@ from llmtrain import checkpoint, dist, training
 from llmtrain.config import RewardConfig
 from llmtrain.data.preference import Ranking, RankingBatches, load_pairs_data, pair_tensors
 from llmtrain.data.prompts import fit_prompts, prompt_room
+from llmtrain.errors import ConfigError
 from llmtrain.generate import SamplingConfig, answer_text, generate
+from llmtrain.interop.hub import resolve_model
 from llmtrain.losses import pairwise_ranking_loss
 from llmtrain.model import Transformer
 from llmtrain.model.adapters import freeze
@@ -41,10 +43,12 @@ def main(cfg: RewardConfig) -> Path:
     train_r, val_r, counts = load_pairs_data(cfg.data)
     batches = RankingBatches(train_r, run.batch_size * run.grad_accum * env.world, run.seed, cfg.data.min_score_gap)
 
-    # ---- model: the SFT backbone, a new scalar head
+    # ---- model: the SFT backbone and a new scalar head, or a reward model's backbone and head
+    # (iterative RLHF continues the last round's reward model on all rankings so far)
     torch.manual_seed(run.seed)
     model = ScoreModel(mcfg, 1)
     checkpoint.load_weights(base, model, new_head=("score.",))
+    norm_base = norm_policy(cfg, base)
     frozen = freeze(model, cfg.freeze.patterns, cfg.freeze.first_layers)
     model.to(env.device)
     s = training.start("reward", cfg, model, mcfg, tok_path, env)
@@ -78,7 +82,7 @@ def main(cfg: RewardConfig) -> Path:
         """The last checkpoint carries the reward's normalisation (offset, std); the others none."""
         norm = {}
         if step == run.max_steps:
-            norm = normalise(cfg, model, tok, base, val_r or train_r, env)
+            norm = normalise(cfg, model, tok, norm_base, val_r or train_r, env)
             log.log(step, "normalisation", **norm)
             log.log(step, "calibration", bins=result["calibration"])
             log.print(f"normalisation: offset {norm['offset']:.4f} makes the SFT model's answers to "
@@ -135,6 +139,17 @@ def evaluate_pairs(model, tok, rankings: list[Ranking], max_len: int, batch_size
                           "observed": float(y[sel].mean())})
     return {"accuracy": float((d > 0).mean()), "mean_margin": float(d.mean()), "pairs": int(len(d)),
             "loss": float(np.logaddexp(0, -d).mean()), "calibration": calib}
+
+
+def norm_policy(cfg: RewardConfig, base: Path) -> Path:
+    """The model whose sampled answers set the reward's zero: norm_policy, else init_from, which
+    must then be a language model (a reward model writes no answers)."""
+    if cfg.norm_policy:
+        return checkpoint.resolve(resolve_model(cfg.norm_policy, cfg.run.out_dir, "norm_policy"))
+    if checkpoint.read_config(base).get("stage") == "reward":
+        raise ConfigError(f"init_from: {base} is a reward model, which writes no answers: set norm_policy to the "
+                          "model whose answers set the reward's zero (the SFT checkpoint)")
+    return base
 
 
 def normalise(cfg: RewardConfig, model: ScoreModel, tok: Tokenizer, base: Path, rankings: list[Ranking], env) -> dict:

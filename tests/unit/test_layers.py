@@ -76,7 +76,7 @@ LAYERS: list[tuple[str, list[str], str]] = [
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
     # the steps, and run() calling them in order (its __init__ re-exports them).
     ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",
-                  "llmtrain.pipeline.human", "llmtrain.pipeline.answers", "llmtrain.pipeline.steps",
+                  "llmtrain.pipeline.human", "llmtrain.pipeline.answers", "llmtrain.pipeline.steps", "llmtrain.pipeline.rounds",
                   "llmtrain.pipeline.run", "llmtrain.pipeline"], "acyclic"),
     ("entry", ["llmtrain.cli", "llmtrain.cli.args", "llmtrain.cli.train", "llmtrain.cli.models",
                "llmtrain.cli.feedback", "llmtrain.cli.pipeline", "llmtrain.cli.__main__", "llmtrain.__main__"],
@@ -103,6 +103,8 @@ LAZY_LLMTRAIN: dict[tuple[str, str], str] = {
                                                  "answers without them",
     ("llmtrain/pipeline/steps.py", "*"): "a pipeline YAML is checked, and --from resolved, before any stage "
                                          "(torch) loads; each step imports its stage; only cli imports pipeline",
+    ("llmtrain/pipeline/rounds.py", "*"): "a round's check loads reward models and policies (torch) only when it "
+                                          "runs, as steps.py's steps do",
     ("llmtrain/pipeline/answers.py", "*"): "models (torch) load when the style check or the report's samples run, "
                                            "not when the pipeline package is imported",
     ("llmtrain/pipeline/checks.py", "llmtrain.data.preference"): "it loads torch; the split checks run before "
