@@ -46,12 +46,13 @@ LAYERS: list[tuple[str, list[str], str]] = [
                "llmtrain.model.actor_critic"], "acyclic"),
     # Library pieces a stage is made of: pure losses and RL maths, tokenizer and chat template,
     # data readers (JSONL lines in data.jsonl, every file format and Hub dataset in data.sources,
-    # published record formats in data.formats, then one reader per kind), sampling, checkpoints.
+    # published record formats in data.formats, then one reader per kind), sampling, a chat's
+    # history and streamed text (conversation), checkpoints.
     ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.chat_template", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
               "llmtrain.data.sources", "llmtrain.data.formats",
               "llmtrain.data.corpus", "llmtrain.data.packing", "llmtrain.data.sft", "llmtrain.data.prompts",
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
-              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
+              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.conversation", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
               "llmtrain.checkpoint.saving", "llmtrain.checkpoint.loading"], "acyclic"),
     # Models from elsewhere: Hugging Face folders and Hub ids in and out of our checkpoints; a
     # stage's init_from / policy / reward_model may name one (training.load_base imports it).
