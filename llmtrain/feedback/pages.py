@@ -62,7 +62,8 @@ def rank_page(gate, request, annotator, token, _=None) -> Response:
                       status=400, heading="Bad request",
                       error=f"?prompt= must be a prompt number (1 to {MAX_ID}), not {shown(edit)}")
     return render(request, "rank.html", title="Rank", gate=gate, annotator=annotator, token=token,
-                  scripts=["rank.js"], active="rank", prompt=parse_id(edit) if edit is not None else None, keys=KEYS)
+                  scripts=["common.js", "rank.js"], active="rank", prompt=parse_id(edit) if edit is not None else None,
+                  keys=KEYS)
 
 
 @endpoint(page=True)
