@@ -71,7 +71,8 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback", "llmtrain.feedback.db", "llmtrain.feedback.annotators",
                   "llmtrain.feedback.store", "llmtrain.feedback.agreement", "llmtrain.feedback.web",
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
-                  "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
+                  "llmtrain.feedback.app", "llmtrain.feedback.chatapi", "llmtrain.feedback.modelserver",
+                  "llmtrain.feedback.modelworker", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
                   "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
                   "llmtrain.report.write", "llmtrain.report"], "package"),
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
@@ -87,8 +88,9 @@ NEVER_SIDEWAYS = ("llmtrain.stages.",)  # packages whose modules never import ea
 
 # The feedback app and its helpers never reach torch training code, not even through another module.
 TRAINING_CODE = {"llmtrain.training", "llmtrain.losses", "llmtrain.rl", "llmtrain.rl_models", "llmtrain.scoring"}
-# The ranking web app loads no torch at all (it starts in a blink and runs beside training).
-NO_TORCH = {"llmtrain.feedback.app"}
+# The ranking web app loads no torch at all (it starts in a blink and runs beside training); its
+# chat models run in a worker process (feedback.modelworker) that the app starts, never imports.
+NO_TORCH = {"llmtrain.feedback.app", "llmtrain.feedback.modelserver"}
 
 # Function-local imports of llmtrain modules: (file, module or "*": any import) -> why. The file
 # must say so too (the word "lazily" or a "# lazy:" comment). An import cycle is never a reason:

@@ -14,15 +14,15 @@ window.LT = (function () {
     return e;
   }
 
-  // fetch(url) with a JSON body and the CSRF token when there is a body; opts: {accept, signal}.
+  // fetch(url), with the CSRF token on a write and `body` as JSON if given; opts: {accept, signal}.
   // -> the Response (any status but 401).
   async function send(method, url, body, opts, retried) {
     const o = opts || {};
     const init = { method, headers: { Accept: o.accept || "application/json" }, credentials: "same-origin",
       signal: o.signal };
+    if (method !== "GET") init.headers["X-CSRF-Token"] = csrf;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
-      init.headers["X-CSRF-Token"] = csrf;
       init.body = JSON.stringify(body);
     }
     const r = await fetch(url, init);
