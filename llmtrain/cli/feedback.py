@@ -38,6 +38,11 @@ def add_arguments(feedback: argparse.ArgumentParser) -> None:
     fb.choices["rotate-token"].add_argument("name")
     fb.choices["serve"].add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     fb.choices["serve"].add_argument("--port", type=int, default=8000)
+    fb.choices["serve"].add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
+                                     help="also serve a chat page (/chat) with this checkpoint, labelled NAME "
+                                          "(repeatable; the models run in a worker process of their own)")
+    fb.choices["serve"].add_argument("--chat-jobs", type=int, default=4,
+                                     help="chat answers running or waiting at once; more are refused with 503 (default 4)")
     fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")
     fb.choices["simulate"].add_argument("--name", default="", help="the simulated annotator's name (default sim-RULE)")
     fb.choices["simulate"].add_argument("--limit", type=int, default=0, help="rank at most this many prompts (0: all)")
@@ -61,7 +66,11 @@ def cmd_feedback(args) -> int:
         check_flags(**{"-k": (args.k, Rule(lambda v: 2 <= v <= 9, "between 2 and 9")),
                        "--rounds": (args.rounds, POSITIVE)})
     elif args.action == "serve":
-        check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535"))})
+        from llmtrain.feedback.modelserver import parse_models
+
+        check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535")),
+                       "--chat-jobs": (args.chat_jobs, Rule(lambda v: 1 <= v <= 64, "between 1 and 64"))})
+        args.models = parse_models(args.model)
     elif args.action == "simulate":
         check_flags(**{"--limit": (args.limit, NON_NEGATIVE | "0: all")})
     elif args.action == "export":
@@ -146,7 +155,7 @@ def fb_simulate(args) -> int:
 def fb_serve(args) -> int:
     from llmtrain.feedback.app import serve
 
-    serve(args.db, host=args.host, port=args.port)
+    serve(args.db, host=args.host, port=args.port, models=args.models, chat_jobs=args.chat_jobs)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import inspect
 import sqlite3
 import threading
 import time
@@ -177,8 +178,11 @@ class Gate:
         """The Starlette handler of fn(gate, request, annotator, token, data) -> Response, marked by
         `web.endpoint`, which runs in the threadpool; `token` is the session id (cookie) or the
         Bearer token. A read authenticates and runs fn in one thread hop; a request with a body is
-        authenticated before its body is read, and a write runs under the write lock."""
+        authenticated before its body is read, and a write runs under the write lock. An async fn
+        (the chat) runs on the event loop instead, never touches the database and takes no write
+        lock; it is authenticated, and a write is CSRF-checked, as any other."""
         page, write, body = fn.endpoint["page"], fn.endpoint["write"], fn.endpoint["body"]
+        on_loop = inspect.iscoroutinefunction(fn)
         call = functools.partial(fn, self)
 
         def run(request: Request, token: str, bearer: bool) -> tuple[bool, Response]:
@@ -194,7 +198,7 @@ class Gate:
                 return self.refuse_unauthenticated(request, page)
             addr = client_address(request)
             try:  # the credential is checked first: a valid one is never throttled
-                if body is None and not write:
+                if body is None and not write and not on_loop:
                     ok, response = await run_in_threadpool(run, request, token, bearer)
                 else:  # who is asking is settled before the body is read
                     annotator = await run_in_threadpool(self.authenticate, token, bearer)
@@ -214,6 +218,8 @@ class Gate:
                 data = await self.checked_body(request, token, bearer, write, body)
             except Refused as r:
                 return r.response
+            if on_loop:
+                return await call(request, annotator, token, data)
             if write:
                 return await self.write_in_thread(call, request, annotator, token, data)
             return await run_in_threadpool(call, request, annotator, token, data)

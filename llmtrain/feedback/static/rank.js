@@ -1,13 +1,13 @@
 // The ranking page: order K candidate answers by drag and drop or keyboard, mark ties, submit.
-// Model text is only ever put into the page with textContent: never innerHTML.
+// Model text is only ever put into the page with textContent: never innerHTML. Needs common.js.
 "use strict";
 (function () {
   const root = document.getElementById("rank");
   if (!root) return;
   const $ = (id) => document.getElementById(id);
+  const { el, api } = LT;  // static/common.js
   const list = $("cands");
   const buttons = [$("submit"), $("allbad"), $("skip")];
-  let csrf = document.querySelector('meta[name="csrf-token"]').content;
   const editId = root.dataset.prompt ? parseInt(root.dataset.prompt, 10) : null;
 
   let current = null;       // the prompt shown: {id, prompt, context, candidates}
@@ -17,13 +17,6 @@
   let dragging = null;
 
   // ---- helpers
-
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
 
   function uuid4() {  // crypto.randomUUID needs a secure context; getRandomValues does not
     const b = crypto.getRandomValues(new Uint8Array(16));
@@ -37,33 +30,6 @@
     const s = $("status");
     s.textContent = text || "";
     s.classList.toggle("error", !!isError);
-  }
-
-  async function api(method, url, body, retried) {
-    const opts = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
-    if (body !== undefined) {
-      opts.headers["Content-Type"] = "application/json";
-      opts.headers["X-CSRF-Token"] = csrf;
-      opts.body = JSON.stringify(body);
-    }
-    const r = await fetch(url, opts);
-    if (r.status === 401) {
-      location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
-      throw new Error("Signed out.");
-    }
-    let data = {};
-    try { data = await r.json(); } catch (e) { /* not JSON */ }
-    if (r.status === 403 && data.csrf && !retried) {  // e.g. the server restarted: fetch a fresh token once
-      csrf = (await api("GET", "/api/session")).csrf;
-      return api(method, url, body, true);
-    }
-    if (!r.ok) {
-      const err = new Error(data.error || `The server answered ${r.status}.`);
-      err.status = r.status;
-      err.closed = !!data.closed;
-      throw err;
-    }
-    return data;
   }
 
   async function withRetry(fn) {  // connection errors only; same request (same submission id) each time
