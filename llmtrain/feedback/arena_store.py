@@ -24,6 +24,7 @@ from llmtrain.feedback.annotators import Annotator
 from llmtrain.feedback.db import StoreError
 
 VOTES = ("a", "b", "tie", "both_bad")
+VISIBLE = "(p.owner_id IS NULL OR p.owner_id = ?)"  # the matches an annotator (the parameter) may see
 
 # Schema version 3: the arena (the tables are made on open; older databases gain them).
 SCHEMA_ARENA = """
@@ -123,22 +124,19 @@ class ArenaTables:
         return {"id": m[0], "prompt_id": m[1], "prompt": m[4], "messages": json.loads(m[5]), "owner_id": m[6],
                 "x": models[m[2]], "y": models[m[3]]}
 
-    def _visible(self, annotator: Annotator) -> str:
-        return f"(p.owner_id IS NULL OR p.owner_id = {int(annotator.id)})"
-
     def arena_next(self, annotator: Annotator) -> int | None:
         """A match this annotator may vote on and has not: the first in an order of their own
         (a hash of annotator and match), so a reload shows the same one and annotators spread out."""
         rows = self._con().execute(
-            "SELECT m.id FROM arena_matches m JOIN arena_prompts p ON p.id = m.prompt_id WHERE " + self._visible(annotator)
+            "SELECT m.id FROM arena_matches m JOIN arena_prompts p ON p.id = m.prompt_id WHERE " + VISIBLE
             + " AND NOT EXISTS (SELECT 1 FROM arena_votes v WHERE v.match_id = m.id AND v.annotator_id = ?)",
-            (annotator.id,)).fetchall()
+            (annotator.id, annotator.id)).fetchall()
         return min((r[0] for r in rows), key=lambda i: (_hash("llmtrain-arena-next", annotator.id, i), i), default=None)
 
     def arena_progress(self, annotator: Annotator) -> dict:
         con = self._con()
         total = con.execute("SELECT COUNT(*) FROM arena_matches m JOIN arena_prompts p ON p.id = m.prompt_id WHERE "
-                            + self._visible(annotator)).fetchone()[0]
+                            + VISIBLE, (annotator.id,)).fetchone()[0]
         voted = con.execute("SELECT COUNT(*) FROM arena_votes WHERE annotator_id=?", (annotator.id,)).fetchone()[0]
         return {"voted": voted, "total": total}
 
