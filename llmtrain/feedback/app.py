@@ -18,7 +18,10 @@ Security model (docs/feedback-app.md says what holds on http and on https)
   lookup) and a valid one always succeeds; only failed checks are counted, only failed checks get
   429, and a success does not clear an address's count.
 - A request body must arrive within BODY_TIMEOUT seconds (else 408; other requests go on).
-- Once an admin has closed the round, /api/submit and /api/change answer 409 and write nothing.
+- Once an admin has closed the round, /api/submit, /api/change and /api/arena/vote answer 409
+  and write nothing.
+- The arena (/arena, arena_api.py) is blind: no page or API answer names the models of a match
+  before the signed-in annotator has voted on it; the sides are drawn per annotator.
 - A write made with the cookie must carry a CSRF token (header X-CSRF-Token, or form field
   `csrf`): an HMAC of the session id under a per-process secret, so a page from another site
   can neither read nor forge it. Bearer calls skip it (a browser never adds that header by itself).
@@ -39,10 +42,11 @@ Security model (docs/feedback-app.md says what holds on http and on https)
 
 The parts: web.py (limits, security headers, error answers, request bodies), auth.py (sessions,
 CSRF, throttle, cookies, sign-in; the write lock), pages.py + templates/ (HTML), api.py (JSON),
-chatapi.py + modelserver.py (the chat page and its model worker);
+chatapi.py + modelserver.py (the chat page and its model worker), arena_api.py (the arena's JSON;
+its figures in arena_stats.py);
 this module assembles them (routes, middleware, error handlers) and serves the app.
 DB work runs in Starlette's threadpool; the store opens one SQLite connection per thread.
-The app imports only the store, agreement, llmtrain.errors, the stdlib, Jinja2 and Starlette: never torch.
+The app imports only the store, agreement, arena_stats, llmtrain.errors, the stdlib, Jinja2 and Starlette: never torch.
 """
 from __future__ import annotations
 
@@ -61,9 +65,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from llmtrain.errors import ConfigError
-from llmtrain.feedback import api, chatapi, pages
+from llmtrain.feedback import api, arena_api, chatapi, pages
 from llmtrain.feedback.auth import Gate, Throttle, logout
-from llmtrain.feedback.modelserver import MAX_JOBS, ModelServer, parse_models
+from llmtrain.feedback.modelserver import MAX_JOBS, ModelServer, ServedArenaWorker, parse_models
 from llmtrain.feedback.store import FeedbackStore
 from llmtrain.feedback.web import (BODY_TIMEOUT, BUSY_TIMEOUT, FAILED_LOGINS, SECURITY_HEADERS, SESSION_TTL,
                                    SecurityHeaders, display_order, error, parse_id, shown)
@@ -75,16 +79,20 @@ STATIC = Path(__file__).parent / "static"
 
 def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = BUSY_TIMEOUT,
                session_ttl: float = SESSION_TTL, failed_logins: tuple[int, int, float] = FAILED_LOGINS,
-               body_timeout: float = BODY_TIMEOUT, models: ModelServer | None = None) -> Starlette:
+               body_timeout: float = BODY_TIMEOUT, models: ModelServer | None = None,
+               arena_worker: arena_api.ArenaWorker | None = None) -> Starlette:
     """The ranking app over the feedback database at db_path. `secret` keys the CSRF tokens
     (default: random per process; pages fetch a fresh token after a restart). busy_timeout:
     seconds a write waits for the database before answering 503. failed_logins: (per client
     address, overall, window in seconds) of failed token checks before 429. body_timeout:
     seconds a request body may take to arrive before 408. models: a started ModelServer, for
-    the chat page (None: no chat page, no /api/chat)."""
+    the chat page (None: no chat page, no /api/chat). arena_worker: what answers a person's own
+    arena prompt live (arena_api.ArenaWorker; default: the chat's models, through `models`;
+    None without them: /api/arena/ask answers 501)."""
     store = FeedbackStore(db_path, busy_timeout=busy_timeout)
     gate = Gate(store, secret or secrets.token_bytes(32), Throttle(*failed_logins), busy_timeout, session_ttl,
                 body_timeout)
+    gate.arena_worker = arena_worker or (ServedArenaWorker(models) if models is not None else None)
     w = gate.wrap
     routes = [
         Route("/login", gate.login_get, methods=["GET"]),
@@ -93,6 +101,7 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
         Route("/", w(pages.rank_page), methods=["GET"]),
         Route("/mine", w(pages.mine_page), methods=["GET"]),
         Route("/admin", w(pages.admin_page), methods=["GET"]),
+        Route("/arena", w(pages.arena_page), methods=["GET"]),
         Route("/api/session", w(api.api_session), methods=["GET"]),
         Route("/api/next", w(api.api_next), methods=["GET"]),
         Route("/api/progress", w(api.api_progress), methods=["GET"]),
@@ -102,6 +111,10 @@ def create_app(db_path: str, secret: bytes | None = None, busy_timeout: float = 
         Route("/api/submit", w(api.api_submit), methods=["POST"]),
         Route("/api/change", w(api.api_change), methods=["POST"]),
         Route("/api/admin", w(api.api_admin), methods=["GET"]),
+        Route("/api/arena/next", w(arena_api.api_arena_next), methods=["GET"]),
+        Route("/api/arena/match/{match_id}", w(arena_api.api_arena_match), methods=["GET"]),
+        Route("/api/arena/vote", w(arena_api.api_arena_vote), methods=["POST"]),
+        Route("/api/arena/ask", w(arena_api.api_arena_ask), methods=["POST"]),
         Route("/admin/close", w(api.admin_close), methods=["POST"]),
         Route("/api/admin/close", w(api.api_admin_close), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

@@ -31,6 +31,8 @@ READY_TIMEOUT = 600.0  # seconds the worker may take to load the models
 END = ("done", "stopped", "error")  # the events that end an answer
 DELAY_ENV = "LLMTRAIN_CHAT_TOKEN_DELAY"  # tests only: seconds the worker waits after each token
 ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the llmtrain package
+ARENA_MAX_NEW_TOKENS = 48  # an arena answer to a person's own prompt (arena-generate's default)
+ARENA_OWNER = -1  # the owner of the arena's answers in the job table: no annotator can stop them
 
 
 def parse_models(values: list[str], flag: str = "--model") -> dict[str, str]:
@@ -208,3 +210,40 @@ class ModelServer:
             outbox = self.outbox
         outbox.put((json.dumps({"op": "stop", "id": job_id}) + "\n").encode())
         return True
+
+
+class ServedArenaWorker:
+    """The arena's answers to a person's own prompt (arena_api.ArenaWorker), from the chat's model
+    worker: each arena model is answered by the served model of the same name (`feedback serve
+    --model NAME=CKPT` with the names `arena-generate` was given), greedily as `arena-generate`
+    answers by default. Called from one of the app's worker threads: each answer is queued on the
+    event loop (anyio.from_thread) like a chat request, so it shares the worker's queue and cap. A
+    model that is not served, or an answer that fails, is left out: the arena then names it."""
+
+    def __init__(self, server: ModelServer, max_new_tokens: int = ARENA_MAX_NEW_TOKENS):
+        self.server, self.max_new_tokens = server, max_new_tokens
+
+    def answer(self, models: list[dict], messages: list[dict]) -> dict[str, dict]:
+        import anyio.from_thread  # Starlette's own dependency; this runs in its threadpool
+
+        out = {}
+        for m in models:
+            if m["name"] in self.server.models:
+                got = anyio.from_thread.run(self._answer, m["name"], messages)
+                if got is not None:
+                    out[m["name"]] = got
+        return out
+
+    async def _answer(self, name: str, messages: list[dict]) -> dict | None:
+        request = {"model": name, "messages": messages, "temperature": 0.0, "top_p": 1.0,
+                   "max_new_tokens": self.max_new_tokens}
+        try:
+            job = await self.server.submit(ARENA_OWNER, request)
+        except (Busy, WorkerDown):
+            return None
+        while True:
+            ev = await job.events.get()
+            if ev.get("event") == "done":
+                return {"text": ev["text"], "finished": bool(ev.get("finished")), "n_tokens": int(ev.get("n_tokens", 0))}
+            if ev.get("event") in END:
+                return None

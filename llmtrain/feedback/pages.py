@@ -41,8 +41,10 @@ def render(request: Request, name: str, *, title: str, gate=None, annotator=None
     when there is a session."""
     csrf = gate.csrf_for(token) if token else ""
     chat = getattr(request.app.state, "models", None) is not None
+    arena = gate is not None and annotator is not None and (gate.arena_worker is not None or gate.store.has_arena())
     return templates.TemplateResponse(request, name, {"title": title, "annotator": annotator, "csrf": csrf,
-                                                      "scripts": [], "active": "", "chat": chat, **context},
+                                                      "scripts": [], "active": "", "chat": chat, "arena_nav": arena,
+                                                      **context},
                                       status_code=status, headers=headers)
 
 
@@ -69,6 +71,19 @@ def rank_page(gate, request, annotator, token, _=None) -> Response:
 
 
 @endpoint(page=True)
+def arena_page(gate, request, annotator, token, _=None) -> Response:
+    """The blind arena (static/arena.js fills it in); ?match=N opens one match."""
+    match = request.query_params.get("match") or None
+    if match is not None and parse_id(match) is None:
+        return render(request, "message.html", title="Bad request", gate=gate, annotator=annotator, token=token,
+                      status=400, heading="Bad request",
+                      error=f"?match= must be a match number (1 to {MAX_ID}), not {shown(match)}")
+    return render(request, "arena.html", title="Arena", gate=gate, annotator=annotator, token=token,
+                  scripts=["common.js", "arena.js"], active="arena", match=parse_id(match) if match else None,
+                  ask=gate.arena_worker is not None)
+
+
+@endpoint(page=True)
 def mine_page(gate, request, annotator, token, _=None) -> Response:
     rows = [dict(r, prompt=r["prompt"][:160], when=time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
             for r in mine_rows(gate.store, annotator)]
@@ -85,4 +100,5 @@ def admin_page(gate, request, annotator, token, _=None) -> Response:
     ids = d["round"]["open"]
     open_list = ", ".join(f"#{i}" for i in ids[:50]) + (" …" if len(ids) > 50 else "")
     return render(request, "admin.html", title="Admin", gate=gate, annotator=annotator, token=token, active="admin",
-                  progress=d["progress"], pairs=d["agreement"]["pairs"], round=d["round"], open_list=open_list)
+                  progress=d["progress"], pairs=d["agreement"]["pairs"], round=d["round"], open_list=open_list,
+                  arena=d["arena"])

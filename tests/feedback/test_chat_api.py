@@ -290,3 +290,27 @@ def test_with_models_the_nav_links_the_chat_page_and_writes_need_csrf(tmp_path):
     bad = c.post("/api/chat", json=chat(top_p=2), headers={"X-CSRF-Token": csrf})
     assert bad.status_code == 400 and "top_p" in bad.json()["error"]
     assert c.post("/api/chat/abc/stop", headers={"X-CSRF-Token": csrf}).status_code == 404
+
+
+def test_the_arena_answers_a_persons_own_prompt_through_the_chat_worker(ckpt, tmp_path):
+    """`feedback serve --model NAME=CKPT` also answers the arena's own prompts: each arena model by
+    the served model of its name, greedily; the match is that person's own, with two answers
+    equal to generate()'s greedy answer and no model name shown before the vote."""
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.add_arena_model("left", str(ckpt))
+    store.add_arena_model("right", str(ckpt))
+    token = store.add_annotator("ann")
+    server = LiveServer(tmp_path / "feedback.db", tmp_path / "server.log",
+                        args=["--model", f"left={ckpt}", "--model", f"right={ckpt}"]).start(timeout=120)
+    try:
+        with httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as c:
+            r = c.post("/api/arena/ask", json={"prompt": "Hello there"})
+            assert r.status_code == 200, r.text
+            match = r.json()["match"]
+            assert match["own"] and match["prompt"] == "Hello there"
+            expected, n, _ = greedy(ckpt, [{"role": "user", "content": "Hello there"}], 48)
+            assert [a["text"] for a in match["answers"]] == [expected, expected]
+            assert all(set(a) == {"side", "text", "finished", "n_tokens"} for a in match["answers"])  # no names
+            assert not {"model", "models", "name", "names"} & set(match)
+    finally:
+        server.stop()

@@ -385,10 +385,13 @@ for name, where in [("deep.jsonl", ":1: JSON nested"), ("bad_utf8.jsonl", ":1: n
 # --- the feedback database and its other commands
 for action, extra in [("generate", ["{ckpt}", "--prompts", "{prompts.jsonl}"]), ("add-annotator", ["alice"]),
                       ("export", []), ("simulate", ["--rule", "length"]), ("import", ["{rankings.jsonl}"]),
-                      ("serve", [])]:
+                      ("serve", []), ("arena-generate", ["--model", "a={ckpt}", "--model", "b={ckpt}", "--prompts",
+                                                         "{prompts.jsonl}"]),
+                      ("arena-simulate", ["--rule", "length"]), ("arena-export", [])]:
     case(f"feedback {action}:--db text", ["feedback", action, *extra, "--db", "{text.db}"], "{text.db}", "not an SQLite")
     case(f"feedback {action}:--db dir", ["feedback", action, *extra, "--db", "{adir}"], "{adir}", "directory")
-for action, extra in [("export", []), ("simulate", ["--rule", "length"])]:
+for action, extra in [("export", []), ("simulate", ["--rule", "length"]), ("arena-export", []),
+                      ("arena-simulate", ["--rule", "length"])]:
     case(f"feedback {action}:--db missing", ["feedback", action, *extra, "--db", "{work}/none.db"], "none.db",
          "no such database")
 case("feedback add-annotator:--db /proc", ["feedback", "add-annotator", "bob", "--db", "/proc/x.db"], "/proc/x.db")

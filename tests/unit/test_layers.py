@@ -73,8 +73,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
                   "llmtrain.feedback.app", "llmtrain.feedback.chatapi", "llmtrain.feedback.modelserver",
                   "llmtrain.feedback.modelworker", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
-                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
-                  "llmtrain.report.write", "llmtrain.report"], "package"),
+                  "llmtrain.feedback.simulate", "llmtrain.feedback.arena_store", "llmtrain.feedback.arena_stats",
+                  "llmtrain.feedback.arena_api", "llmtrain.feedback.arena_answers", "llmtrain.chat",
+                  "llmtrain.report.figures", "llmtrain.report.prose", "llmtrain.report.write", "llmtrain.report"], "package"),
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
     # the steps, and run() calling them in order (its __init__ re-exports them).
     ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",

@@ -1,7 +1,9 @@
-// What the app's pages share: making elements (text only ever through textContent, never
-// innerHTML) and calling the server with the page's CSRF token. A write refused for its CSRF
-// token (the server restarted: a new key) fetches a fresh token and is sent once more; a 401
-// goes to the sign-in page.
+// What the app's pages share (rank.js, arena.js, chat.js): making elements (text only ever
+// through textContent, never innerHTML) and calling the server with the page's CSRF token. A
+// write refused for its CSRF token (the server restarted: a new key) fetches a fresh token and is
+// sent once more; a 401 goes to the sign-in page. window.llmtrainPage(say) adds what the pages
+// that submit judgements need: client-made submission ids, and retries of the same request on
+// connection errors and 503, saying so with `say(text, isError)`.
 "use strict";
 window.LT = (function () {
   const meta = document.querySelector('meta[name="csrf-token"]');
@@ -60,3 +62,30 @@ window.LT = (function () {
 
   return { el, send, failure, api };
 })();
+
+window.llmtrainPage = function (say) {
+  function uuid4() {  // crypto.randomUUID needs a secure context; getRandomValues does not
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+
+  async function withRetry(fn) {  // connection errors only; same request (same submission id) each time
+    const waits = [500, 1000, 2000, 3000, 5000, 8000];
+    for (let i = 0; ; i++) {
+      try {
+        return await fn();
+      } catch (e) {
+        const busyDb = e.status === 503;  // the database is busy: the same request again shortly
+        if (!(e instanceof TypeError || busyDb) || i >= waits.length) throw e;
+        say(busyDb ? `The server is busy; trying again (${i + 1}/${waits.length})…`
+          : `Cannot reach the server; trying again (${i + 1}/${waits.length})…`, true);
+        await new Promise((res) => setTimeout(res, waits[i]));
+      }
+    }
+  }
+
+  return { el: LT.el, uuid4, api: LT.api, withRetry };
+};

@@ -5,7 +5,6 @@
   const root = document.getElementById("rank");
   if (!root) return;
   const $ = (id) => document.getElementById(id);
-  const { el, api } = LT;  // static/common.js
   const list = $("cands");
   const buttons = [$("submit"), $("allbad"), $("skip")];
   const editId = root.dataset.prompt ? parseInt(root.dataset.prompt, 10) : null;
@@ -18,34 +17,13 @@
 
   // ---- helpers
 
-  function uuid4() {  // crypto.randomUUID needs a secure context; getRandomValues does not
-    const b = crypto.getRandomValues(new Uint8Array(16));
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-  }
-
   function say(text, isError) {
     const s = $("status");
     s.textContent = text || "";
     s.classList.toggle("error", !!isError);
   }
 
-  async function withRetry(fn) {  // connection errors only; same request (same submission id) each time
-    const waits = [500, 1000, 2000, 3000, 5000, 8000];
-    for (let i = 0; ; i++) {
-      try {
-        return await fn();
-      } catch (e) {
-        const busyDb = e.status === 503;  // the database is busy: the same request again shortly
-        if (!(e instanceof TypeError || busyDb) || i >= waits.length) throw e;
-        say(busyDb ? `The server is busy; trying again (${i + 1}/${waits.length})…`
-          : `Cannot reach the server; trying again (${i + 1}/${waits.length})…`, true);
-        await new Promise((res) => setTimeout(res, waits[i]));
-      }
-    }
-  }
+  const { el, uuid4, api, withRetry } = window.llmtrainPage(say);  // static/common.js
 
   // ---- cards
 
