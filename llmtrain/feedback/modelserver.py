@@ -8,7 +8,8 @@ enters the app's process. At most `max_jobs` answers run or wait at once (more: 
 the app answers with 503 and Retry-After). If the worker dies, each answer under way gets an
 "error" event with one line, and the next request starts a fresh worker.
 
-Imports only the stdlib and llmtrain.errors (never torch).
+Imports only the stdlib, anyio (Starlette's own: the arena's answers from its threadpool) and
+llmtrain.errors (never torch).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import anyio.from_thread
 
 from llmtrain.errors import ConfigError
 
@@ -224,8 +227,6 @@ class ServedArenaWorker:
         self.server, self.max_new_tokens = server, max_new_tokens
 
     def answer(self, models: list[dict], messages: list[dict]) -> dict[str, dict]:
-        import anyio.from_thread  # Starlette's own dependency; this runs in its threadpool
-
         out = {}
         for m in models:
             if m["name"] in self.server.models:

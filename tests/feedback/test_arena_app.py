@@ -183,7 +183,7 @@ def test_the_hook_for_a_persons_own_prompt(env):
     assert cast(alice, m, "b").json()["recorded"] is True
     bad = client(env, "alice", create_app(str(env.db), arena_worker=Worker(bad=True)))
     r = bad.post("/api/arena/ask", json={"prompt": "Again?"})
-    assert r.status_code == 502 and "no usable answer for model zebra-7b" in r.json()["error"]
+    assert r.status_code == 502 and "no answer for arena model zebra-7b" in r.json()["error"]
     assert env.store.arena_counts()["prompts"] == 9
     assert client(env, "root", app).post("/api/admin/close").status_code == 200
     assert alice.post("/api/arena/ask", json={"prompt": "Closed?"}).status_code == 409
