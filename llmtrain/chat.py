@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from llmtrain import checkpoint, dist
-from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
-from llmtrain.model import Transformer
-from llmtrain.tokenizer import Tokenizer, render_chat
+from llmtrain.conversation import StreamDecoder, fit_history, load_chat_model, seeded_generator
+from llmtrain.generate import SamplingConfig, generate, prompt_budget
 
 
 class ChatSession:
     def __init__(self, ckpt: str, sampling: SamplingConfig, system: str = "", device: str = "auto", seed: int = 0):
-        ckpt = checkpoint.resolve(ckpt)
-        self.tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-        self.model = Transformer(checkpoint.model_config(ckpt))
-        checkpoint.load_weights(ckpt, self.model)
-        self.model.to(dist.pick_device(device)).eval()
+        self.tok, self.model = load_chat_model(ckpt, device)
         self.sampling = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
                                        self.tok.stop_ids)
         ctx = self.model.config.max_seq_len
@@ -34,28 +26,23 @@ class ChatSession:
                          f"{sampling.max_new_tokens})")
         self.notice = lambda msg: print(msg, file=sys.stderr, flush=True)  # the REPL shows notes inline
         self.system = system
-        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
+        self.generator = seeded_generator(self.model, seed)
         self.reset()
 
     def reset(self) -> None:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt(self) -> list[int]:
-        """Render the history; drop the oldest messages (not a system message) until prompt +
-        answer fit the window; a last message still too long is cut from the left. Says so."""
-        room, dropped = self.room, 0
-        while True:
-            ids = render_chat(self.tok, self.history, add_generation_prompt=True)[0]
-            first = 1 if self.history and self.history[0]["role"] == "system" else 0
-            if len(ids) <= room or len(self.history) - first <= 1:
-                break
-            del self.history[first]
-            dropped += 1
-        if dropped:
-            self.notice(f"(chat: the {dropped} oldest message(s) dropped from the history to fit {self.fit_note})")
-        if len(ids) > room:
-            self.notice(f"(chat: the prompt of {len(ids)} tokens is cut to its first token and its last {room - 1} to fit {self.fit_note})")
-        return truncate_left(ids, room)
+        """The history fitted to the window (`conversation.fit_history`: the oldest messages
+        dropped, a last one still too long cut from the left), and a note saying so."""
+        fit = fit_history(self.tok, self.history, self.room)
+        self.history = fit.messages
+        if fit.dropped:
+            self.notice(f"(chat: the {fit.dropped} oldest message(s) dropped from the history to fit {self.fit_note})")
+        if fit.cut_from:
+            self.notice(f"(chat: the prompt of {fit.cut_from} tokens is cut to its first token and its last "
+                        f"{self.room - 1} to fit {self.fit_note})")
+        return fit.ids
 
     def reply(self, text: str, stream=None, prefix: str = "") -> str:
         """Answer `text`; with `stream`, `prefix` and then each token are written to it as they come
@@ -65,26 +52,19 @@ class ChatSession:
         if stream is not None and prefix:
             stream.write(prefix)
             stream.flush()
-        got: list[int] = []
-        shown = ""
+        decoder = StreamDecoder(self.tok, self.sampling.stop_ids)
 
         def on_token(step_ids):
-            nonlocal shown
-            t = step_ids[0]
-            if t in self.sampling.stop_ids:
-                return
-            got.append(t)
-            now = self.tok.decode(got, skip_special=True)
-            if stream is not None and not now.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                stream.write(now[len(shown):])
+            new = decoder.push(step_ids[0])
+            if stream is not None and new:
+                stream.write(new)
                 stream.flush()
-                shown = now
 
         generate(self.model, [prompt], self.sampling, pad_id=self.tok.pad_id, generator=self.generator,
                  on_token=on_token)
-        answer = self.tok.decode(got, skip_special=True)
+        answer = decoder.text
         if stream is not None:
-            stream.write(answer[len(shown):] + "\n")
+            stream.write(decoder.rest() + "\n")
             stream.flush()
         self.history.append({"role": "assistant", "content": answer})
         return answer

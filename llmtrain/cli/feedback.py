@@ -1,9 +1,10 @@
 """`llmtrain feedback <action>`: the human-feedback commands around one SQLite database (--db).
 FEEDBACK below lists the actions: write candidate answers, manage annotators, serve the ranking
-app, rank by a scripted rule, export and import rankings.
+app, rank by a scripted rule, export and import rankings; and the blind arena: every model's
+answer to held-out prompts, votes by a scripted rule, the votes exported as rankings of two.
 
-Each action imports what it runs inside its function (lazily): only `generate` loads torch, and
-the others answer in a tenth of a second.
+Each action imports what it runs inside its function (lazily): only `generate` and
+`arena-generate` load torch, and the others answer in a tenth of a second.
 """
 from __future__ import annotations
 
@@ -38,12 +39,39 @@ def add_arguments(feedback: argparse.ArgumentParser) -> None:
     fb.choices["rotate-token"].add_argument("name")
     fb.choices["serve"].add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     fb.choices["serve"].add_argument("--port", type=int, default=8000)
+    fb.choices["serve"].add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
+                                     help="also serve a chat page (/chat) with this checkpoint, labelled NAME "
+                                          "(repeatable; the models run in a worker process of their own)")
+    fb.choices["serve"].add_argument("--chat-jobs", type=int, default=4,
+                                     help="chat answers running or waiting at once; more are refused with 503 (default 4)")
     fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")
     fb.choices["simulate"].add_argument("--name", default="", help="the simulated annotator's name (default sim-RULE)")
     fb.choices["simulate"].add_argument("--limit", type=int, default=0, help="rank at most this many prompts (0: all)")
     fb.choices["export"].add_argument("-o", "--output", default="rankings.jsonl")
     fb.choices["export"].add_argument("--people-only", action="store_true", help="leave simulated rankings out")
     fb.choices["import"].add_argument("input", help="a rankings.jsonl in the export format")
+    arena_arguments(fb)
+
+
+def arena_arguments(fb) -> None:
+    ag = fb.choices["arena-generate"]
+    ag.add_argument("--model", action="append", default=[], metavar="NAME=CKPT", required=True,
+                    help="a model of the arena: its name (shown after a vote) and checkpoint; twice or more")
+    ag.add_argument("--prompts", required=True, help="JSONL of held-out {\"prompt\": ...} or {\"messages\": [...]}")
+    ag.add_argument("--val-every", type=int, default=0,
+                    help="hold out every N-th prompt of --prompts, as evaluate's val_every (default 0: all of them)")
+    ag.add_argument("--max-prompts", type=int, default=0, help="at most this many held-out prompts (0: all)")
+    ag.add_argument("--max-new-tokens", type=int, default=48)
+    ag.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as evaluate; > 0: sample")
+    ag.add_argument("--top-k", type=int, default=0, help="when sampling (0: no top-k filter)")
+    ag.add_argument("--top-p", type=float, default=1.0, help="when sampling (1: no nucleus filter)")
+    ag.add_argument("--seed", type=int, default=0, help="when sampling: each model's generator starts from it")
+    ag.add_argument("--device", default="auto")
+    fb.choices["arena-simulate"].add_argument("--rule", required=True, help="a rule of llmtrain/styles.py RULES")
+    fb.choices["arena-simulate"].add_argument("--name", default="", help="the simulated voter's name (default sim-RULE)")
+    fb.choices["arena-simulate"].add_argument("--limit", type=int, default=0, help="vote on at most this many matches (0: all)")
+    fb.choices["arena-export"].add_argument("-o", "--output", default="arena.jsonl")
+    fb.choices["arena-export"].add_argument("--people-only", action="store_true", help="leave simulated votes out")
 
 
 def cmd_feedback(args) -> int:
@@ -53,18 +81,25 @@ def cmd_feedback(args) -> int:
     # Flags and the database are checked before anything is read or written.
     # Only generate, add-annotator and serve may start a new database; the others need one
     # (a missing --db is an error, and no empty file is left behind).
-    check_db(args.db, must_exist=args.action in ("export", "simulate", "import", "rotate-token", "revoke-annotator"))
-    if args.action == "generate":
+    check_db(args.db, must_exist=args.action in ("export", "simulate", "import", "rotate-token", "revoke-annotator",
+                                                 "arena-simulate", "arena-export"))
+    if args.action == "arena-generate":
+        arena_flags(args)
+    elif args.action == "generate":
         sampling_flags(args)
         from llmtrain.config import POSITIVE
 
         check_flags(**{"-k": (args.k, Rule(lambda v: 2 <= v <= 9, "between 2 and 9")),
                        "--rounds": (args.rounds, POSITIVE)})
     elif args.action == "serve":
-        check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535"))})
-    elif args.action == "simulate":
+        from llmtrain.feedback.modelserver import parse_models
+
+        check_flags(**{"--port": (args.port, Rule(lambda v: 0 <= v <= 65535, "a port number, 0 to 65535")),
+                       "--chat-jobs": (args.chat_jobs, Rule(lambda v: 1 <= v <= 64, "between 1 and 64"))})
+        args.models = parse_models(args.model)
+    elif args.action in ("simulate", "arena-simulate"):
         check_flags(**{"--limit": (args.limit, NON_NEGATIVE | "0: all")})
-    elif args.action == "export":
+    elif args.action in ("export", "arena-export"):
         check_out("--output", args.output, "file")
     try:
         return FEEDBACK[args.action][0](args)
@@ -72,6 +107,50 @@ def cmd_feedback(args) -> int:
         raise LlmtrainError(str(e)) from None
     except sqlite3.DatabaseError as e:  # a damaged file with an SQLite header, or one locked for good
         raise LlmtrainError(f"--db {args.db}: {e}") from None
+
+
+def arena_flags(args) -> None:
+    """arena-generate's flags, checked before any model loads."""
+    from llmtrain.config import NON_NEGATIVE, Rule
+    from llmtrain.feedback.arena_answers import parse_models
+
+    sampling_flags(args)
+    check_flags(**{"--val-every": (args.val_every, Rule(lambda v: v == 0 or v >= 2, "0 (all) or >= 2")),
+                   "--max-prompts": (args.max_prompts, NON_NEGATIVE | "0: all")})
+    args.models = parse_models(args.model)
+
+
+def fb_arena_generate(args) -> int:
+    from llmtrain.feedback.arena_answers import generate_arena
+    from llmtrain.generate import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p)
+    r = generate_arena(args.models, args.prompts, args.db, s, seed=args.seed, device=args.device,
+                       val_every=args.val_every, max_prompts=args.max_prompts)
+    print(f"feedback arena-generate: {r['models']} models x {r['prompts']} held-out prompts ({r['decoding']} answers)"
+          f" = {r['matches']} matches -> {args.db}")
+    return 0
+
+
+def fb_arena_simulate(args) -> int:
+    from llmtrain.feedback.simulate import arena_simulate
+    from llmtrain.feedback.store import FeedbackStore
+
+    r = arena_simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
+    print(f"feedback arena-simulate: {r['annotator']} (simulated) voted on {r['voted']} matches "
+          f"({r['a']} A, {r['b']} B, {r['tie']} ties)")
+    return 0
+
+
+def fb_arena_export(args) -> int:
+    from llmtrain.feedback.export import export_arena
+    from llmtrain.feedback.store import FeedbackStore
+
+    c = export_arena(FeedbackStore(args.db), args.output, include_simulated=not args.people_only)
+    print(f"feedback arena-export: {c['votes']} votes ({c['simulated']} simulated): {c['preferences']} preferences, "
+          f"{c['ties']} ties, {c['both_bad']} both bad (no pair) -> {args.output}")
+    return 0
 
 
 def fb_generate(args) -> int:
@@ -146,7 +225,7 @@ def fb_simulate(args) -> int:
 def fb_serve(args) -> int:
     from llmtrain.feedback.app import serve
 
-    serve(args.db, host=args.host, port=args.port)
+    serve(args.db, host=args.host, port=args.port, models=args.models, chat_jobs=args.chat_jobs)
     return 0
 
 
@@ -159,4 +238,7 @@ FEEDBACK = {
     "simulate": (fb_simulate, "rank pending prompts by a scripted rule (demo and tests only)"),
     "export": (fb_export, "write rankings.jsonl for the reward model and DPO"),
     "import": (fb_import, "load rankings.jsonl made elsewhere into the database"),
+    "arena-generate": (fb_arena_generate, "the blind arena: every model answers every held-out prompt"),
+    "arena-simulate": (fb_arena_simulate, "vote on the arena's matches by a scripted rule (demo and tests only)"),
+    "arena-export": (fb_arena_export, "write the arena's votes as rankings of two answers for the reward model and DPO"),
 }

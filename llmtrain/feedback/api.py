@@ -10,6 +10,7 @@ import re
 
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from llmtrain.feedback import arena_stats
 from llmtrain.feedback.agreement import summarize
 from llmtrain.feedback.store import MAX_ID, STATUSES, Annotator, FeedbackStore, StoreBusy, StoreError
 from llmtrain.feedback.web import LABELS, display_order, endpoint, error, parse_id, shown
@@ -20,16 +21,21 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # ---- views of the store (run in the threadpool)
 
 
+def split_prompt(msgs: list[dict], prompt: str) -> tuple[list[dict], str]:
+    """(the conversation before the question, the question) as a page shows them."""
+    last_user = bool(msgs) and msgs[-1].get("role") == "user"
+    context = msgs[:-1] if last_user else msgs
+    return [{"role": m["role"], "content": m["content"]} for m in context], msgs[-1]["content"] if last_user else prompt
+
+
 def prompt_view(store: FeedbackStore, annotator: Annotator, prompt_id: int) -> dict | None:
     p = store.prompt(prompt_id)
     if p is None:
         return None
     order = display_order(annotator.id, p["id"], len(p["candidates"]))
-    msgs = p["messages"]
-    context = msgs[:-1] if msgs and msgs[-1].get("role") == "user" else msgs
-    text = msgs[-1]["content"] if msgs and msgs[-1].get("role") == "user" else p["prompt"]
+    context, text = split_prompt(p["messages"], p["prompt"])
     n, of = store.round_of(p["id"])
-    return {"id": p["id"], "prompt": text, "context": [{"role": m["role"], "content": m["content"]} for m in context],
+    return {"id": p["id"], "prompt": text, "context": context,
             "candidates": [dict(p["candidates"][i], label=LABELS[pos]) for pos, i in enumerate(order)],
             "round": {"n": n, "of": of}}
 
@@ -76,7 +82,16 @@ def admin_data(store: FeedbackStore) -> dict:
         p["done"] = sum(p[s] for s in STATUSES)
     open_ids = store.open_prompts()
     return {"progress": list(per.values()), "agreement": summarize(judgements),
-            "round": {"closed": store.round_closed(), "prompts": total, "open": open_ids}}
+            "round": {"closed": store.round_closed(), "prompts": total, "open": open_ids}, "arena": arena_summary(store)}
+
+
+def arena_summary(store: FeedbackStore) -> dict:
+    """The arena's figures (arena_stats.py) over every vote, and over people's votes alone."""
+    votes = store.arena_votes()
+    order = [m["name"] for m in store.arena_models()]
+    people = [v for v in votes if not v["simulated"]]
+    return {"counts": store.arena_counts(), "simulated_votes": len(votes) - len(people),
+            "everyone": arena_stats.summary(votes, order), "people": arena_stats.summary(people, order)}
 
 
 def validate(data: dict, need_sid: bool) -> tuple[int, str, list | None, str]:
@@ -97,11 +112,17 @@ def validate(data: dict, need_sid: bool) -> tuple[int, str, list | None, str]:
         raise StoreError("a ranked submission needs 'ranking': tiers of candidate indices, best first")
     if status != "ranked" and ranking is not None:  # never silently dropped
         raise StoreError(f"ranking must be left out (or null) when status is {status}: only a ranked submission has one")
-    if need_sid and (not isinstance(sid, str) or not 1 <= len(sid) <= 100):
-        raise StoreError("submission_id must be a string of 1-100 characters (a client-made uuid)")
-    if need_sid and (bad := _CONTROL.search(sid)):
-        raise StoreError(f"submission_id must not contain control characters (it has {shown(bad.group())})")
+    if need_sid:
+        check_submission_id(sid)
     return pid, status, ranking if status == "ranked" else None, sid
+
+
+def check_submission_id(sid) -> None:
+    """A client-made submission id: 1-100 characters, no control characters (else StoreError)."""
+    if not isinstance(sid, str) or not 1 <= len(sid) <= 100:
+        raise StoreError("submission_id must be a string of 1-100 characters (a client-made uuid)")
+    if bad := _CONTROL.search(sid):
+        raise StoreError(f"submission_id must not contain control characters (it has {shown(bad.group())})")
 
 
 # ---- endpoints (gate: auth.Gate)

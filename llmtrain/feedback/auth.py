@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import inspect
 import sqlite3
 import threading
 import time
@@ -112,6 +113,7 @@ class Gate:
         # A write waits at most busy_timeout for it, and at most MAX_WRITERS wait at all, so writes
         # stuck behind another program's lock never take the threads that reads need.
         self.write_lock = threading.RLock()
+        self.arena_worker = None  # answers a person's own arena prompt (arena_api.ArenaWorker); none yet
         self.writers = 0
         self.writers_lock = threading.Lock()
 
@@ -177,8 +179,11 @@ class Gate:
         """The Starlette handler of fn(gate, request, annotator, token, data) -> Response, marked by
         `web.endpoint`, which runs in the threadpool; `token` is the session id (cookie) or the
         Bearer token. A read authenticates and runs fn in one thread hop; a request with a body is
-        authenticated before its body is read, and a write runs under the write lock."""
-        page, write, body = fn.endpoint["page"], fn.endpoint["write"], fn.endpoint["body"]
+        authenticated before its body is read, and a write runs under the write lock. An async fn
+        (the chat) runs on the event loop instead, never touches the database and takes no write
+        lock; it is authenticated, and CSRF-checked when marked so, as any other."""
+        page, write, body, csrf = (fn.endpoint[k] for k in ("page", "write", "body", "csrf"))
+        on_loop = inspect.iscoroutinefunction(fn)
         call = functools.partial(fn, self)
 
         def run(request: Request, token: str, bearer: bool) -> tuple[bool, Response]:
@@ -194,7 +199,7 @@ class Gate:
                 return self.refuse_unauthenticated(request, page)
             addr = client_address(request)
             try:  # the credential is checked first: a valid one is never throttled
-                if body is None and not write:
+                if body is None and not write and not csrf and not on_loop:
                     ok, response = await run_in_threadpool(run, request, token, bearer)
                 else:  # who is asking is settled before the body is read
                     annotator = await run_in_threadpool(self.authenticate, token, bearer)
@@ -211,26 +216,28 @@ class Gate:
             if response is not None:
                 return response
             try:
-                data = await self.checked_body(request, token, bearer, write, body)
+                data = await self.checked_body(request, token, bearer, csrf, body)
             except Refused as r:
                 return r.response
+            if on_loop:
+                return await call(request, annotator, token, data)
             if write:
                 return await self.write_in_thread(call, request, annotator, token, data)
             return await run_in_threadpool(call, request, annotator, token, data)
         handler.__name__ = fn.__name__
         return handler
 
-    async def checked_body(self, request: Request, token: str, bearer: bool, write: bool, body: str | None):
-        """The request's body (None, JSON or form) once the CSRF token of a cookie write is right
-        (checked before reading the body where it comes in a header). Raises Refused."""
+    async def checked_body(self, request: Request, token: str, bearer: bool, csrf: bool, body: str | None):
+        """The request's body (None, JSON or form) once the CSRF token of a cookie write (`csrf`) is
+        right (checked before reading the body where it comes in a header). Raises Refused."""
         data = None
-        if write and not bearer and body != "form" and not self.csrf_ok(request, token):
+        if csrf and not bearer and body != "form" and not self.csrf_ok(request, token):
             raise Refused(JSONResponse(CSRF_REFUSED, status_code=403))  # before reading the body
         if body == "json":
             data = await read_json(request, self.body_timeout)
         elif body == "form":
             data = await read_form(request, self.body_timeout)
-            if write and not bearer and not self.csrf_ok(request, token, data):
+            if csrf and not bearer and not self.csrf_ok(request, token, data):
                 raise Refused(JSONResponse(CSRF_REFUSED, status_code=403))
         return data
 

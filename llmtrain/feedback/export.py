@@ -1,4 +1,5 @@
-"""rankings.jsonl out of and into the feedback database (format: llmtrain/data/preference.py)."""
+"""rankings.jsonl out of and into the feedback database (format: llmtrain/data/preference.py),
+and the arena's votes out as rankings of two answers (`export_arena`)."""
 from __future__ import annotations
 
 import hashlib
@@ -38,13 +39,51 @@ def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True
                      "generation": store.generation(p["generation_id"]) if p["generation_id"] else {},
                      "imported": j["imported"]})
         lines.append(_one_line(json.dumps(r.to_json(), ensure_ascii=False)))
+    _write_lines(out, lines)
+    counts["exported"] = len(lines)
+    return counts
+
+
+def export_arena(store: FeedbackStore, out: str | Path, include_simulated: bool = True) -> dict:
+    """Write each arena vote as a ranking of K=2 (the two answers of its match), marked
+    `"source": {"kind": "arena", ...}` and simulated when its voter is:
+        A or B better   the winner rank 1, the loser rank 2: one preference pair
+        tie             both rank 1, status "ranked": one tier of two, no pair
+        both bad        both rank 1, status "all_bad": not a preference (the reward model and
+                        DPO keep only status "ranked" with a pair, so both are read and left out)
+    Written to a temporary file and renamed: a reader never sees half a file."""
+    counts = {"votes": 0, "preferences": 0, "ties": 0, "both_bad": 0, "simulated": 0}
+    lines = []
+    matches: dict[int, dict] = {}
+    gens: dict[int, dict] = {}
+    for v in store.arena_votes():
+        if v["simulated"] and not include_simulated:
+            continue
+        m = matches.get(v["match_id"]) or matches.setdefault(v["match_id"], store.arena_match(v["match_id"]))
+        side = {m["x"]["id"]: m["x"], m["y"]["id"]: m["y"]}
+        order = [v["b_id"], v["a_id"]] if v["vote"] == "b" else [v["a_id"], v["b_id"]]
+        ranks = [1, 2] if v["vote"] in ("a", "b") else [1, 1]
+        done = [side[i]["finished"] for i in order]
+        gen = gens[m["prompt_id"]] if m["prompt_id"] in gens else gens.setdefault(m["prompt_id"], store.arena_generation(m["prompt_id"]))
+        r = Ranking(m["messages"], [side[i]["text"] for i in order], ranks, None, None if all(done) else done,
+                    "all_bad" if v["vote"] == "both_bad" else "ranked", v["annotator"], v["simulated"],
+                    {"kind": "arena", "db": Path(store.path).name, "match_id": m["id"], "prompt_id": m["prompt_id"],
+                     "models": [side[i]["name"] for i in order], "vote": v["vote"],
+                     "sides": {"A": v["a"], "B": v["b"]}, "generation": gen})
+        lines.append(_one_line(json.dumps(r.to_json(), ensure_ascii=False)))
+        counts["votes"] += 1
+        counts["simulated"] += int(v["simulated"])
+        counts[{"a": "preferences", "b": "preferences", "tie": "ties", "both_bad": "both_bad"}[v["vote"]]] += 1
+    _write_lines(out, lines)
+    return counts
+
+
+def _write_lines(out: str | Path, lines: list[str]) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
     publish(tmp, out)
-    counts["exported"] = len(lines)
-    return counts
 
 
 def read_import(path: str | Path) -> list[Ranking]:

@@ -1,6 +1,6 @@
 """The HTML pages of the ranking app, rendered from Jinja2 templates (templates/, autoescape on:
 model text and every other value is escaped by the template engine; the pages hold no inline
-script, and static/rank.js sets model text only with textContent).
+script, and static/rank.js and static/chat.js set model text only with textContent).
 
 The page handlers are fn(gate, request, annotator, token, data) -> Response, marked with
 `web.endpoint` and put behind authentication by `auth.Gate.wrap`.
@@ -37,10 +37,14 @@ KEYS = [(["Tab", "↑", "↓"], "go from answer to answer"),
 def render(request: Request, name: str, *, title: str, gate=None, annotator=None, token: str | None = None,
            status: int = 200, headers: dict | None = None, **context) -> Response:
     """The page `name` inside the layout (base.html): the nav and sign-out form for a signed-in
-    annotator, the CSRF token in a meta tag when there is a session."""
+    annotator (with the chat page when the app serves models), the CSRF token in a meta tag
+    when there is a session."""
     csrf = gate.csrf_for(token) if token else ""
+    chat = getattr(request.app.state, "models", None) is not None
+    arena = gate is not None and annotator is not None and (gate.arena_worker is not None or gate.store.has_arena())
     return templates.TemplateResponse(request, name, {"title": title, "annotator": annotator, "csrf": csrf,
-                                                      "scripts": [], "active": "", **context},
+                                                      "scripts": [], "active": "", "chat": chat, "arena_nav": arena,
+                                                      **context},
                                       status_code=status, headers=headers)
 
 
@@ -62,7 +66,21 @@ def rank_page(gate, request, annotator, token, _=None) -> Response:
                       status=400, heading="Bad request",
                       error=f"?prompt= must be a prompt number (1 to {MAX_ID}), not {shown(edit)}")
     return render(request, "rank.html", title="Rank", gate=gate, annotator=annotator, token=token,
-                  scripts=["rank.js"], active="rank", prompt=parse_id(edit) if edit is not None else None, keys=KEYS)
+                  scripts=["common.js", "rank.js"], active="rank", prompt=parse_id(edit) if edit is not None else None,
+                  keys=KEYS)
+
+
+@endpoint(page=True)
+def arena_page(gate, request, annotator, token, _=None) -> Response:
+    """The blind arena (static/arena.js fills it in); ?match=N opens one match."""
+    match = request.query_params.get("match") or None
+    if match is not None and parse_id(match) is None:
+        return render(request, "message.html", title="Bad request", gate=gate, annotator=annotator, token=token,
+                      status=400, heading="Bad request",
+                      error=f"?match= must be a match number (1 to {MAX_ID}), not {shown(match)}")
+    return render(request, "arena.html", title="Arena", gate=gate, annotator=annotator, token=token,
+                  scripts=["common.js", "arena.js"], active="arena", match=parse_id(match) if match else None,
+                  ask=gate.arena_worker is not None)
 
 
 @endpoint(page=True)
@@ -82,4 +100,5 @@ def admin_page(gate, request, annotator, token, _=None) -> Response:
     ids = d["round"]["open"]
     open_list = ", ".join(f"#{i}" for i in ids[:50]) + (" …" if len(ids) > 50 else "")
     return render(request, "admin.html", title="Admin", gate=gate, annotator=annotator, token=token, active="admin",
-                  progress=d["progress"], pairs=d["agreement"]["pairs"], round=d["round"], open_list=open_list)
+                  progress=d["progress"], pairs=d["agreement"]["pairs"], round=d["round"], open_list=open_list,
+                  arena=d["arena"])

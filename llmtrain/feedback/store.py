@@ -5,7 +5,8 @@ transaction keyed by a client-made submission id, so a double click or a retry r
 a ranking that `submit` returned for is committed and survives a killed server.
 
 This module is plain Python + sqlite3: the web app imports it, never the torch training code.
-Annotators and sessions are in annotators.py, the errors and the write transaction in db.py.
+Annotators and sessions are in annotators.py, the blind arena's tables in arena_store.py, the
+errors and the write transaction in db.py.
 
 A ranking is a list of tiers, best first; each tier lists candidate indices (0..K-1) that
 the annotator judged equal (a tie). Every candidate appears exactly once.
@@ -19,9 +20,10 @@ import time
 from pathlib import Path
 
 from llmtrain.feedback.annotators import Annotator, AnnotatorsAndSessions
+from llmtrain.feedback.arena_store import SCHEMA_ARENA, ArenaTables
 from llmtrain.feedback.db import StoreBusy, StoreError, Tx, is_busy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ranked", "skipped", "all_bad")
 
 SCHEMA = """
@@ -56,6 +58,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     created REAL NOT NULL, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_by_annotator ON sessions(annotator_id);
 """
+# Version 3: the blind arena (arena_store.SCHEMA_ARENA): models, their answers, matches and votes.
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no row
 
 
@@ -85,7 +88,7 @@ def _check_text(s: str, what: str) -> None:
         raise StoreError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
-class FeedbackStore(AnnotatorsAndSessions):
+class FeedbackStore(AnnotatorsAndSessions, ArenaTables):
     def __init__(self, path: str | Path, busy_timeout: float = 30.0):
         """busy_timeout: seconds a write waits for another program's write lock before StoreBusy
         (the web app uses a short one and answers 503; commands wait longer)."""
@@ -95,14 +98,15 @@ class FeedbackStore(AnnotatorsAndSessions):
         try:
             con = self._con()
             with self._tx():
-                for stmt in (SCHEMA + SCHEMA_V2).split(";"):
+                for stmt in (SCHEMA + SCHEMA_V2 + SCHEMA_ARENA).split(";"):
                     if stmt.strip():
                         con.execute(stmt)
                 row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif row[0] == "1":  # version 1 -> 2: the `disabled` flag (the sessions table is made above)
-                    con.execute("ALTER TABLE annotators ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+                elif row[0] in ("1", "2"):  # the sessions (2) and arena (3) tables are made above
+                    if row[0] == "1":  # version 1 -> 2: the `disabled` flag
+                        con.execute("ALTER TABLE annotators ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
                     con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
                 elif row[0] != str(SCHEMA_VERSION):
                     raise StoreError(f"{path}: schema version {row[0]}, this llmtrain reads version {SCHEMA_VERSION}")

@@ -117,13 +117,15 @@ def display_order(annotator_id: int, prompt_id: int, k: int) -> list[int]:
     return order
 
 
-def endpoint(page: bool = False, write: bool = False, body: str | None = None):
+def endpoint(page: bool = False, write: bool = False, body: str | None = None, csrf: bool | None = None):
     """Marks a handler fn(gate, request, annotator, token, data) -> Response for `Gate.wrap`
     (llmtrain.feedback.auth), which puts it behind authentication and CSRF checks.
     page: an HTML page (unauthenticated -> redirect to /login, not 401). write: runs under the
-    write lock (503 when the database is busy). body: None, "json" or "form"."""
+    write lock (503 when the database is busy). body: None, "json" or "form". csrf: a cookie
+    request must carry the CSRF token (default: when `write`; a handler that writes only part of
+    the time, taking the write lock itself, says csrf=True)."""
     def mark(fn):
-        fn.endpoint = {"page": page, "write": write, "body": body}
+        fn.endpoint = {"page": page, "write": write, "body": body, "csrf": write if csrf is None else csrf}
         return fn
     return mark
 

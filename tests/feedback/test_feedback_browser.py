@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import urllib.parse
 import uuid
 
 import pytest
 
 from llmtrain.feedback.store import FeedbackStore
 
-from webapp_helpers import REPO, LiveServer, chromium  # noqa: F401  (chromium: a fixture)
+from webapp_helpers import REPO, LiveServer, chromium, login, wait_prompt  # noqa: F401  (chromium: a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -50,18 +49,6 @@ def page(chromium):
     p.set_default_timeout(15_000)
     yield p
     ctx.close()
-
-
-def login(page, server, token: str, next_: str = "/") -> None:
-    page.goto(f"{server.url}/login?next={urllib.parse.quote(next_)}")
-    page.fill("#token", token)
-    page.click("form button[type=submit]")
-    page.wait_for_url(server.url + next_)
-
-
-def wait_prompt(page, pid: int) -> None:
-    page.wait_for_function("id => document.getElementById('prompt-id').textContent === '#' + id", arg=pid)
-    page.locator("#cands > .card").first.wait_for()
 
 
 def order(page) -> list[int]:

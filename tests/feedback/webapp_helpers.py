@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,11 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`python -m llmtrain.feedback.app` under uvicorn on 127.0.0.1, in a subprocess."""
+    """`python -m llmtrain.feedback.app` under uvicorn on 127.0.0.1, in a subprocess. `args`: more
+    flags (e.g. --model NAME=CKPT); `env`: more environment variables."""
 
-    def __init__(self, db: Path, log: Path):
-        self.db, self.log = db, log
+    def __init__(self, db: Path, log: Path, args: tuple = (), env: dict | None = None):
+        self.db, self.log, self.args, self.env = db, log, [str(a) for a in args], env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -43,10 +45,10 @@ class LiveServer:
     def start(self, timeout: float = 30.0) -> "LiveServer":
         import httpx
 
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env)
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "llmtrain.feedback.app", "--db", str(self.db),
-                                          "--port", str(self.port), "--log-level", "warning"],
+                                          "--port", str(self.port), "--log-level", "warning", *self.args],
                                          stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -68,6 +70,51 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def login(page, server, token: str, next_: str = "/") -> None:
+    """Sign in through the login form in a Playwright page, landing on next_."""
+    page.goto(f"{server.url}/login?next={urllib.parse.quote(next_)}")
+    page.fill("#token", token)
+    page.click("form button[type=submit]")
+    page.wait_for_url(server.url + next_)
+
+
+def wait_prompt(page, pid: int) -> None:
+    """Until the ranking page shows prompt `pid` and its answers."""
+    page.wait_for_function("id => document.getElementById('prompt-id').textContent === '#' + id", arg=pid)
+    page.locator("#cands > .card").first.wait_for()
+
+
+def tiny_checkpoint(tokenizer_path: Path, out: Path, max_seq_len: int = 256) -> Path:
+    """A 1-layer, 32-wide model with random weights saved as a checkpoint (a run directory):
+    it loads in a blink and writes a token in a millisecond (the chat tests)."""
+    import torch
+
+    from llmtrain import checkpoint
+    from llmtrain.config import ModelConfig
+    from llmtrain.model import Transformer
+    from llmtrain.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load(tokenizer_path)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=max_seq_len))
+    checkpoint.save(out, 1, model, config={"model": vars(model.config), "stage": "sft"}, meta={"tokens": 0},
+                    tokenizer_path=str(tokenizer_path))
+    return out
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The model worker processes the app server started: its children running modelworker (Linux)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == server_pid and b"modelworker" in d.joinpath("cmdline").read_bytes():
+                pids.append(int(d.name))
+        except (OSError, ValueError, IndexError):  # not a process, or it ended meanwhile
+            continue
+    return pids
 
 
 _SHARED: dict = {"users": 0}

@@ -385,15 +385,31 @@ for name, where in [("deep.jsonl", ":1: JSON nested"), ("bad_utf8.jsonl", ":1: n
 # --- the feedback database and its other commands
 for action, extra in [("generate", ["{ckpt}", "--prompts", "{prompts.jsonl}"]), ("add-annotator", ["alice"]),
                       ("export", []), ("simulate", ["--rule", "length"]), ("import", ["{rankings.jsonl}"]),
-                      ("serve", [])]:
+                      ("serve", []), ("arena-generate", ["--model", "a={ckpt}", "--model", "b={ckpt}", "--prompts",
+                                                         "{prompts.jsonl}"]),
+                      ("arena-simulate", ["--rule", "length"]), ("arena-export", [])]:
     case(f"feedback {action}:--db text", ["feedback", action, *extra, "--db", "{text.db}"], "{text.db}", "not an SQLite")
     case(f"feedback {action}:--db dir", ["feedback", action, *extra, "--db", "{adir}"], "{adir}", "directory")
-for action, extra in [("export", []), ("simulate", ["--rule", "length"])]:
+for action, extra in [("export", []), ("simulate", ["--rule", "length"]), ("arena-export", []),
+                      ("arena-simulate", ["--rule", "length"])]:
     case(f"feedback {action}:--db missing", ["feedback", action, *extra, "--db", "{work}/none.db"], "none.db",
          "no such database")
 case("feedback add-annotator:--db /proc", ["feedback", "add-annotator", "bob", "--db", "/proc/x.db"], "/proc/x.db")
 case("feedback serve:--port 70000", ["feedback", "serve", "--db", "{work}/fb.db", "--port", "70000"], "--port")
 case("feedback serve:--port -1", ["feedback", "serve", "--db", "{work}/fb.db", "--port", "-1"], "--port")
+# The chat models of `feedback serve --model NAME=CKPT`: a malformed value, a bad or repeated name and a
+# missing path are refused before anything starts; a path that is no loadable checkpoint is refused by
+# the model worker as it loads it, still before anything is served or written (--port 0: any free port).
+SERVE = ["feedback", "serve", "--db", "{work}/fb.db", "--port", "0"]
+for value, needle in [("{ckpt}", "give NAME=CHECKPOINT"), ("={ckpt}", "give NAME=CHECKPOINT"),
+                      ("tiny=", "give NAME=CHECKPOINT"), ("tiny={missing_dir}", "checkpoint not found"),
+                      ("bad name={ckpt}", "the name 'bad name' must be 1 to 40 letters"),
+                      ("x" * 41 + "={ckpt}", "must be 1 to 40 letters"), ("a/b={ckpt}", "the name 'a/b'"),
+                      ("tiny={adir}", "not a checkpoint"), ("tiny={ckpt_bad_weights}", "model.safetensors")]:
+    case(f"feedback serve:--model {value}", [*SERVE, "--model", value], f"--model {value}", needle)
+case("feedback serve:--model twice", [*SERVE, "--model", "a={ckpt}", "--model", "a={missing_dir}"], "--model a={missing_dir}",
+     "the name a is given twice")
+case("feedback serve:--chat-jobs 0", [*SERVE, "--model", "a={ckpt}", "--chat-jobs", "0"], "--chat-jobs")
 for name, where in [("deep.jsonl", ":1: JSON nested"), ("bad_utf8.jsonl", ":1: not UTF-8"),
                     ("rank_zero.jsonl", ":1: ranked[0].rank")]:
     case(f"feedback import:{name}", ["feedback", "import", "{%s}" % name, "--db", "{fb_empty.db}"], *at(name, where))
@@ -578,6 +594,7 @@ def test_there_are_at_least_150_cases():
     (["sft", "init_from={ckpt}", "data.train={deep.jsonl}", "run.out_dir={work}/out"], "JSON nested"),
     (["generate", "{ckpt}", "--top-p", "1.5"], "--top-p"),
     (["feedback", "export", "--db", "{text.db}"], "not an SQLite"),
+    (["feedback", "serve", "--db", "{work}/fb.db", "--port", "0", "--model", "tiny={adir}"], "--model tiny="),
     (["demo", "ppo.optim.lr=-1"], "'ppo.optim.lr'"),
 ])
 def test_the_installed_entry_point_prints_one_line(args, needle, fx, tmp_path):

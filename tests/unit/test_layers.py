@@ -46,12 +46,13 @@ LAYERS: list[tuple[str, list[str], str]] = [
                "llmtrain.model.actor_critic"], "acyclic"),
     # Library pieces a stage is made of: pure losses and RL maths, tokenizer and chat template,
     # data readers (JSONL lines in data.jsonl, every file format and Hub dataset in data.sources,
-    # published record formats in data.formats, then one reader per kind), sampling, checkpoints.
+    # published record formats in data.formats, then one reader per kind), sampling, a chat's
+    # history and streamed text (conversation), checkpoints.
     ("core", ["llmtrain.losses", "llmtrain.rl", "llmtrain.chat_template", "llmtrain.tokenizer", "llmtrain.data", "llmtrain.data.jsonl",
               "llmtrain.data.sources", "llmtrain.data.formats",
               "llmtrain.data.corpus", "llmtrain.data.packing", "llmtrain.data.sft", "llmtrain.data.prompts",
               "llmtrain.data.preference", "llmtrain.data.classify", "llmtrain.data.chitchat",
-              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
+              "llmtrain.data.pretrain", "llmtrain.generate", "llmtrain.conversation", "llmtrain.checkpoint", "llmtrain.checkpoint.folders",
               "llmtrain.checkpoint.saving", "llmtrain.checkpoint.loading"], "acyclic"),
     # Models from elsewhere: Hugging Face folders and Hub ids in and out of our checkpoints; a
     # stage's init_from / policy / reward_model may name one (training.load_base imports it).
@@ -70,9 +71,11 @@ LAYERS: list[tuple[str, list[str], str]] = [
                   "llmtrain.feedback", "llmtrain.feedback.db", "llmtrain.feedback.annotators",
                   "llmtrain.feedback.store", "llmtrain.feedback.agreement", "llmtrain.feedback.web",
                   "llmtrain.feedback.auth", "llmtrain.feedback.pages", "llmtrain.feedback.api",
-                  "llmtrain.feedback.app", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
-                  "llmtrain.feedback.simulate", "llmtrain.chat", "llmtrain.report.figures", "llmtrain.report.prose",
-                  "llmtrain.report.write", "llmtrain.report"], "package"),
+                  "llmtrain.feedback.app", "llmtrain.feedback.chatapi", "llmtrain.feedback.modelserver",
+                  "llmtrain.feedback.modelworker", "llmtrain.feedback.candidates", "llmtrain.feedback.export",
+                  "llmtrain.feedback.simulate", "llmtrain.feedback.arena_store", "llmtrain.feedback.arena_stats",
+                  "llmtrain.feedback.arena_api", "llmtrain.feedback.arena_answers", "llmtrain.chat",
+                  "llmtrain.report.figures", "llmtrain.report.prose", "llmtrain.report.write", "llmtrain.report"], "package"),
     # The demo's chain (llmtrain/pipeline/): its config, what each step uses and checks, --human,
     # the steps, and run() calling them in order (its __init__ re-exports them).
     ("pipeline", ["llmtrain.pipeline.config", "llmtrain.pipeline.prompts", "llmtrain.pipeline.checks",
@@ -86,8 +89,9 @@ NEVER_SIDEWAYS = ("llmtrain.stages.",)  # packages whose modules never import ea
 
 # The feedback app and its helpers never reach torch training code, not even through another module.
 TRAINING_CODE = {"llmtrain.training", "llmtrain.losses", "llmtrain.rl", "llmtrain.rl_models", "llmtrain.scoring"}
-# The ranking web app loads no torch at all (it starts in a blink and runs beside training).
-NO_TORCH = {"llmtrain.feedback.app"}
+# The ranking web app loads no torch at all (it starts in a blink and runs beside training); its
+# chat models run in a worker process (feedback.modelworker) that the app starts, never imports.
+NO_TORCH = {"llmtrain.feedback.app", "llmtrain.feedback.modelserver"}
 
 # Function-local imports of llmtrain modules: (file, module or "*": any import) -> why. The file
 # must say so too (the word "lazily" or a "# lazy:" comment). An import cycle is never a reason:
