@@ -5,7 +5,7 @@
     POST /api/arena/vote              {"match_id", "prompt_id", "vote": "a" | "b" | "tie" | "both_bad",
                                        "submission_id"}: recorded once per submission id
     POST /api/arena/ask               {"prompt"}: a person's own prompt, answered live by every arena
-                                      model: the hook for the model worker (501 until one is wired in)
+                                      model through the chat's model worker (501 without one)
 
 Blind: the view of a match names no model and no model id; its two answers are on sides A and B
 as drawn for this annotator (arena_store.arena_sides: the same on every reload, independent
@@ -127,7 +127,7 @@ def api_arena_vote(gate, request, annotator, token, data) -> Response:
 def api_arena_ask(gate, request, annotator, token, data) -> Response:
     """A person's own prompt: every arena model answers it live (gate.arena_worker, outside the
     write lock), then the prompt, the answers and one match per pair are stored as this person's
-    own (no one else sees them) -> the first match's view. 501 while no worker is wired in."""
+    own (no one else sees them) -> the first match's view. 501 when the app serves no models."""
     unknown = [k for k in data if k != "prompt"]
     prompt = data.get("prompt")
     if unknown:
@@ -135,7 +135,7 @@ def api_arena_ask(gate, request, annotator, token, data) -> Response:
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
         return error(f"prompt must be a string of 1-{MAX_PROMPT} characters, not all blank", 400)
     if gate.arena_worker is None:
-        return error("answers to your own prompt need the model worker, which this server does not have yet; "
+        return error("answers to your own prompt need the models served (feedback serve --model NAME=CKPT); "
                      "vote on the arena's prompts meanwhile", 501)
     if gate.store.round_closed():
         return round_is_closed()
