@@ -41,7 +41,8 @@ def add_arguments(feedback: argparse.ArgumentParser) -> None:
     fb.choices["serve"].add_argument("--port", type=int, default=8000)
     fb.choices["serve"].add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
                                      help="also serve a chat page (/chat) with this checkpoint, labelled NAME "
-                                          "(repeatable; the models run in a worker process of their own)")
+                                          "(repeatable; the models run in a worker process of their own); the arena's "
+                                          "models served under their arena names answer people's own arena prompts")
     fb.choices["serve"].add_argument("--chat-jobs", type=int, default=4,
                                      help="chat answers running or waiting at once; more are refused with 503 (default 4)")
     fb.choices["simulate"].add_argument("--rule", required=True, help="aristocrat | length | relevance (see feedback/simulate.py)")
