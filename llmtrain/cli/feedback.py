@@ -134,26 +134,6 @@ def fb_arena_generate(args) -> int:
     return 0
 
 
-def fb_arena_simulate(args) -> int:
-    from llmtrain.feedback.simulate import arena_simulate
-    from llmtrain.feedback.store import FeedbackStore
-
-    r = arena_simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
-    print(f"feedback arena-simulate: {r['annotator']} (simulated) voted on {r['voted']} matches "
-          f"({r['a']} A, {r['b']} B, {r['tie']} ties)")
-    return 0
-
-
-def fb_arena_export(args) -> int:
-    from llmtrain.feedback.export import export_arena
-    from llmtrain.feedback.store import FeedbackStore
-
-    c = export_arena(FeedbackStore(args.db), args.output, include_simulated=not args.people_only)
-    print(f"feedback arena-export: {c['votes']} votes ({c['simulated']} simulated): {c['preferences']} preferences, "
-          f"{c['ties']} ties, {c['both_bad']} both bad (no pair) -> {args.output}")
-    return 0
-
-
 def fb_generate(args) -> int:
     from llmtrain.feedback.candidates import generate_to_db
     from llmtrain.generate import SamplingConfig
@@ -195,11 +175,19 @@ def fb_rotate_token(args) -> int:
 
 
 def fb_export(args) -> int:
-    from llmtrain.feedback.export import export
+    """export, arena-export: rankings (or the arena's votes as rankings of two) -> a JSONL file."""
+    from llmtrain.feedback.export import export, export_arena
     from llmtrain.feedback.store import FeedbackStore
 
-    c = export(FeedbackStore(args.db), args.output, include_simulated=not args.people_only)
-    print(f"feedback export: {c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out) -> {args.output}")
+    store = FeedbackStore(args.db)
+    if args.action == "arena-export":
+        c = export_arena(store, args.output, include_simulated=not args.people_only)
+        what = (f"{c['votes']} votes ({c['simulated']} simulated): {c['preferences']} preferences, {c['ties']} ties, "
+                f"{c['both_bad']} both bad (no pair)")
+    else:
+        c = export(store, args.output, include_simulated=not args.people_only)
+        what = f"{c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out)"
+    print(f"feedback {args.action}: {what} -> {args.output}")
     return 0
 
 
@@ -214,12 +202,18 @@ def fb_import(args) -> int:
 
 
 def fb_simulate(args) -> int:
-    from llmtrain.feedback.simulate import simulate
+    """simulate, arena-simulate: a simulated annotator ranks prompts (votes on matches) by a rule."""
+    from llmtrain.feedback.simulate import arena_simulate, simulate
     from llmtrain.feedback.store import FeedbackStore
 
-    r = simulate(FeedbackStore(args.db), args.rule, args.name, args.limit)
-    print(f"feedback simulate: {r['annotator']} (simulated) ranked {r['ranked']} prompts "
-          f"({r['all_equal']} with all candidates tied)")
+    store = FeedbackStore(args.db)
+    if args.action == "arena-simulate":
+        r = arena_simulate(store, args.rule, args.name, args.limit)
+        what = f"voted on {r['voted']} matches ({r['a']} A, {r['b']} B, {r['tie']} ties)"
+    else:
+        r = simulate(store, args.rule, args.name, args.limit)
+        what = f"ranked {r['ranked']} prompts ({r['all_equal']} with all candidates tied)"
+    print(f"feedback {args.action}: {r['annotator']} (simulated) {what}")
     return 0
 
 
@@ -240,6 +234,6 @@ FEEDBACK = {
     "export": (fb_export, "write rankings.jsonl for the reward model and DPO"),
     "import": (fb_import, "load rankings.jsonl made elsewhere into the database"),
     "arena-generate": (fb_arena_generate, "the blind arena: every model answers every held-out prompt"),
-    "arena-simulate": (fb_arena_simulate, "vote on the arena's matches by a scripted rule (demo and tests only)"),
-    "arena-export": (fb_arena_export, "write the arena's votes as rankings of two answers for the reward model and DPO"),
+    "arena-simulate": (fb_simulate, "vote on the arena's matches by a scripted rule (demo and tests only)"),
+    "arena-export": (fb_export, "write the arena's votes as rankings of two answers for the reward model and DPO"),
 }

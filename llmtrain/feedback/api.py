@@ -133,14 +133,17 @@ def api_session(gate, request, annotator, token, _=None) -> Response:
     return JSONResponse({"annotator": annotator.name, "is_admin": annotator.is_admin, "csrf": gate.csrf_for(token)})
 
 
-@endpoint()
-def api_next(gate, request, annotator, token, _=None) -> Response:
-    return JSONResponse(next_view(gate.store, annotator))
+def json_view(view, name: str):
+    """The endpoint `name` that answers view(store, annotator) as JSON (a read)."""
+    @endpoint()
+    def handler(gate, request, annotator, token, _=None) -> Response:
+        return JSONResponse(view(gate.store, annotator))
+    handler.__name__ = handler.__qualname__ = name
+    return handler
 
 
-@endpoint()
-def api_progress(gate, request, annotator, token, _=None) -> Response:
-    return JSONResponse(progress_of(gate.store, annotator))
+api_next = json_view(next_view, "api_next")
+api_progress = json_view(progress_of, "api_progress")
 
 
 @endpoint()
@@ -175,18 +178,30 @@ def round_is_closed() -> Response:
                          "closed": True}, status_code=409)
 
 
+def record_once(gate, write) -> tuple[bool, Response | None]:
+    """A submission's write (a ranking, an arena vote; keyed by its submission id) under the write
+    lock -> (recorded: False for a duplicate, None), or (False, 409 once the round is closed / 400
+    with the store's one line). The handler already holds the app's write slot (Gate.run_write)."""
+    if gate.store.round_closed():  # under the write lock: closing and submitting do not interleave
+        return False, round_is_closed()
+    try:
+        with gate.write_lock:
+            return write(), None
+    except StoreBusy:
+        raise  # 503 (Gate.run_write)
+    except StoreError as e:
+        return False, error(str(e), 400)
+
+
 @endpoint(write=True, body="json")
 def api_submit(gate, request, annotator, token, data) -> Response:
     try:
         pid, status, ranking, sid = validate(data, need_sid=True)
-        if gate.store.round_closed():  # under the write lock: closing and submitting do not interleave
-            return round_is_closed()
-        with gate.write_lock:
-            recorded = gate.store.submit(annotator, pid, status, ranking, sid)
-    except StoreBusy:
-        raise  # 503 (Gate.run_write)
     except StoreError as e:
-        return JSONResponse({"error": str(e)}, status_code=400)
+        return error(str(e), 400)
+    recorded, refused = record_once(gate, lambda: gate.store.submit(annotator, pid, status, ranking, sid))
+    if refused is not None:
+        return refused
     return JSONResponse({"ok": True, "recorded": recorded, "duplicate": not recorded, "submission_id": sid})
 
 

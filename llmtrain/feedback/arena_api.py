@@ -20,9 +20,9 @@ from typing import Protocol
 
 from starlette.responses import JSONResponse, Response
 
-from llmtrain.feedback.api import check_submission_id, round_is_closed, split_prompt
+from llmtrain.feedback.api import check_submission_id, json_view, record_once, round_is_closed, split_prompt
 from llmtrain.feedback.arena_store import VOTES, arena_sides
-from llmtrain.feedback.store import MAX_ID, Annotator, FeedbackStore, StoreBusy, StoreError
+from llmtrain.feedback.store import MAX_ID, Annotator, FeedbackStore, StoreError
 from llmtrain.feedback.web import endpoint, error, parse_id, shown
 
 VOTE_FIELDS = ("match_id", "prompt_id", "vote", "submission_id")
@@ -87,9 +87,7 @@ def _is_text(s) -> bool:
 # ---- endpoints (gate: auth.Gate)
 
 
-@endpoint()
-def api_arena_next(gate, request, annotator, token, _=None) -> Response:
-    return JSONResponse(next_view(gate.store, annotator))
+api_arena_next = json_view(next_view, "api_arena_next")
 
 
 @endpoint()
@@ -109,14 +107,11 @@ def api_arena_match(gate, request, annotator, token, _=None) -> Response:
 def api_arena_vote(gate, request, annotator, token, data) -> Response:
     try:
         mid, pid, vote, sid = validate_vote(data)
-        if gate.store.round_closed():  # under the write lock: closing and voting do not interleave
-            return round_is_closed()
-        with gate.write_lock:
-            recorded = gate.store.arena_vote(annotator, mid, pid, vote, sid)
-    except StoreBusy:
-        raise  # 503 (Gate.run_write)
     except StoreError as e:
         return error(str(e), 400)
+    recorded, refused = record_once(gate, lambda: gate.store.arena_vote(annotator, mid, pid, vote, sid))
+    if refused is not None:
+        return refused
     mine = gate.store.arena_my_vote(annotator, mid)  # on a duplicate: the vote recorded first
     return JSONResponse({"ok": True, "recorded": recorded, "duplicate": not recorded, "submission_id": sid,
                          "vote": mine["vote"], "reveal": mine["reveal"],

@@ -58,29 +58,28 @@ def login_page(request: Request, error: str = "", nxt: str = "/", status: int = 
     return r
 
 
-@endpoint(page=True)
-def rank_page(gate, request, annotator, token, _=None) -> Response:
-    edit = request.query_params.get("prompt") or None
-    if edit is not None and parse_id(edit) is None:
+def script_page(request: Request, gate, annotator, token, page: str, title: str, param: str, **context) -> Response:
+    """A page that static/<page>.js fills in, opened at ?<param>=N (a prompt or match number)
+    when given; any other value is a 400 page saying what it must be."""
+    raw = request.query_params.get(param) or None
+    if raw is not None and parse_id(raw) is None:
         return render(request, "message.html", title="Bad request", gate=gate, annotator=annotator, token=token,
                       status=400, heading="Bad request",
-                      error=f"?prompt= must be a prompt number (1 to {MAX_ID}), not {shown(edit)}")
-    return render(request, "rank.html", title="Rank", gate=gate, annotator=annotator, token=token,
-                  scripts=["common.js", "rank.js"], active="rank", prompt=parse_id(edit) if edit is not None else None,
-                  keys=KEYS)
+                      error=f"?{param}= must be a {param} number (1 to {MAX_ID}), not {shown(raw)}")
+    return render(request, f"{page}.html", title=title, gate=gate, annotator=annotator, token=token,
+                  scripts=["common.js", f"{page}.js"], active=page, **{param: parse_id(raw) if raw else None}, **context)
+
+
+@endpoint(page=True)
+def rank_page(gate, request, annotator, token, _=None) -> Response:
+    """The ranking page; ?prompt=N changes the judgement of prompt N."""
+    return script_page(request, gate, annotator, token, "rank", "Rank", "prompt", keys=KEYS)
 
 
 @endpoint(page=True)
 def arena_page(gate, request, annotator, token, _=None) -> Response:
-    """The blind arena (static/arena.js fills it in); ?match=N opens one match."""
-    match = request.query_params.get("match") or None
-    if match is not None and parse_id(match) is None:
-        return render(request, "message.html", title="Bad request", gate=gate, annotator=annotator, token=token,
-                      status=400, heading="Bad request",
-                      error=f"?match= must be a match number (1 to {MAX_ID}), not {shown(match)}")
-    return render(request, "arena.html", title="Arena", gate=gate, annotator=annotator, token=token,
-                  scripts=["common.js", "arena.js"], active="arena", match=parse_id(match) if match else None,
-                  ask=gate.arena_worker is not None)
+    """The blind arena; ?match=N opens one match."""
+    return script_page(request, gate, annotator, token, "arena", "Arena", "match", ask=gate.arena_worker is not None)
 
 
 @endpoint(page=True)

@@ -15,13 +15,7 @@
   let voted = false;
   let busy = false;
 
-  function say(text, isError) {
-    const s = $("status");
-    s.textContent = text || "";
-    s.classList.toggle("error", !!isError);
-  }
-
-  const { el, uuid4, api, withRetry } = window.llmtrainPage(say);
+  const { uuid4, api, withRetry, say, showContext } = window.llmtrainPage();  // static/common.js
 
   function showProgress(p) {
     if (!p) return;
@@ -36,13 +30,7 @@
     root.dataset.shown = String(m.id);
     $("prompt-id").textContent = "#" + m.prompt_id;
     $("own").hidden = !m.own;
-    const ctx = $("context");
-    ctx.replaceChildren();
-    for (const msg of m.context) {
-      const d = el("div", "msg");
-      d.append(el("span", "role", msg.role), el("div", "text", msg.content));
-      ctx.append(d);
-    }
+    showContext($("context"), m.context);
     $("prompt-text").textContent = m.prompt;
     for (const a of m.answers) {
       $("text-" + a.side).textContent = a.text;

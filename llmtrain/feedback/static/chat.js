@@ -10,17 +10,11 @@
   const root = document.getElementById("chat");
   if (!root) return;
   const $ = (id) => document.getElementById(id);
-  const { el, send, failure, api } = LT;  // static/common.js
+  const { el, send, failure, api, say } = LT;  // static/common.js
   const log = $("log");
   let history = [];  // {role, content, node}: what the next request sends
   let job = null;    // the answer under way: {id, controller}
   let droppedTotal = 0;
-
-  function say(text, isError) {
-    const s = $("status");
-    s.textContent = text || "";
-    s.classList.toggle("error", !!isError);
-  }
 
   function setBusy(on) {
     $("send").disabled = on;

@@ -1,9 +1,9 @@
 // What the app's pages share (rank.js, arena.js, chat.js): making elements (text only ever
 // through textContent, never innerHTML) and calling the server with the page's CSRF token. A
 // write refused for its CSRF token (the server restarted: a new key) fetches a fresh token and is
-// sent once more; a 401 goes to the sign-in page. window.llmtrainPage(say) adds what the pages
-// that submit judgements need: client-made submission ids, and retries of the same request on
-// connection errors and 503, saying so with `say(text, isError)`.
+// sent once more; a 401 goes to the sign-in page; say() fills the page's #status line.
+// window.llmtrainPage() adds what the pages that submit judgements need: client-made submission
+// ids, and retries of the same request on connection errors and 503, saying so on the status line.
 "use strict";
 window.LT = (function () {
   const meta = document.querySelector('meta[name="csrf-token"]');
@@ -60,10 +60,28 @@ window.LT = (function () {
     try { return await r.json(); } catch (e) { return {}; }
   }
 
-  return { el, send, failure, api };
+  // The page's status line (#status): a message, or an error in the error colour.
+  function say(text, isError) {
+    const s = document.getElementById("status");
+    s.textContent = text || "";
+    s.classList.toggle("error", !!isError);
+  }
+
+  // The earlier turns of a prompt's conversation into `box` (#context): role and text of each.
+  function showContext(box, messages) {
+    box.replaceChildren();
+    for (const m of messages) {
+      const d = el("div", "msg");
+      d.append(el("span", "role", m.role), el("div", "text", m.content));
+      box.append(d);
+    }
+  }
+
+  return { el, send, failure, api, say, showContext };
 })();
 
-window.llmtrainPage = function (say) {
+window.llmtrainPage = function () {
+  const say = LT.say;
   function uuid4() {  // crypto.randomUUID needs a secure context; getRandomValues does not
     const b = crypto.getRandomValues(new Uint8Array(16));
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -87,5 +105,5 @@ window.llmtrainPage = function (say) {
     }
   }
 
-  return { el: LT.el, uuid4, api: LT.api, withRetry };
+  return { el: LT.el, uuid4, api: LT.api, withRetry, say, showContext: LT.showContext };
 };

@@ -17,13 +17,7 @@
 
   // ---- helpers
 
-  function say(text, isError) {
-    const s = $("status");
-    s.textContent = text || "";
-    s.classList.toggle("error", !!isError);
-  }
-
-  const { el, uuid4, api, withRetry } = window.llmtrainPage(say);  // static/common.js
+  const { el, uuid4, api, withRetry, say, showContext } = window.llmtrainPage();  // static/common.js
 
   // ---- cards
 
@@ -212,13 +206,7 @@
     $("round-note").hidden = rnd.n <= 1;
     $("round-note").textContent = rnd.n > 1 ? `You may have seen this prompt before: this is round ${rnd.n}, with ` +
       "fresh answers. Rank these answers on their own." : "";
-    const ctx = $("context");
-    ctx.replaceChildren();
-    for (const m of view.context) {
-      const d = el("div", "msg");
-      d.append(el("span", "role", m.role), el("div", "text", m.content));
-      ctx.append(d);
-    }
+    showContext($("context"), view.context);
     $("prompt-text").textContent = view.prompt;
     let made = view.candidates.map(makeCard);
     if (judgement && judgement.status === "ranked") {
