@@ -123,7 +123,7 @@ CASES = [
     ("match-page-bobs-own", "GET", "/api/arena/match/11", "bearer", {}, 404, "no arena match with id 11"),
     ("arena-page-bad-match", "GET", "/arena?match=x1", "cookie", {}, 400, "?match= must be a match number"),
     ("ask-without-worker", "POST", "/api/arena/ask", "bearer", {"json": {"prompt": "Why?"}}, 501,
-     "need the model worker"),
+     "need the models served"),
     ("ask-empty", "POST", "/api/arena/ask", "bearer", {"json": {"prompt": "  "}}, 400, "prompt must be a string"),
     ("ask-too-long", "POST", "/api/arena/ask", "bearer", {"json": {"prompt": "x" * 4001}}, 400, "1-4000 characters"),
     ("ask-number", "POST", "/api/arena/ask", "bearer", {"json": {"prompt": 7}}, 400, "prompt must be a string"),

@@ -7,6 +7,7 @@ Without --model there is no chat page at all. (The browser side: test_chat_brows
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import re
@@ -229,8 +230,9 @@ def test_a_page_that_goes_away_stops_its_answer_in_the_worker(ckpt, monkeypatch)
         while (ev := await asyncio.wait_for(job.events.get(), 60))["event"] not in END:
             pass
         return ev
-    try:
-        ev = asyncio.run(scenario())
+    try:  # in a thread of its own: a browser test's Playwright may hold this thread's event loop
+        with ThreadPoolExecutor(1) as pool:
+            ev = pool.submit(asyncio.run, scenario()).result()
     finally:
         server.close()
     assert ev["event"] == "stopped" and 3 <= ev["n_tokens"] < LONG
