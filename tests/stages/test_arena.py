@@ -52,6 +52,7 @@ def test_generate_simulate_and_export(arena_run, capsys):
     lines = [json.loads(x) for x in (arena_run["tmp"] / "arena.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(x["source"]["kind"] == "arena" and x["simulated"] for x in lines)
     assert all(len(x["ranked"]) == 2 for x in lines)
+    store.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def test_the_arena_win_rate_agrees_with_evaluates_true_rule_win_rate(arena_run, 
         by_prompt[m["prompt"]] = {m["x"]["name"]: m["x"]["text"], m["y"]["name"]: m["y"]["text"]}
     for s in ev["samples"]:
         assert by_prompt[s["prompt"]] == {"base": s["a"], "early": s["b"]}
+    store.close()  # now, not at garbage collection: its last close writes the database (the next test's mtime check)
 
 
 @pytest.mark.parametrize("args, message", [
