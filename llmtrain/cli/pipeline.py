@@ -18,7 +18,8 @@ def add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     for name in ("demo", "pipeline"):
         commands[name].add_argument("--from", dest="from_stage", default="", metavar="STAGE",
                                     help="rerun from this stage on: tokenizer, prepare, pretrain, sft, candidates, "
-                                         "rankings, reward, ppo, grpo, rloo, dpo, rounds (all rounds after the first), evaluate, report")
+                                         "rankings, reward, ppo, grpo, rloo, dpo, rounds (all rounds after the first), "
+                                         "evaluate, report")
         commands[name].add_argument("--human", action="store_true",
                                     help="people rank the candidates in the web app instead of the simulated annotator")
 
