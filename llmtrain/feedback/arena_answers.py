@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from llmtrain import checkpoint, dist
+from llmtrain import checkpoint
+from llmtrain.conversation import load_chat_model
 from llmtrain.data.jsonl import split
 from llmtrain.data.prompts import prompt_room, read_prompts
 from llmtrain.errors import CheckpointError, ConfigError, DataError
 from llmtrain.feedback.arena_store import check_model_name
+from llmtrain.feedback.modelserver import name_checkpoint_pairs
 from llmtrain.feedback.store import FeedbackStore
 from llmtrain.generate import SamplingConfig, answer_text, generate
 from llmtrain.model import Transformer
@@ -48,18 +50,7 @@ def answer_all(model: Transformer, tok: Tokenizer, convs: list[list[dict]], samp
 
 def parse_models(specs: list[str], flag: str = "--model") -> list[tuple[str, str]]:
     """NAME=CKPT specs -> [(name, checkpoint path)]: two or more, names valid and distinct."""
-    out: list[tuple[str, str]] = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{flag} {spec}: give NAME=CHECKPOINT (e.g. {flag} sft=runs/sft)")
-        try:
-            check_model_name(name)
-        except ValueError as e:
-            raise ConfigError(f"{flag} {spec}: {e}") from None
-        if name in (n for n, _ in out):
-            raise ConfigError(f"{flag} {spec}: the name {name} is given twice; each model needs its own")
-        out.append((name, path))
+    out = name_checkpoint_pairs(specs, flag, check_model_name)
     if len(out) < 2:
         raise ConfigError(f"{flag}: the arena needs at least two models (give {flag} NAME=CHECKPOINT twice or more)")
     return out
@@ -116,13 +107,10 @@ def generate_arena(models: list[tuple[str, str]], prompts_path: str, db: str, sa
               f"with --max-new-tokens {sampling.max_new_tokens}: skipped")
     answers, steps = {}, {}
     for name, path in models:
-        d = checkpoint.resolve(path)
-        model = Transformer(checkpoint.model_config(d))
-        checkpoint.load_weights(d, model)
-        model.to(dist.pick_device(device)).eval()
+        tok, model = load_chat_model(path, device)
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        answers[name] = answer_all(model, Tokenizer.load(checkpoint.tokenizer_of(d)), convs, sampling, gen)
-        steps[name] = checkpoint.read_meta(d).get("step")
+        answers[name] = answer_all(model, tok, convs, sampling, gen)
+        steps[name] = checkpoint.read_meta(checkpoint.resolve(path)).get("step")
         del model
     greedy = sampling.temperature == 0
     settings = {"arena": True, "decoding": "greedy" if greedy else "sampling", "prompts": str(prompts_path),

@@ -38,22 +38,38 @@ ARENA_MAX_NEW_TOKENS = 48  # an arena answer to a person's own prompt (arena-gen
 ARENA_OWNER = -1  # the owner of the arena's answers in the job table: no annotator can stop them
 
 
-def parse_models(values: list[str], flag: str = "--model") -> dict[str, str]:
-    """`--model NAME=CKPT` values -> {name: checkpoint}; a ConfigError naming the flag and value
-    for a malformed one, a bad or repeated name, or a checkpoint path that does not exist (what is
-    inside a checkpoint is checked by the worker as it loads it, before the app starts)."""
-    models: dict[str, str] = {}
+def name_checkpoint_pairs(values: list[str], flag: str, check_name) -> list[tuple[str, str]]:
+    """`NAME=CKPT` values -> [(name, checkpoint)] in order: a ConfigError naming the flag and value
+    for a malformed one, a name `check_name` refuses (it raises ValueError with the reason), or a
+    name given twice. Shared by `feedback serve --model` and `feedback arena-generate --model`."""
+    pairs: list[tuple[str, str]] = []
     for v in values:
         name, sep, ckpt = v.partition("=")
         if not sep or not name or not ckpt:
             raise ConfigError(f"{flag} {v}: give NAME=CHECKPOINT (e.g. {flag} sft=runs/sft)")
-        if not NAME.fullmatch(name):
-            raise ConfigError(f"{flag} {v}: the name {name!r} must be 1 to 40 letters, digits, '.', '_' or '-'")
-        if name in models:
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ConfigError(f"{flag} {v}: {e}") from None
+        if name in (n for n, _ in pairs):
             raise ConfigError(f"{flag} {v}: the name {name} is given twice (each model needs a name of its own)")
+        pairs.append((name, ckpt))
+    return pairs
+
+
+def check_served_name(name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise ValueError(f"the name {name!r} must be 1 to 40 letters, digits, '.', '_' or '-'")
+
+
+def parse_models(values: list[str], flag: str = "--model") -> dict[str, str]:
+    """`--model NAME=CKPT` values -> {name: checkpoint} (name_checkpoint_pairs), each checkpoint
+    path existing (what is inside a checkpoint is checked by the worker as it loads it, before the
+    app starts)."""
+    models = dict(name_checkpoint_pairs(values, flag, check_served_name))
+    for name, ckpt in models.items():
         if not os.path.exists(ckpt):
-            raise ConfigError(f"{flag} {v}: checkpoint not found: {ckpt}")
-        models[name] = ckpt
+            raise ConfigError(f"{flag} {name}={ckpt}: checkpoint not found: {ckpt}")
     return models
 
 

@@ -113,10 +113,12 @@ def rankings(cfg, r, human: bool, rd=None):
           f"'{cfg.feedback.rule}' of a simulated annotator"
           + (f"; {counts['skipped']} skipped, left out" if counts["skipped"] else "") + f") -> {rd.rankings}")
     if rd.n > 1:  # the reward model continues on every ranking so far
+        from llmtrain.files import publish
+
         lines = [p.read_text(encoding="utf-8") for p in rd.rankings_so_far]
         tmp = rd.all_rankings.with_name(rd.all_rankings.name + ".tmp")
         tmp.write_text("".join(lines), encoding="utf-8")
-        tmp.replace(rd.all_rankings)
+        publish(tmp, rd.all_rankings)
         print(f"rankings: {sum(t.count(chr(10)) for t in lines)} rankings of rounds 1-{rd.n} -> {rd.all_rankings}")
 
 

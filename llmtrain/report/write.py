@@ -86,13 +86,10 @@ def markdown(rep: Report) -> list[str]:
         md += ["", "## RLHF methods against SFT on held-out prompts", ""]
         md += [rep.rule, ""] if rep.rule else []
         if m_rows:
-            md += [METHODS_NOTE, "", "| " + " | ".join(m_header) + " |", "|---" * len(m_header) + "|"]
-            md += ["| " + " | ".join(row) + " |" for row in m_rows]
+            md += [METHODS_NOTE, "", *md_table(m_header, m_rows)]
         md += [f"\n**Warning — {w}**" for w in warnings]
     if rep.rounds[1]:
-        md += ["", "## Iterative RLHF, round by round", "", ROUNDS_NOTE, "",
-               "| " + " | ".join(rep.rounds[0]) + " |", "|---" * len(rep.rounds[0]) + "|"]
-        md += ["| " + " | ".join(row) + " |" for row in rep.rounds[1]]
+        md += ["", "## Iterative RLHF, round by round", "", ROUNDS_NOTE, "", *md_table(*rep.rounds)]
     for title, png, text in rep.sections:
         md += ["", f"## {title}", "", text]
         if rep.made.get(png):
@@ -122,15 +119,10 @@ def html_page(rep: Report) -> list[str]:
         if rep.rule:
             h.append(f"<p>{html.escape(rep.rule)}</p>")
         if m_rows:
-            h.append(f"<p>{html.escape(METHODS_NOTE)}</p><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in m_header) + "</tr>")
-            h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in m_rows]
-            h.append("</table>")
+            h += [f"<p>{html.escape(METHODS_NOTE)}</p>", *html_table(m_header, m_rows)]
         h += [f"<p style='color:#b00020'><strong>Warning — {html.escape(w)}</strong></p>" for w in warnings]
     if rep.rounds[1]:
-        h.append(f"<h2>Iterative RLHF, round by round</h2><p>{html.escape(ROUNDS_NOTE)}</p><table><tr>"
-                 + "".join(f"<th>{html.escape(c)}</th>" for c in rep.rounds[0]) + "</tr>")
-        h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rep.rounds[1]]
-        h.append("</table>")
+        h += [f"<h2>Iterative RLHF, round by round</h2><p>{html.escape(ROUNDS_NOTE)}</p>", *html_table(*rep.rounds)]
     for title, png, text in rep.sections:
         h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
         if rep.made.get(png):
@@ -177,6 +169,17 @@ def _xy(recs: list[dict], key: str) -> tuple[list, list]:
 
 
 MD_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;", **{c: "\\" + c for c in "\\`*_[]()!|~"}}
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """An HTML table's lines, every cell escaped."""
+    return (["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"]
+            + ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows] + ["</table>"])
 
 
 def md_text(text: str) -> str:
