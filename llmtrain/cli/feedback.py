@@ -179,14 +179,14 @@ def fb_export(args) -> int:
     from llmtrain.feedback.export import export, export_arena
     from llmtrain.feedback.store import FeedbackStore
 
-    store = FeedbackStore(args.db)
-    if args.action == "arena-export":
-        c = export_arena(store, args.output, include_simulated=not args.people_only)
-        what = (f"{c['votes']} votes ({c['simulated']} simulated): {c['preferences']} preferences, {c['ties']} ties, "
-                f"{c['both_bad']} both bad (no pair)")
-    else:
-        c = export(store, args.output, include_simulated=not args.people_only)
-        what = f"{c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out)"
+    with FeedbackStore(args.db) as store:
+        if args.action == "arena-export":
+            c = export_arena(store, args.output, include_simulated=not args.people_only)
+            what = (f"{c['votes']} votes ({c['simulated']} simulated): {c['preferences']} preferences, {c['ties']} ties, "
+                    f"{c['both_bad']} both bad (no pair)")
+        else:
+            c = export(store, args.output, include_simulated=not args.people_only)
+            what = f"{c['exported']} rankings ({c['simulated']} simulated; {c['skipped']} skips left out)"
     print(f"feedback {args.action}: {what} -> {args.output}")
     return 0
 
@@ -206,13 +206,13 @@ def fb_simulate(args) -> int:
     from llmtrain.feedback.simulate import arena_simulate, simulate
     from llmtrain.feedback.store import FeedbackStore
 
-    store = FeedbackStore(args.db)
-    if args.action == "arena-simulate":
-        r = arena_simulate(store, args.rule, args.name, args.limit)
-        what = f"voted on {r['voted']} matches ({r['a']} A, {r['b']} B, {r['tie']} ties)"
-    else:
-        r = simulate(store, args.rule, args.name, args.limit)
-        what = f"ranked {r['ranked']} prompts ({r['all_equal']} with all candidates tied)"
+    with FeedbackStore(args.db) as store:
+        if args.action == "arena-simulate":
+            r = arena_simulate(store, args.rule, args.name, args.limit)
+            what = f"voted on {r['voted']} matches ({r['a']} A, {r['b']} B, {r['tie']} ties)"
+        else:
+            r = simulate(store, args.rule, args.name, args.limit)
+            what = f"ranked {r['ranked']} prompts ({r['all_equal']} with all candidates tied)"
     print(f"feedback {args.action}: {r['annotator']} (simulated) {what}")
     return 0
 

@@ -91,7 +91,10 @@ def generate_arena(models: list[tuple[str, str]], prompts_path: str, db: str, sa
             dirs[name] = str(checkpoint.resolve(path).resolve())
         except CheckpointError as e:
             raise CheckpointError(f"--model {name}={path}: {e}") from None
-    known = {m["name"]: m["checkpoint"] for m in FeedbackStore(db).arena_models()} if Path(db).is_file() else {}
+    known = {}
+    if Path(db).is_file():
+        with FeedbackStore(db) as store:
+            known = {m["name"]: m["checkpoint"] for m in store.arena_models()}
     for name, d in dirs.items():
         if name in known and known[name] != d:
             raise ConfigError(f"--model {name}={d}: the arena in {db} has a model named {name} already, from "

@@ -284,6 +284,12 @@ class FeedbackStore(AnnotatorsAndSessions, ArenaTables):
             "AND q.messages = p.messages) FROM prompts p WHERE p.id = ?", (prompt_id,)).fetchone()
         return (row[0], row[1]) if row else (1, 1)
 
+    def __enter__(self) -> "FeedbackStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # now, not at garbage collection (the last close of a WAL database writes it)
+
     def close(self) -> None:
         con = getattr(self._local, "con", None)
         if con is not None:

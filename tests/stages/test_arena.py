@@ -66,7 +66,8 @@ def arena_rm(arena_run):
 
 def test_the_reward_stage_trains_on_an_arena_export(arena_run, arena_rm):
     setup = read_metrics(arena_rm, "setup")[0]
-    votes = FeedbackStore(arena_run["db"]).arena_votes()
+    with FeedbackStore(arena_run["db"]) as store:
+        votes = store.arena_votes()
     pairs = sum(v["vote"] in ("a", "b") for v in votes)  # a tie (equal length) gives no pair and is left out
     assert setup["train_prompts"] + setup["val_prompts"] == pairs >= 10
     assert read_metrics(arena_rm, "train")[-1]["step"] == 3
