@@ -62,9 +62,11 @@ def arena_sides(annotator_id: int, prompt_id: int, x: int, y: int) -> tuple[int,
 
 
 def check_model_name(name: str) -> None:
+    """The one rule for a model's name, in the arena and on the chat page (a served model answers
+    the arena's own prompts under its arena name, so the two must accept the same names)."""
     if not isinstance(name, str) or not name or len(name) > 64 or \
             not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or not name.isascii():
-        raise StoreError(f"arena model names are 1-64 ASCII letters, digits, '-', '_' or '.' (got {name!r})")
+        raise StoreError(f"model names are 1-64 ASCII letters, digits, '-', '_' or '.' (got {name!r})")
 
 
 class ArenaTables:

@@ -8,8 +8,8 @@ enters the app's process. At most `max_jobs` answers run or wait at once (more: 
 the app answers with 503 and Retry-After). If the worker dies, each answer under way gets an
 "error" event with one line, and the next request starts a fresh worker.
 
-Imports only the stdlib, anyio (Starlette's own: the arena's answers from its threadpool) and
-llmtrain.errors (never torch).
+Imports only the stdlib, anyio (Starlette's own: the arena's answers from its threadpool),
+llmtrain.errors and the arena's name rule (never torch).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import queue
-import re
 import secrets
 import subprocess
 import sys
@@ -27,8 +26,8 @@ from pathlib import Path
 import anyio.from_thread
 
 from llmtrain.errors import ConfigError
+from llmtrain.feedback.arena_store import check_model_name
 
-NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
 MAX_JOBS = 4  # answers running or waiting at once (the worker answers one at a time)
 READY_TIMEOUT = 600.0  # seconds the worker may take to load the models
 END = ("done", "stopped", "error")  # the events that end an answer
@@ -57,16 +56,11 @@ def name_checkpoint_pairs(values: list[str], flag: str, check_name) -> list[tupl
     return pairs
 
 
-def check_served_name(name: str) -> None:
-    if not NAME.fullmatch(name):
-        raise ValueError(f"the name {name!r} must be 1 to 40 letters, digits, '.', '_' or '-'")
-
-
 def parse_models(values: list[str], flag: str = "--model") -> dict[str, str]:
     """`--model NAME=CKPT` values -> {name: checkpoint} (name_checkpoint_pairs), each checkpoint
     path existing (what is inside a checkpoint is checked by the worker as it loads it, before the
     app starts)."""
-    models = dict(name_checkpoint_pairs(values, flag, check_served_name))
+    models = dict(name_checkpoint_pairs(values, flag, check_model_name))
     for name, ckpt in models.items():
         if not os.path.exists(ckpt):
             raise ConfigError(f"{flag} {name}={ckpt}: checkpoint not found: {ckpt}")

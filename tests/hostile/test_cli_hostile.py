@@ -403,8 +403,8 @@ case("feedback serve:--port -1", ["feedback", "serve", "--db", "{work}/fb.db", "
 SERVE = ["feedback", "serve", "--db", "{work}/fb.db", "--port", "0"]
 for value, needle in [("{ckpt}", "give NAME=CHECKPOINT"), ("={ckpt}", "give NAME=CHECKPOINT"),
                       ("tiny=", "give NAME=CHECKPOINT"), ("tiny={missing_dir}", "checkpoint not found"),
-                      ("bad name={ckpt}", "the name 'bad name' must be 1 to 40 letters"),
-                      ("x" * 41 + "={ckpt}", "must be 1 to 40 letters"), ("a/b={ckpt}", "the name 'a/b'"),
+                      ("bad name={ckpt}", "model names are 1-64 ASCII letters, digits, '-', '_' or '.' (got 'bad name')"),
+                      ("x" * 65 + "={ckpt}", "model names are 1-64"), ("a/b={ckpt}", "(got 'a/b')"),
                       ("tiny={adir}", "not a checkpoint"), ("tiny={ckpt_bad_weights}", "model.safetensors")]:
     case(f"feedback serve:--model {value}", [*SERVE, "--model", value], f"--model {value}", needle)
 case("feedback serve:--model twice", [*SERVE, "--model", "a={ckpt}", "--model", "a={missing_dir}"], "--model a={missing_dir}",
