@@ -123,3 +123,25 @@ def test_rankings_without_pairs_and_bad_files(pretrained, tmp_path, capsys):
     assert "r.jsonl:9: 'ranked' must list at least 2 candidates" in capsys.readouterr().err
     assert cli_main(["reward", "score", str(pretrained), "--prompt", "q", "--response", "a"]) == 2
     assert "not a reward-model checkpoint" in capsys.readouterr().err
+
+
+def test_continuing_from_a_reward_model_needs_norm_policy(pretrained, tmp_path, capsys):
+    """A reward model that continues from another (the rounds of iterative RLHF) writes no answers of
+    its own to set its zero: without norm_policy it is refused in one line before training; a missing
+    norm_policy is named; with the SFT model as norm_policy it trains and its zero is set by that
+    model's answers."""
+    data = write_jsonl(tmp_path / "r.jsonl", toy_rankings(24))
+    reward.main(reward_config(pretrained, data, tmp_path / "rm1", max_steps=2, eval_every=0))
+    base = ["reward", f"init_from={tmp_path}/rm1", f"data.train={data}", "data.val_every=4", "run.max_steps=2", "norm_prompts=2",
+            "norm_samples=1", "norm_max_new_tokens=4"]
+    capsys.readouterr()
+    assert cli_main(base + [f"run.out_dir={tmp_path}/rm2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a reward model, which writes no answers: set norm_policy" in err, err
+    assert not (tmp_path / "rm2" / "checkpoints").exists()
+    assert cli_main(base + [f"run.out_dir={tmp_path}/rm3", f"norm_policy={tmp_path}/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "norm_policy" in err and "nowhere" in err, err
+    assert cli_main(base + [f"run.out_dir={tmp_path}/rm4", f"norm_policy={pretrained}"]) == 0
+    norm = read_metrics(tmp_path / "rm4", "normalisation")[0]
+    assert norm["n"] == 2 and norm["samples"] == 2
