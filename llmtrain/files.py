@@ -129,6 +129,24 @@ def remove(path: str | Path) -> None:
             pass
 
 
+def write_file(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` through a temporary file beside it and `publish`:
+    a kill or a power cut leaves the old file or the new one; a failed write leaves no temporary
+    file behind, and a full disk is a one-line DiskFullError naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        publish(tmp, path)
+    except OSError as e:
+        full = is_disk_full(e, tmp)  # asked before the partial file goes: it is what filled the disk
+        remove(tmp)
+        if full:
+            raise disk_full(path, "it was left as it was") from None
+        raise
+
+
 def publish(tmp: str | Path, final: str | Path) -> None:
     """Rename a fully written `tmp` (a file or a folder) to `final`, durably: its bytes (every
     file of a folder) are fsynced before the rename, and the parent folder after it, so a power

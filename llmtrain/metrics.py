@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from llmtrain.errors import DataError
-from llmtrain.files import disk_full, fsync_dir, is_disk_full, remove
+from llmtrain.files import disk_full, is_disk_full, write_file
 
 
 def fmt_duration(seconds: float) -> str:
@@ -38,13 +38,13 @@ class Metrics:
             raise DataError(f"{self.path}: is not a file (a folder or a broken link where the run's metrics go; "
                             "move it away or choose another run.out_dir)")
         if resume_step is None:
-            _rewrite(self.path, b"")
+            write_file(self.path, b"")
         elif self.path.exists():
             recs, torn = parse_metrics(self.path)
             if torn:
                 self.print(f"{self.path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
             keep = [r for r in recs if r.get("step", 0) <= resume_step]
-            _rewrite(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            write_file(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -112,23 +112,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _rewrite(path: Path, data: bytes) -> None:
-    """Replace the file's contents atomically: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power cut
-    except OSError as e:
-        remove(tmp)
-        if is_disk_full(e, tmp):
-            raise disk_full(path) from None
-        raise
 
 
 def parse_metrics(path: str | Path) -> tuple[list[dict], int]:

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 from llmtrain.chat_template import ChatTemplate, control_pattern, render_template_chat
 from llmtrain.errors import CheckpointError, DataError
-from llmtrain.files import publish
+from llmtrain.files import publish, write_file
 
 SPECIAL_TOKENS = {
     "pad": "<|pad|>",
@@ -205,9 +205,7 @@ def write_chat_template(folder: str | Path, tpl: ChatTemplate) -> None:
     folder = Path(folder)
     conf = {**tpl.variables, "stop_tokens": list(tpl.stop_tokens)}
     for name, text in ((TEMPLATE_FILE, tpl.source), (CONFIG_FILE, json.dumps(conf, indent=2, ensure_ascii=False))):
-        tmp = folder / f"{name}.tmp{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        publish(tmp, folder / name)
+        write_file(folder / name, text)
 
 
 def copy_tokenizer_files(tokenizer_json: str | Path, dest: str | Path) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from llmtrain.cli.args import check_flags, check_out, sampling_flags
+from llmtrain.files import write_file
 
 
 def add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
@@ -133,7 +134,7 @@ def cmd_classify_predict(argv: list[str]) -> int:
     preds = classify.predict(model, tok, labels, texts)
     lines = [json.dumps({"text": t, **r}) for t, r in zip(texts, preds)]
     if a.output:
-        Path(a.output).write_text("\n".join(lines) + "\n")
+        write_file(a.output, "\n".join(lines) + "\n")
         print(f"{len(lines)} predictions -> {a.output}")
     else:
         for t, r in zip(texts, preds):
@@ -175,8 +176,8 @@ def cmd_reward_score(argv: list[str]) -> int:
     model, tok, norm = scoring.load_reward_model(a.checkpoint)
     scores = scoring.score_texts(model, tok, items, offset=0.0 if a.raw else norm.get("offset", 0.0))
     if a.output:
-        Path(a.output).write_text("".join(json.dumps({"messages": m, "response": r, "reward": s}) + "\n"
-                                          for (m, r), s in zip(items, scores)))
+        write_file(a.output, "".join(json.dumps({"messages": m, "response": r, "reward": s}) + "\n"
+                                    for (m, r), s in zip(items, scores)))
         print(f"{len(scores)} scores -> {a.output}")
     else:
         for (m, r), s in zip(items, scores):

@@ -12,12 +12,11 @@ The candidate text is the chat's first turns, one per line, cut to `max_chars` c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from llmtrain.data.preference import Ranking
 from llmtrain.errors import DataError
-from llmtrain.files import publish
+from llmtrain.files import write_file
 
 
 def load_chats() -> dict:
@@ -56,7 +55,5 @@ def convert(out: str | Path, k_max: int = 4, max_chars: int = 400) -> dict:
                                     {"dataset": "chitchat-dataset", "rule": "mean rating; pairs need gap >= min_score_gap"}))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rankings), encoding="utf-8")
-    publish(tmp, out)
+    write_file(out, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rankings))
     return {"prompts": len(by_prompt), "rankings": len(rankings), "chats": sum(len(r.texts) for r in rankings)}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from llmtrain.data.preference import Ranking, ranks_from_tiers, read_rankings
 from llmtrain.errors import DataError
 from llmtrain.feedback.store import FeedbackStore, StoreError
-from llmtrain.files import publish
+from llmtrain.files import write_file
 
 
 def export(store: FeedbackStore, out: str | Path, include_simulated: bool = True, only_simulated: str = "") -> dict:
@@ -81,9 +80,7 @@ def export_arena(store: FeedbackStore, out: str | Path, include_simulated: bool 
 def _write_lines(out: str | Path, lines: list[str]) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    publish(tmp, out)
+    write_file(out, "".join(l + "\n" for l in lines))
 
 
 def read_import(path: str | Path) -> list[Ranking]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from llmtrain.files import publish
+from llmtrain.files import write_file
 from llmtrain.pipeline import steps
 from llmtrain.pipeline.config import method_of
 from llmtrain.pipeline.prompts import held_out
@@ -74,9 +74,7 @@ def check_round(cfg, base, r, rd, method: str) -> dict:
                                "on": f"held-out rankings of round {rd.n}'s candidates"},
            "vs_last_round": {k: vs_last[k] for k in keep if k in vs_last},
            "vs_sft": {k: vs_sft[k] for k in keep if k in vs_sft}}
-    tmp = rd.summary.with_name(rd.summary.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    publish(tmp, rd.summary)
+    write_file(rd.summary, json.dumps(out, indent=2))
     print(f"round {rd.n}: reward-model accuracy on the new candidates {before['accuracy']:.0%} (round {rd.n - 1}'s) -> "
           f"{after['accuracy']:.0%} (this round's), {after['pairs']} held-out pairs; {method.upper()} round {rd.n} "
           f"wins {vs_last['win_rate_b_by_true_rule']:.0%} over round {rd.n - 1}'s by the true rule "

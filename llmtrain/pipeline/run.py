@@ -13,6 +13,7 @@ import yaml
 
 from llmtrain.config import to_dict
 from llmtrain.errors import ConfigError
+from llmtrain.files import write_file
 from llmtrain.metrics import fmt_duration
 from llmtrain.pipeline import steps
 from llmtrain.pipeline.checks import check_split
@@ -118,7 +119,7 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
     print(f"pipeline '{cfg.name}': all outputs in {root.resolve()}")
     timing_path = root / "timings.json"
     timings: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    (root / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_file(root / "pipeline.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def stage(name: str, done: bool, fn) -> None:
         if done:
@@ -128,7 +129,7 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
         t = time.time()
         fn()
         timings[name] = round(time.time() - t, 1)
-        timing_path.write_text(json.dumps(timings, indent=2))
+        write_file(timing_path, json.dumps(timings, indent=2))
         print(f"[{name}] done in {fmt_duration(timings[name])}", flush=True)
 
     with r.cleanup:  # --human: the ranking app serves (saying the round is over) until the run ends

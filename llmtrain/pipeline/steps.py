@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llmtrain.files import write_file
 from llmtrain.pipeline.answers import answers_side_by_side, style_check
 from llmtrain.pipeline.checks import check_rankings, check_split
 from llmtrain.pipeline.config import abs_path, method_of
@@ -50,7 +51,7 @@ def sft(cfg, base, r):
     if not finished(r.sft, c.run.max_steps):
         stage.main(c)
     style = style_check(cfg, base, {"pretrain": r.pretrain, "sft": r.sft})
-    (r.root / "style.json").write_text(json.dumps(style, indent=2))
+    write_file(r.root / "style.json", json.dumps(style, indent=2))
     for name, s in style["models"].items():
         print(f"style check: {s['hits']}/{s['n']} = {s['rate']:.0%} of {name} answers to held-out prompts show the style")
 
@@ -113,12 +114,8 @@ def rankings(cfg, r, human: bool, rd=None):
           f"'{cfg.feedback.rule}' of a simulated annotator"
           + (f"; {counts['skipped']} skipped, left out" if counts["skipped"] else "") + f") -> {rd.rankings}")
     if rd.n > 1:  # the reward model continues on every ranking so far
-        from llmtrain.files import publish
-
         lines = [p.read_text(encoding="utf-8") for p in rd.rankings_so_far]
-        tmp = rd.all_rankings.with_name(rd.all_rankings.name + ".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        publish(tmp, rd.all_rankings)
+        write_file(rd.all_rankings, "".join(lines))
         print(f"rankings: {sum(t.count(chr(10)) for t in lines)} rankings of rounds 1-{rd.n} -> {rd.all_rankings}")
 
 
@@ -169,7 +166,7 @@ def evaluate(cfg, base, r):
         m = method_of(cfg)
         models[f"{m}@{cfg.rounds}"] = str(r.round(cfg.rounds, m).policy(m))
     out = stage.compare(str(r.sft), models, str(r.reward), convs, e.true_rule or cfg.feedback.rule, e.max_new_tokens)
-    r.evaluation.write_text(json.dumps(out, indent=2))
+    write_file(r.evaluation, json.dumps(out, indent=2))
 
 
 def report(cfg, base, r, timings):

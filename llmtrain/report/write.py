@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtrain.files import write_file
 from llmtrain.metrics import fmt_duration
 from llmtrain.report.figures import (RL_METHODS, headline, method_dir, methods_of, methods_table, ranking_sources,
                                      rounds_table, run_metrics)
@@ -42,9 +43,9 @@ def write_report(r, cfg, timings: dict, samples: list[dict]) -> Path:
                  rounds_table(r))
     for w in rep.methods[2]:
         print(f"report: warning: {w}")
-    (r.root / "report.md").write_text("\n".join(markdown(rep)) + "\n")
-    (r.root / "headline.json").write_text(json.dumps(nums, indent=2))
-    (r.root / "report.html").write_text("\n".join(html_page(rep)))
+    write_file(r.root / "report.md", "\n".join(markdown(rep)) + "\n")
+    write_file(r.root / "headline.json", json.dumps(nums, indent=2))
+    write_file(r.root / "report.html", "\n".join(html_page(rep)))
     return r.root / "report.md"
 
 

@@ -23,6 +23,7 @@ from llmtrain.config import EvaluateConfig
 from llmtrain.data.prompts import fit_prompts, last_user, prompt_room, read_prompts
 from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.files import write_file
 from llmtrain.model import Transformer
 from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate
 from llmtrain.styles import RULES
@@ -90,5 +91,5 @@ def main(cfg: EvaluateConfig) -> dict:
     out = compare(cfg.a, {"b": cfg.b}, cfg.reward_model, convs, cfg.true_rule, cfg.max_new_tokens)["b"]
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(out, indent=2))
+        write_file(cfg.out, json.dumps(out, indent=2))
     return out

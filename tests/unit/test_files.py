@@ -261,6 +261,44 @@ def test_other_save_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+class _FailingFile:
+    """A file whose write puts half the bytes on disk, then fails with `err` (as a full disk does)."""
+
+    def __init__(self, path, mode, err):
+        self.fh, self.err = open(path, mode), err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        raise self.err
+
+
+@pytest.mark.parametrize("err, full", [(OSError(errno.ENOSPC, "No space left on device"), True),
+                                       (OSError(errno.EIO, "Input/output error"), False)])
+def test_write_file_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch, err, full):
+    """files.write_file (round.json, report.md, evaluation.json, rankings, metrics rewrites...): a
+    write that fails leaves the file as it was and nothing beside it; a full disk is one line
+    naming the file, another error is raised as it is."""
+    target = tmp_path / "round.json"
+    files.write_file(target, "old")
+    monkeypatch.setattr(files, "open", lambda path, mode: _FailingFile(path, mode, err), raising=False)
+    with pytest.raises(DiskFullError if full else OSError) as e:
+        files.write_file(target, '{"new": "' + "x" * 1000 + '"}')
+    if full:
+        assert str(e.value) == f"no space left on device while writing {target}; it was left as it was"
+    else:
+        assert e.value is err
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["round.json"]
+    monkeypatch.undo()
+    files.write_file(target, b"new \xe2\x9c\x93")
+    assert target.read_text(encoding="utf-8") == "new \u2713" and [p.name for p in tmp_path.iterdir()] == ["round.json"]
+
+
 def test_disk_quota_counts_as_full():
     assert files.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), "/nowhere/x")
     assert not files.is_disk_full(KeyboardInterrupt(), "/nowhere/x")
@@ -541,20 +579,23 @@ def test_publish_fsyncs_before_and_after_the_rename(tmp_path, monkeypatch):
     assert events == [("file", "a"), ("dir", "d.tmp"), ("rename", "d.tmp"), ("dir", tmp_path.name)]
 
 
-@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf_export", "data.chitchat", "pipeline.steps"])
+@pytest.mark.parametrize("module", ["tokenizer", "feedback.export", "interop.hf_export", "data.chitchat", "pipeline.steps",
+                                    "pipeline.rounds", "pipeline.run", "report.write", "metrics", "stages.evaluate"])
 def test_writers_publish_through_the_fsyncing_helper(module):
+    """Each module that writes an output file goes through files.publish or files.write_file (which
+    publishes): no bare rename, and no plain write_text of an output."""
     import importlib
     import inspect
 
     src = inspect.getsource(importlib.import_module(f"llmtrain.{module}"))
-    assert "publish(tmp" in src
+    assert "publish(tmp" in src or "write_file(" in src
     assert "os.replace(tmp" not in src and ".rename(r.db)" not in src
+    if module != "interop.hf_export":  # which writes its files into a temporary folder, then publishes the folder
+        assert ".write_text(" not in src
 
 
 def test_metrics_rewrite_fsyncs_the_folder(tmp_path, monkeypatch):
-    import llmtrain.metrics as metrics_mod
-
     events = []
-    monkeypatch.setattr(metrics_mod, "fsync_dir", lambda p: events.append(Path(p)), raising=False)
+    monkeypatch.setattr(files, "fsync_dir", lambda p: events.append(Path(p)))
     Metrics(tmp_path, stream=open(os.devnull, "w"))
     assert events == [tmp_path]
