@@ -15,7 +15,7 @@ from llmtrain.data.packing import pack
 from llmtrain.data.preference import Ranking
 from llmtrain.data.prompts import last_user
 from llmtrain.errors import CheckpointError
-from llmtrain.generate import SamplingConfig, generate, greedy_answers
+from llmtrain.generate import SamplingConfig, answer_text, generate, greedy_answers
 from llmtrain.model import Transformer
 from llmtrain.model.heads import ScoreModel
 from llmtrain.rl import rollout_rows, sequence_kl, token_logprobs
@@ -93,6 +93,36 @@ def evaluate_policy(policy: Transformer, tok: Tokenizer, reward_model: ScoreMode
         true = [true_rule(last_user(c), a) for c, a in zip(convs, answers)]
         out["true_score"] = float(np.mean(true))
         out["true_scores"] = true
+    return out
+
+
+@torch.no_grad()
+def evaluate_sampled(policy: Transformer, tok: Tokenizer, reward_model: ScoreModel, norm: dict, convs: list[list[dict]],
+                     max_new_tokens: int, n: int, true_rule: Callable[[str, dict], float] | None = None, seed: int = 0,
+                     batch_size: int = 32) -> dict:
+    """`n` answers per held-out prompt sampled at temperature 1 (what the policy writes, and what
+    RL optimizes; greedy answers show only its most likely one): per prompt the mean
+    reward-model score and, with a rule, the mean true score. Seeded: the same seed for every
+    model, so a model compared with itself ties on every prompt."""
+    s = SamplingConfig(max_new_tokens, 1.0, stop_ids=tok.stop_ids)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
+    items = []  # (prompt index, answer) in sampling order
+    for _ in range(n):
+        for i in range(0, len(prompts), batch_size):
+            outs = generate(policy, prompts[i:i + batch_size], s, pad_id=tok.pad_id, generator=g)
+            items += [(i + j, dict(zip(("text", "finished"), answer_text(tok, o, s.stop_ids)))) for j, o in enumerate(outs)]
+    rewards = score_texts(reward_model, tok, [(convs[i], a["text"], a["finished"]) for i, a in items],
+                          offset=norm.get("offset", 0.0))
+    per_prompt = np.zeros(len(convs))
+    for (i, _), r in zip(items, rewards):
+        per_prompt[i] += r / n
+    out = {"reward": float(per_prompt.mean()), "rewards": per_prompt.tolist()}
+    if true_rule:
+        true = np.zeros(len(convs))
+        for i, a in items:
+            true[i] += true_rule(last_user(convs[i]), a) / n
+        out["true_score"], out["true_scores"] = float(true.mean()), true.tolist()
     return out
 
 

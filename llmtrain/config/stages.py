@@ -221,6 +221,7 @@ class EvaluateConfig:
     max_prompts: int = check(0, NON_NEGATIVE | "0: all")
     true_rule: str = ""  # a simulated annotator's rule: the true preference
     max_new_tokens: int = check(32, POSITIVE)
+    samples: int = check(0, NON_NEGATIVE | "0: greedy answers only")  # answers per prompt also sampled at temperature 1
     out: str = check("", WRITABLE_FILE)  # write the comparison as JSON here
 
 

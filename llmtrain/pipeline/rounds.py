@@ -10,8 +10,9 @@ and the report shows each round. The check asks what a person steering the loop 
   round's and of this round's reward model on the held-out rankings of this round's candidates
   (the prompts the reward model holds out, by hash: neither trained on them);
 - did the policy improve by the stated rule, and what does the reward model say? Greedy answers
-  to the held-out SFT prompts: win rates of this round's policy over the last round's and over
-  the SFT model, by the true rule and by this round's reward model, and the KL to each.
+  to the held-out SFT prompts, and evaluate.samples sampled ones per prompt: win rates of this
+  round's policy over the last round's and over the SFT model, by the true rule and by this
+  round's reward model, and the KL to each.
 Stages are imported inside the functions (lazily), as in steps.py.
 """
 from __future__ import annotations
@@ -64,10 +65,10 @@ def check_round(cfg, base, r, rd, method: str) -> dict:
     convs = held_out(cfg, base)[1][: e.max_prompts or None]
     rule = e.true_rule or cfg.feedback.rule
     policy = str(rd.policy(method))
-    vs_last = compare(str(last.policy(method)), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens)["b"]
-    vs_sft = compare(str(r.sft), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens)["b"]
+    vs_last = compare(str(last.policy(method)), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens, e.samples)["b"]
+    vs_sft = compare(str(r.sft), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens, e.samples)["b"]
     keep = ("prompts", "win_rate_b_by_true_rule", "win_rate_b_by_reward_model", "kl_b", "true_score_a", "true_score_b",
-            "distinct_b", "mean_words_b", "samples")
+            "distinct_b", "mean_words_b", "sampled", "samples")
     out = {"round": rd.n, "method": method, "true_rule": rule,
            "candidates_by": rd.writer_name,
            "reward_accuracy": {"last_round_rm": before, "this_round_rm": after,
@@ -79,6 +80,9 @@ def check_round(cfg, base, r, rd, method: str) -> dict:
           f"{after['accuracy']:.0%} (this round's), {after['pairs']} held-out pairs; {method.upper()} round {rd.n} "
           f"wins {vs_last['win_rate_b_by_true_rule']:.0%} over round {rd.n - 1}'s by the true rule "
           f"({vs_last['win_rate_b_by_reward_model']:.0%} by the reward model), "
-          f"{vs_sft['win_rate_b_by_true_rule']:.0%} over SFT; KL {vs_last['kl_b']:.2f} nats to round {rd.n - 1}'s, "
+          f"{vs_sft['win_rate_b_by_true_rule']:.0%} over SFT"
+          + (f"; on {e.samples} sampled answers per prompt {vs_last['sampled']['win_rate_b_by_true_rule']:.0%} over round "
+             f"{rd.n - 1}'s and {vs_sft['sampled']['win_rate_b_by_true_rule']:.0%} over SFT by the true rule" if e.samples else "")
+          + f"; KL {vs_last['kl_b']:.2f} nats to round {rd.n - 1}'s, "
           f"{vs_sft['kl_b']:.2f} to SFT", flush=True)
     return out

@@ -165,7 +165,8 @@ def evaluate(cfg, base, r):
     if cfg.rounds > 1:  # the last round's policy too, by the first reward model like the others
         m = method_of(cfg)
         models[f"{m}@{cfg.rounds}"] = str(r.round(cfg.rounds, m).policy(m))
-    out = stage.compare(str(r.sft), models, str(r.reward), convs, e.true_rule or cfg.feedback.rule, e.max_new_tokens)
+    out = stage.compare(str(r.sft), models, str(r.reward), convs, e.true_rule or cfg.feedback.rule, e.max_new_tokens,
+                        e.samples)
     write_file(r.evaluation, json.dumps(out, indent=2))
 
 

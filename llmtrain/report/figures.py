@@ -61,16 +61,23 @@ def _pct(x) -> str:
     return f"{x:.0%}" if isinstance(x, (int, float)) else "—"
 
 
+def _sampled(e: dict) -> str:
+    """'true / RM' win rates on sampled answers (evaluate.samples), or a dash when none were sampled."""
+    s = e.get("sampled")
+    return f"{_pct(s.get('win_rate_b_by_true_rule'))} / {_pct(s['win_rate_b_by_reward_model'])}" if s else "—"
+
+
 def methods_table(ev: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """The RLHF methods side by side against SFT: header, rows (SFT's reference row first) and
     warning lines (collapse; reward hacking)."""
-    header = ["method", "wins by the true rule", "wins by the reward model", "gap (hacking)", "KL to SFT (nats/answer)",
-              "distinct answers", "distinct-2", "mean words"]
+    header = ["method", "wins by the true rule", "wins by the reward model", "gap (hacking)",
+              "sampled answers: wins by the true rule / RM", "KL to SFT (nats/answer)", "distinct answers", "distinct-2",
+              "mean words"]
     names = methods_of(ev)
     if not names:
         return header, [], []
     first = ev[names[0]]
-    rows = [["SFT (reference)", "—", "—", "—", "0", _pct(first.get("distinct_a")),
+    rows = [["SFT (reference)", "—", "—", "—", "—", "0", _pct(first.get("distinct_a")),
              f"{first['distinct2_a']:.2f}" if "distinct2_a" in first else "—",
              f"{first['mean_words_a']:.1f}" if "mean_words_a" in first else "—"]]
     warnings = []
@@ -80,7 +87,7 @@ def methods_table(ev: dict) -> tuple[list[str], list[list[str]], list[str]]:
         if gap is None and "win_rate_b_by_true_rule" in e:
             gap = e["win_rate_b_by_reward_model"] - e["win_rate_b_by_true_rule"]
         rows.append([n.upper(), _pct(e.get("win_rate_b_by_true_rule")), _pct(e["win_rate_b_by_reward_model"]),
-                     f"{gap * 100:+.0f} points" if gap is not None else "—",
+                     f"{gap * 100:+.0f} points" if gap is not None else "—", _sampled(e),
                      f"{e['kl_b']:.3f}" if "kl_b" in e else "—", _pct(e.get("distinct_b")),
                      f"{e['distinct2_b']:.2f}" if "distinct2_b" in e else "—",
                      f"{e['mean_words_b']:.1f}" if "mean_words_b" in e else "—"])
@@ -97,7 +104,8 @@ def rounds_table(r) -> tuple[list[str], list[list[str]]]:
     reward model's accuracy on the round's new candidates before and after it learnt them, and
     the round's policy against the last round's and against SFT."""
     header = ["round", "candidates by", "RM accuracy on them: last RM -> this RM", "wins over last round: true rule / RM",
-              "wins over SFT: true rule / RM", "KL to last round / to SFT (nats/answer)"]
+              "same, sampled answers", "wins over SFT: true rule / RM", "same, sampled answers",
+              "KL to last round / to SFT (nats/answer)"]
     rows = []
     for path in sorted(Path(r.root).glob("round[0-9]*/round.json"), key=lambda p: int(p.parent.name[5:])):
         s = json.loads(path.read_text())
@@ -106,7 +114,8 @@ def rounds_table(r) -> tuple[list[str], list[list[str]]]:
                      f"{_pct(acc['last_round_rm']['accuracy'])} -> {_pct(acc['this_round_rm']['accuracy'])} "
                      f"({acc['this_round_rm']['pairs']} pairs)",
                      f"{_pct(last.get('win_rate_b_by_true_rule'))} / {_pct(last['win_rate_b_by_reward_model'])}",
-                     f"{_pct(sft.get('win_rate_b_by_true_rule'))} / {_pct(sft['win_rate_b_by_reward_model'])}",
+                     _sampled(last),
+                     f"{_pct(sft.get('win_rate_b_by_true_rule'))} / {_pct(sft['win_rate_b_by_reward_model'])}", _sampled(sft),
                      f"{last['kl_b']:.2f} / {sft['kl_b']:.2f}"])
     return header, rows
 

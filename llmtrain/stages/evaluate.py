@@ -12,6 +12,12 @@ answers over the prompts, `distinct2_*`, distinct word bigrams over all bigrams,
 every RL method): on one answer per prompt sampled from b at temperature 1, the mean of the sum
 of log pi_b - log pi_a over the answer's tokens; `kl_b_k3` the same with the k3 estimator. So
 every method, DPO too (which logs no KL), has one comparable figure.
+
+With `samples` = n > 0, each model also samples n answers per prompt at temperature 1 (seeded,
+the same seed for each model): `sampled` holds the same win rates and mean scores on those,
+per prompt the mean over its n answers. Greedy answers show a policy's most likely answer;
+sampled ones show the distribution RL optimizes, which is also what writes the next round's
+candidates and what a person chatting at temperature 1 reads.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from llmtrain.data.jsonl import split
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.files import write_file
 from llmtrain.model import Transformer
-from llmtrain.scoring import evaluate_policy, load_reward_model, sampled_kl, win_rate
+from llmtrain.scoring import evaluate_policy, evaluate_sampled, load_reward_model, sampled_kl, win_rate
 from llmtrain.styles import RULES
 
 
@@ -37,9 +43,10 @@ def _load(path: str) -> tuple[Path, Transformer]:
 
 
 def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs: list[list[dict]], true_rule: str,
-            max_new_tokens: int) -> dict[str, dict]:
-    """Each model answers once (greedily); every challenger is compared with the baseline, and
-    its KL to the baseline measured on answers it samples (seeded, the same seed for each)."""
+            max_new_tokens: int, samples: int = 0) -> dict[str, dict]:
+    """Each model answers once (greedily), and `samples` times sampled; every challenger is
+    compared with the baseline, and its KL to the baseline measured on answers it samples
+    (seeded, the same seed for each)."""
     rm, tok, norm = load_reward_model(reward_model)
     # Lengths up front: prompts that leave fewer than max_new_tokens of any model's context are skipped.
     ctx = min(checkpoint.model_config(checkpoint.resolve(p)).max_seq_len for p in [baseline, *challengers.values()])
@@ -55,10 +62,14 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
     rule = RULES[true_rule] if true_rule else None
     res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, rule)}
     res["a"]["checkpoint"] = str(ckpt_a)
+    if samples:
+        res["a"]["sampled"] = evaluate_sampled(model_a, tok, rm, norm, convs, max_new_tokens, samples, rule)
     for name, path in challengers.items():
         ckpt, model = _load(path)
         res[name] = evaluate_policy(model, tok, rm, norm, convs, max_new_tokens, rule)
         res[name]["checkpoint"] = str(ckpt)
+        if samples:
+            res[name]["sampled"] = evaluate_sampled(model, tok, rm, norm, convs, max_new_tokens, samples, rule)
         res[name]["kl"] = sampled_kl(model, model_a, tok, convs, max_new_tokens, seed=0)
         del model
     out = {}
@@ -73,22 +84,35 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
         for k in ("distinct", "distinct2", "mean_words"):
             o[f"{k}_a"], o[f"{k}_b"] = a[k], b[k]
         o["kl_b"], o["kl_b_k3"] = b["kl"]["kl"], b["kl"]["kl_k3"]
+        if samples:
+            sa, sb = a["sampled"], b["sampled"]
+            o["sampled"] = {"per_prompt": samples, "reward_a": sa["reward"], "reward_b": sb["reward"],
+                            "win_rate_b_by_reward_model": win_rate(sb["rewards"], sa["rewards"])}
+            if true_rule:
+                o["sampled"].update(true_score_a=sa["true_score"], true_score_b=sb["true_score"],
+                                    win_rate_b_by_true_rule=win_rate(sb["true_scores"], sa["true_scores"]))
         o["samples"] = [{"prompt": last_user(c), "a": x["text"], "b": y["text"]}
                         for c, x, y in list(zip(convs, a["answers"], b["answers"]))[:8]]
         print(f"evaluate {name} against {Path(a['checkpoint']).parent.parent.name} on {len(convs)} held-out prompts: "
               f"reward {o['reward_a']:+.3f} -> {o['reward_b']:+.3f}; wins {o['win_rate_b_by_reward_model']:.0%} by the "
               f"reward model" + (f", {o['win_rate_b_by_true_rule']:.0%} by the true rule '{true_rule}'" if true_rule else "")
               + f"; distinct answers {o['distinct_a']:.0%} -> {o['distinct_b']:.0%}; KL to the baseline "
-              f"{o['kl_b']:.3f} nats/answer (k3 {o['kl_b_k3']:.3f})")
+              f"{o['kl_b']:.3f} nats/answer (k3 {o['kl_b_k3']:.3f})" + (sampled_words(o["sampled"]) if samples else ""))
         out[name] = o
     return out
+
+
+def sampled_words(s: dict) -> str:
+    return (f"; on {s['per_prompt']} sampled answers per prompt: wins {s['win_rate_b_by_reward_model']:.0%} by the reward "
+            f"model" + (f", {s['win_rate_b_by_true_rule']:.0%} by the true rule (true score {s['true_score_a']:.2f} -> "
+                        f"{s['true_score_b']:.2f})" if "win_rate_b_by_true_rule" in s else ""))
 
 
 def main(cfg: EvaluateConfig) -> dict:
     if not (cfg.a and cfg.b and cfg.reward_model):
         raise ConfigError("set a, b (the two checkpoints) and reward_model")
     convs = split(read_prompts(cfg.prompts, columns=cfg.prompt_columns), cfg.val_every)[1][: cfg.max_prompts or None]
-    out = compare(cfg.a, {"b": cfg.b}, cfg.reward_model, convs, cfg.true_rule, cfg.max_new_tokens)["b"]
+    out = compare(cfg.a, {"b": cfg.b}, cfg.reward_model, convs, cfg.true_rule, cfg.max_new_tokens, cfg.samples)["b"]
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         write_file(cfg.out, json.dumps(out, indent=2))

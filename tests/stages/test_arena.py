@@ -139,3 +139,51 @@ def test_arena_simulate_and_export_refuse_in_one_line(arena_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_evaluate_samples_compares_sampled_answers_too(arena_run, arena_rm, tmp_path):
+    """evaluate samples=n: each model also samples n answers per prompt at temperature 1 with one seed.
+    A model against itself ties on every prompt (0.5 exactly, equal scores); against another, each
+    model's mean true score is the mean over prompts of the mean over its n answers, recomputed here
+    from generate() with the same seed, and the win rate compares the per-prompt means."""
+    import numpy as np
+    import torch
+
+    from llmtrain import checkpoint
+    from llmtrain.data.jsonl import split
+    from llmtrain.data.prompts import last_user, read_prompts
+    from llmtrain.generate import SamplingConfig, answer_text, generate
+    from llmtrain.model import Transformer
+    from llmtrain.scoring import win_rate
+    from llmtrain.styles import RULES
+    from llmtrain.tokenizer import Tokenizer, render_chat
+
+    common = [f"reward_model={arena_rm}", f"prompts={arena_run['prompts']}", "val_every=2", f"true_rule={RULE}",
+              "max_new_tokens=10", "samples=3"]
+    assert cli_main(["evaluate", f"a={arena_run['base']}", f"b={arena_run['base']}", *common, f"out={tmp_path}/same.json"]) == 0
+    same = json.loads((tmp_path / "same.json").read_text())["sampled"]
+    assert same["per_prompt"] == 3 and same["win_rate_b_by_true_rule"] == same["win_rate_b_by_reward_model"] == 0.5
+    assert same["true_score_a"] == same["true_score_b"] and same["reward_a"] == same["reward_b"]
+    assert cli_main(["evaluate", f"a={arena_run['base']}", f"b={arena_run['early']}", *common, f"out={tmp_path}/ab.json"]) == 0
+    ab = json.loads((tmp_path / "ab.json").read_text())["sampled"]
+
+    convs = split(read_prompts(str(arena_run["prompts"])), 2)[1]
+    per_prompt = {}
+    for name in ("base", "early"):
+        ckpt = checkpoint.resolve(arena_run[name])
+        model = Transformer(checkpoint.model_config(ckpt))
+        checkpoint.load_weights(ckpt, model)
+        tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
+        s = SamplingConfig(10, 1.0, stop_ids=tok.stop_ids)
+        g = torch.Generator().manual_seed(0)
+        prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
+        scores = np.zeros((len(convs), 3))
+        for j in range(3):
+            for i, ids in enumerate(generate(model.eval(), prompts, s, pad_id=tok.pad_id, generator=g)):
+                text, finished = answer_text(tok, ids, s.stop_ids)
+                scores[i, j] = RULES[RULE](last_user(convs[i]), {"text": text, "finished": finished})
+        per_prompt[name] = scores.mean(1)
+    assert ab["true_score_a"] == pytest.approx(per_prompt["base"].mean())
+    assert ab["true_score_b"] == pytest.approx(per_prompt["early"].mean())
+    assert ab["win_rate_b_by_true_rule"] == win_rate(per_prompt["early"].tolist(), per_prompt["base"].tolist())
+    assert ab["true_score_a"] != ab["true_score_b"]  # the two checkpoints do differ when sampled

@@ -44,10 +44,12 @@ def test_report_methods_table_flags_collapse_and_hacking():
                 "mean_words_a": 12.0, "mean_words_b": 9.5, "kl_b": 1.25, "kl_b_k3": 1.0}
 
     ev = {"dpo": e(0.8, 0.5, 0.5), "grpo": e(0.4, 0.9, 0.3), "ppo": e(0.45, 0.6, 0.5)}
+    ev["ppo"]["sampled"] = {"per_prompt": 8, "win_rate_b_by_true_rule": 0.875, "win_rate_b_by_reward_model": 0.625}
     assert methods_of(ev) == ["ppo", "grpo", "dpo"]
     header, rows, warnings = methods_table(ev)
     assert [row[0] for row in rows] == ["SFT (reference)", "PPO", "GRPO", "DPO"] and all(len(x) == len(header) for x in rows)
-    assert rows[0][5] == "90%" and rows[2][1:6] == ["30%", "90%", "+60 points", "1.250", "40%"]
+    assert rows[0][6] == "90%" and rows[2][1:7] == ["30%", "90%", "+60 points", "—", "1.250", "40%"]
+    assert rows[1][4] == "88% / 62%"  # sampled answers (evaluate.samples): true rule / reward model
     # 40% < half of 90%: collapse; 45% is not under half. GRPO's 60-point gap is hacking.
     assert warnings == ["collapse: GRPO answers 40% distinct vs SFT's 90%",
                         "reward hacking: GRPO wins 90% by the reward model but 30% by the true rule"]
