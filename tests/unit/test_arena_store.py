@@ -65,7 +65,7 @@ def test_matches_pairs_and_sides(tmp_path):
     with pytest.raises(StoreError, match="another name"):
         store.add_arena_model("zebra", "/elsewhere")
     assert store.add_arena_model("zebra", "/ckpt/zebra") == ids["zebra"]
-    with pytest.raises(StoreError, match="arena model names"):
+    with pytest.raises(StoreError, match="model names are 1-64"):
         store.add_arena_model("no spaces", "/c")
 
 
