@@ -107,21 +107,16 @@ def evaluate_sampled(policy: Transformer, tok: Tokenizer, reward_model: ScoreMod
     s = SamplingConfig(max_new_tokens, 1.0, stop_ids=tok.stop_ids)
     g = torch.Generator().manual_seed(seed)
     prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
-    items = []  # (prompt index, answer) in sampling order
+    answers = []  # n passes over the prompts, in order: answer k is to prompt k % len(convs)
     for _ in range(n):
         for i in range(0, len(prompts), batch_size):
             outs = generate(policy, prompts[i:i + batch_size], s, pad_id=tok.pad_id, generator=g)
-            items += [(i + j, dict(zip(("text", "finished"), answer_text(tok, o, s.stop_ids)))) for j, o in enumerate(outs)]
-    rewards = score_texts(reward_model, tok, [(convs[i], a["text"], a["finished"]) for i, a in items],
-                          offset=norm.get("offset", 0.0))
-    per_prompt = np.zeros(len(convs))
-    for (i, _), r in zip(items, rewards):
-        per_prompt[i] += r / n
-    out = {"reward": float(per_prompt.mean()), "rewards": per_prompt.tolist()}
+            answers += [dict(zip(("text", "finished"), answer_text(tok, o, s.stop_ids))) for o in outs]
+    items = [(convs[k % len(convs)], a["text"], a["finished"]) for k, a in enumerate(answers)]
+    rewards = np.array(score_texts(reward_model, tok, items, offset=norm.get("offset", 0.0))).reshape(n, -1).mean(0)
+    out = {"reward": float(rewards.mean()), "rewards": rewards.tolist()}
     if true_rule:
-        true = np.zeros(len(convs))
-        for i, a in items:
-            true[i] += true_rule(last_user(convs[i]), a) / n
+        true = np.array([true_rule(last_user(c), a) for (c, _, _), a in zip(items, answers)]).reshape(n, -1).mean(0)
         out["true_score"], out["true_scores"] = float(true.mean()), true.tolist()
     return out
 
