@@ -12,6 +12,9 @@ It measures, on random weights and tokens (speed does not depend on them):
     without and with `torch.compile`;
  2. rollout tokens/s of our batched KV-cache generation on that model (bf16 weights, greedy,
     no early stop), and of `transformers.generate` on the same weights when it is installed;
+    then the decoder's static-cache loop with its decode step under
+    torch.compile(mode="reduce-overhead") (CUDA graphs), first call (compile) apart, tokens
+    checked against eager;
  3. one PPO iteration (llmtrain.stages.ppo on a 124M policy and reward model): seconds per
     iteration (median after the first) and peak memory.
 Figures are printed and written to --json; nothing is asserted. Each part is cut short when
@@ -165,6 +168,45 @@ def rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: int, devic
     return out
 
 
+def graphed_rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: int, device, compile_: bool) -> dict:
+    """Greedy decoding on the decoder's static KV cache, its decode step compiled with
+    torch.compile(mode="reduce-overhead") (CUDA graphs: one launch per step) against the same
+    loop eager; the first compiled call (compiling and recording included) is reported apart
+    from the next, and the tokens are checked against the eager ones."""
+    from llmtrain.generate import greedy_static
+    from llmtrain.model.decoder import Decoder
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).eval()
+    dec = Decoder(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompts = torch.randint(1, cfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def timed(fn):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        return time.perf_counter() - t, out
+
+    greedy_static(dec, prompts, new)  # warm-up
+    eager_s, eager = timed(lambda: greedy_static(dec, prompts, new))
+    out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new, "eager_tokens_per_s": batch * new / eager_s}
+    if not compile_:
+        return out
+    try:
+        cache = dec.new_cache(batch, prompt_len + new, static=True)
+        for t in cache.k + cache.v:  # the graphs write these in place: fixed addresses
+            torch._dynamo.mark_static_address(t)
+        step = torch.compile(dec.step, mode="reduce-overhead", fullgraph=True)
+        first_s, first = timed(lambda: greedy_static(dec, prompts, new, step=step, cache=cache))
+        graphed_s, graphed = timed(lambda: greedy_static(dec, prompts, new, step=step, cache=cache))
+        out.update(first_call_s=first_s, graphed_tokens_per_s=batch * new / graphed_s,
+                   speedup=eager_s / graphed_s, same_tokens=first == eager and graphed == eager)
+    except Exception as e:  # report, do not lose the other figures
+        out["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
 def ppo_bench(cfg: ModelConfig, device, iters: int, rollout: int, new: int) -> dict:
     from llmtrain import checkpoint
     from llmtrain.config import PPOConfig, load_config
@@ -240,6 +282,13 @@ def main() -> None:
         res["rollout"] = r
         print(f"rollout: ours {r['ours_tokens_per_s']:,.0f} tok/s; transformers.generate "
               f"{r.get('transformers_tokens_per_s') or 0:,.0f} tok/s; ratio {r.get('ratio') or 0:.2f}", flush=True)
+    if left() > 60:
+        r = graphed_rollout_bench(cfg, 4 if a.smoke else 64, 16 if a.smoke else 128, 16 if a.smoke else 128, device,
+                                  compile_=not a.smoke)
+        res["graphed_rollout"] = r
+        print(f"static-cache rollout: eager {r['eager_tokens_per_s']:,.0f} tok/s; CUDA graphs "
+              f"{r.get('graphed_tokens_per_s') or 0:,.0f} tok/s (first call {r.get('first_call_s') or 0:.1f} s), "
+              f"same tokens {r.get('same_tokens')} {r.get('compile_error', '')}", flush=True)
     if left() > 60:
         r = ppo_bench(cfg, device, 3 if a.smoke else 4, 4 if a.smoke else 32, 8 if a.smoke else 128)
         res["ppo"] = r

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from llmtrain import dist
+from llmtrain.model.decoder import Decoder
 from llmtrain.model.transformer import KVCache, Transformer
 
 
@@ -97,11 +98,13 @@ def truncate_left(ids: Sequence[int], room: int) -> list[int]:
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
-             on_token: Callable[[list[int]], None] | None = None, rows: tuple[int, int] | None = None
-             ) -> list[list[int]]:
+             on_token: Callable[[list[int]], None] | None = None, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None) -> list[list[int]]:
     """Sample continuations of each prompt; returns the new tokens of each, ending with the
     stop token when one was produced. `on_token` receives each step's new ids (streaming).
     `rows` (first, total): see `sample_from` (RL rollouts spread over processes).
+    The weights decode through `Decoder` (fused, packed, last position only) in `dtype`:
+    by default the autocast dtype when autocast is on, else the model's own.
     A model sharded by FSDP2 (every forward a collective) steps in lockstep with the other
     processes: it stops early only when all of them are done.
     Callers check prompt lengths up front (`prompt_budget`, `truncate_left`,
@@ -110,8 +113,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start it with <|bos|>)")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     ids, mask = left_pad(prompts, pad_id, device)
     B, L = ids.shape
     ctx = model.config.max_seq_len
@@ -122,14 +123,106 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     if L_all >= ctx:
         raise ValueError(f"prompt of {L_all} tokens does not fit the context window of {ctx}")
     max_new = min(sampling.max_new_tokens, ctx - L_all)
-    stop = torch.tensor(sorted(set(sampling.stop_ids)) or [-1], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    if use_cache and not sharded:
+        out = _decode(Decoder.of(model, decode_dtype(model, dtype)), ids, mask, positions, max_new, sampling,
+                      pad_id, generator, on_token, rows)
+    else:
+        out = _forward_loop(model, ids, mask, positions, max_new, sampling, pad_id, generator, on_token, rows,
+                            use_cache, sharded)
+    results = []
+    for row in out.tolist():
+        for j, t in enumerate(row):
+            if t in sampling.stop_ids:
+                row = row[: j + 1]
+                break
+        results.append(row)
+    return results
+
+
+def decode_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """What the weights decode in: `dtype` if given, else the autocast dtype where autocast is
+    on (a bf16 run samples in bf16, as before), else the model's own."""
+    if dtype is not None:
+        return dtype
+    param = next(model.parameters())
+    dev = param.device.type
+    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+        return torch.get_autocast_dtype(dev)
+    return param.dtype
+
+
+def _decode(dec: Decoder, ids, mask, positions, max_new: int, s: SamplingConfig, pad_id: int, generator,
+            on_token, rows) -> torch.Tensor:
+    """The token loop on a `Decoder`: prefill the prompts, then one token per step; -> (B, n) new ids."""
+    B, L = ids.shape
+    device = ids.device
+    cache = dec.new_cache(B, L + max_new)
+    keys = None
+    if not bool(mask.all()):
+        keys = torch.ones((B, L + max_new), dtype=torch.bool, device=device)
+        keys[:, :L] = mask.bool()
+    stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
+    out = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_pos = ids, positions
+    n = 0
+    with torch.autocast(device.type, enabled=False), torch.inference_mode():
+        for n in range(1, max_new + 1):
+            logits = dec.step(step_ids, step_pos, cache, None if keys is None else keys[:, :cache.length + step_ids.shape[1]])
+            tok = next_token(logits, s, generator, rows)
+            tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+            out[:, n - 1] = tok
+            if on_token is not None:
+                on_token(tok.tolist())
+            finished |= torch.isin(tok, stop)
+            if bool(finished.all()):
+                break
+            step_ids, step_pos = tok[:, None], positions[:, -1:] + n
+    return out[:, :n]
+
+
+def greedy_static(dec: Decoder, prompts: Sequence[Sequence[int]], max_new: int, pad_id: int = 0,
+                  step: Callable | None = None, cache=None) -> list[list[int]]:
+    """Greedy decoding on a static cache (no stop tokens): every decode step has the same
+    shapes and reads no changing Python number, so `step` (default `dec.step`) may be a
+    compiled one, e.g. torch.compile(dec.step, mode="reduce-overhead") on CUDA, whose CUDA
+    graphs replay the whole step in one launch (bench/gpu.py). The prompt runs eagerly.
+    `cache`: a static cache of this batch and length to reuse (a compiled step's graphs are
+    recorded for its tensors' addresses); its old contents are masked out, never read.
+    -> max_new new tokens per prompt, the tokens of `generate(..., temperature=0)`."""
+    ids, mask = left_pad(prompts, pad_id, dec.device)
+    B, L = ids.shape
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = cache or dec.new_cache(B, L + max_new, static=True)
+    keys = torch.ones((B, L + max_new), dtype=torch.bool, device=dec.device)
+    keys[:, :L] = mask.bool()
+    step = step or dec.step
+    out = []
+    with torch.inference_mode():
+        tok = dec.step(ids, positions, cache, keys, cache.slots[:L]).argmax(-1)
+        for n in range(1, max_new):
+            out.append(tok)
+            at = cache.slots[L + n - 1:L + n]
+            tok = step(tok[:, None], positions[:, -1:] + n, cache, keys, at).argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1).tolist()
+
+
+def _forward_loop(model, ids, mask, positions, max_new: int, s: SamplingConfig, pad_id: int, generator, on_token,
+                  rows, use_cache: bool, sharded: bool) -> torch.Tensor:
+    """The token loop through the model's own forward: without a cache (a check of the cached
+    paths), or for a model sharded by FSDP2, whose every forward is a collective."""
+    B, L = ids.shape
+    device = ids.device
+    was_training = model.training
+    model.eval()
+    stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
     all_done = dist.all_finished if sharded else bool
     # The cache takes the dtype of the first keys written (bf16 when FSDP2 gathers in bf16).
     cache = KVCache(model.config, B, L + max_new, device, None) if use_cache else None
-
     out = torch.empty((B, 0), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
     step_ids, step_pos = ids, positions
     for _ in range(max_new):
         if use_cache:
@@ -137,7 +230,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         else:
             full = torch.cat([ids, out], dim=1)
             logits = model(full, attention_mask=mask, position_ids=torch.cat([positions, _tail_pos(positions, out)], 1))
-        tok = next_token(logits[:, -1], sampling, generator, rows)
+        tok = next_token(logits[:, -1], s, generator, rows)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         out = torch.cat([out, tok[:, None]], dim=1)
         if on_token is not None:
@@ -148,15 +241,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         step_ids, step_pos = tok[:, None], positions[:, -1:] + out.shape[1]
     model.train(was_training)
-
-    results = []
-    for row in out.tolist():
-        for j, t in enumerate(row):
-            if t in sampling.stop_ids:
-                row = row[: j + 1]
-                break
-        results.append(row)
-    return results
+    return out
 
 
 def answer_text(tok, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:

@@ -20,6 +20,7 @@ from llmtrain.config import ModelConfig, OptimConfig, to_dict
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.interop.hub import resolve_model
 from llmtrain.metrics import Metrics, Progress, fmt_duration
+from llmtrain.model import decoder
 from llmtrain.tokenizer import Tokenizer
 
 
@@ -80,6 +81,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
         if params else 0.0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    decoder.weights_changed()  # a fused AdamW step leaves the version counters unchanged
     return norm
 
 

@@ -42,8 +42,19 @@ class Rotary(nn.Module):
         if scaling is not None and scaling.rope_scaling == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_fp32 = inv_freq  # what `_apply` restores after a cast
         self.max_len = max_len
         self._build(max_len)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the tables; `.to(bf16)` / `.half()` leave them fp32. Rounded to
+        bf16 the angles of far positions are off by whole radians (HF's rotary also computes
+        in fp32: a bf16 model then matches transformers' bit for bit, bench/generate.py)."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
+            self._build(self.cos.shape[0])
+        return self
 
     def _build(self, n: int) -> None:
         t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
@@ -57,6 +68,12 @@ class Rotary(nn.Module):
         if end > self.cos.shape[0]:
             self._build(max(end, 2 * self.cos.shape[0]))
         return self.cos[start:end], self.sin[start:end]
+
+    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at position_ids (B, T) -> (B, T, Dh) each, reading no tensor's value on the
+        host (no device sync; a compiled decode step stays one graph): the tables must
+        already cover the positions (decoding allocates them up to the context size)."""
+        return self.cos[position_ids], self.sin[position_ids]
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, Dh)."""
@@ -292,9 +309,13 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * s)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V); the arguments are Backbone.forward's."""
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                span: slice | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); the arguments are Backbone.forward's. With `span`
+        the word head runs at those positions only, (B, len(span), V): RL reads the answers'
+        log-probs and skips the head's FLOPs (and its fp32 log-softmax) over the prompts."""
+        h = self.model(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(h if span is None else h[:, span])
 
     def num_params(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

@@ -1,0 +1,244 @@
+"""The decoding engine: a `Transformer`'s weights laid out for generating tokens fast.
+
+Training keeps Hugging Face's modules and names (q_proj, k_proj, v_proj, gate_proj, up_proj, ...)
+so state dicts, LoRA targets, freeze patterns and FSDP units stay as the Hub has them. Decoding
+wants the opposite: a few large ops per layer, each weight read once per token in the
+precision of the rollout. A `Decoder` is a frozen copy of a model's weights in that layout:
+
+  * q/k/v fused into one matrix and gate/up into one (two GEMMs per layer fewer), with rotary
+    embeddings applied to queries and keys in one go;
+  * in the decoding dtype (bf16 rollouts read half the bytes of fp32 weights per token), with
+    LoRA updates merged in;
+  * on a CPU, each matrix packed once for oneDNN/MKL (`torch.ops.mkldnn._reorder_linear_weight`,
+    `torch.ops.mkl._mkl_reorder_linear_weight`), the layout inductor's weight freezing uses,
+    without compiling anything; on other devices plain `F.linear`;
+  * the word head only at the last position (the next token is all a decode step needs).
+
+`Decoder.of(model, dtype)` builds one, or returns the one built before while no weight of the
+model has changed since, so an evaluation packs the model once however many batches it
+generates. "Changed" is read from the tensors' version counters, which every in-place op
+bumps, except fused optimizers (`torch.optim.AdamW(fused=True)` leaves them as they were):
+`training.optimizer_step` therefore calls `weights_changed()`, which retires every decoder.
+Code that steps a fused optimizer itself must call it too.
+
+`static=True` keeps every shape fixed from step to step (attention over the whole preallocated
+cache under a mask, cache writes by `index_copy_` at a position tensor): what CUDA graphs and
+`torch.compile(mode="reduce-overhead")` need (bench/gpu.py); on a CPU it gives the same tokens,
+more slowly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmtrain.model.adapters import LoRALinear
+from llmtrain.model.transformer import _SDPA_GQA, Transformer
+
+
+_generation = 0  # bumped by weights_changed(): part of every decoder's key
+
+
+def weights_changed() -> None:
+    """Some weights changed in a way their version counters do not show (a fused optimizer
+    step): no decoder built before this call is used again."""
+    global _generation
+    _generation += 1
+
+
+def _weight(linear: torch.nn.Linear) -> torch.Tensor:
+    return linear.merged_weight() if isinstance(linear, LoRALinear) and linear.enabled else linear.weight
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+
+
+def _packed_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """'mkl' (fp32) or 'mkldnn' (bf16) where this torch has the packed CPU linear ops, else 'plain'."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return "plain"
+    if dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+        return "mkl"
+    if dtype == torch.bfloat16 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        try:
+            return "mkldnn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
+        except Exception:  # a private helper: without it, the plain path
+            return "plain"
+    return "plain"
+
+
+class Linear:
+    """One frozen matrix (and bias), packed for the CPU's GEMM library where that is possible."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, batch_hint: int):
+        self.weight, self.bias, self.kind = weight.contiguous(), bias, kind
+        if kind == "mkl":
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, batch_hint)
+            self.hint = batch_hint
+        elif kind == "mkldnn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mkl":
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.hint)
+        if self.kind == "mkldnn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class Layer:
+    def __init__(self, layer, dtype: torch.dtype, kind: str, hint: int):
+        a, m = layer.self_attn, layer.mlp
+        cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
+        self.norm1 = cast(layer.input_layernorm.weight)
+        self.norm2 = cast(layer.post_attention_layernorm.weight)
+        self.eps = layer.input_layernorm.eps
+        self.qkv = Linear(cast(torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])),
+                          cast(_cat_bias(a.q_proj, a.k_proj, a.v_proj)), kind, hint)
+        self.o = Linear(cast(_weight(a.o_proj)), cast(a.o_proj.bias), kind, hint)
+        self.gate_up = Linear(cast(torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])), None, kind, hint)
+        self.down = Linear(cast(_weight(m.down_proj)), None, kind, hint)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 whatever the activation dtype, as `transformer.RMSNorm` (and HF Llama)."""
+    if x.dtype == torch.float32:  # one fused op, bit-equal to the formula below in fp32
+        return weight * F.rms_norm(x, x.shape[-1:], None, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class Decoder:
+    """A frozen, fused, packed copy of a `Transformer` for decoding; see the module docstring."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype, batch_hint: int = 16):
+        c = model.config
+        self.config, self.dtype = c, dtype
+        self.device = model.lm_head.weight.device
+        self.H, self.K, self.Dh = c.n_heads, c.n_kv_heads, c.dim // c.n_heads
+        kind = _packed_kind(self.device, dtype)
+        with torch.no_grad():
+            bb = model.model
+            self.embed = bb.embed_tokens.weight.detach().to(dtype)
+            self.layers = [Layer(layer, dtype, kind, batch_hint) for layer in bb.layers]
+            self.norm = bb.norm.weight.detach().to(dtype)
+            self.norm_eps = bb.norm.eps
+            self.lm_head = Linear(_weight(model.lm_head).detach().to(dtype), None, kind, batch_hint)
+            self.rotary = bb.rotary
+            self.rotary.span(0, c.max_seq_len)  # tables up to the context: `lookup` never grows them
+        self.kind = kind
+
+    @staticmethod
+    def of(model: Transformer, dtype: torch.dtype | None = None) -> "Decoder":
+        """The model's decoder in `dtype` (default: the model's own), rebuilt only when a weight
+        has changed since the last call (or the dtype, or which LoRA adapters are on)."""
+        params = list(model.parameters())
+        dtype = dtype or params[0].dtype
+        adapters = tuple(m.enabled for m in model.modules() if isinstance(m, LoRALinear))
+        key = (_generation, dtype, adapters, tuple((id(p), p._version) for p in params))
+        cached = model.__dict__.get("_decoder")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dec = Decoder(model, dtype)
+        model.__dict__["_decoder"] = (key, dec)
+        return dec
+
+    # ---------------------------------------------------------------- the cache
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> "Cache":
+        return Cache(self, batch, max_len, static)
+
+    # ---------------------------------------------------------------- a step
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: "Cache", keys: torch.Tensor | None,
+             at: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) new tokens at positions pos (B, T), written into the cache after its
+        `cache.length` positions; keys (B, S) with S = length + T marks the real keys
+        (None: all real). -> logits of the last position (B, V) in the decoder's dtype.
+        A static cache takes instead `at` (T,), the cache slots written, and keys (B, max_len);
+        it reads no Python number that changes from step to step (`cache.length` is the
+        caller's), so a compiled step is traced once."""
+        B, T = ids.shape
+        H, K, Dh = self.H, self.K, self.Dh
+        cos, sin = self.rotary.lookup(pos)  # (B, T, Dh)
+        cos, sin = cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)  # (B, T, 1, Dh)
+        mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
+        gqa = {"enable_gqa": True} if K != H and _SDPA_GQA else {}
+        x = F.embedding(ids, self.embed)
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(rms_norm(x, L.norm1, L.eps)).view(B, T, H + 2 * K, Dh)
+            qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]
+            x1, x2 = qk.chunk(2, dim=-1)
+            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            q = qk[:, :, :H].transpose(1, 2)
+            k, v = cache.write(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), at)
+            if K != H and not gqa:  # torch < 2.5
+                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            x = x + L.o(y.transpose(1, 2).reshape(B, T, H * Dh))
+            g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
+            x = x + L.down(F.silu(g) * u)
+        if not cache.static:
+            cache.advance(T)
+        return self.lm_head(rms_norm(x[:, -1], self.norm, self.norm_eps))
+
+
+class Cache:
+    """Keys and values of every layer, (B, K, max_len, Dh) each, filled left to right.
+
+    Dynamic (default): a step attends to the positions written so far, [0, length + T), and
+    advances `length`.
+    Static: a step attends to all max_len slots, those after the written ones masked out, and
+    writes with `index_copy_` at the slots `at` (a tensor), so no shape depends on the step."""
+
+    def __init__(self, dec: Decoder, batch: int, max_len: int, static: bool):
+        shape = (batch, dec.K, max_len, dec.Dh)
+        n = len(dec.layers)
+        self.k = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in range(n)]
+        self.v = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in range(n)]
+        self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
+        self.slots = torch.arange(max_len, device=dec.device)
+
+    def mask(self, keys: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """The boolean (B, 1, T, S) attention mask of a dynamic step, or None where plain
+        causal attention is the same (no padding)."""
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        if keys is None and (T == 1 or start == 0):
+            return None
+        return self._mask(keys, self.slots[start:end], end)
+
+    def static_mask(self, keys: torch.Tensor | None, at: torch.Tensor) -> torch.Tensor:
+        """A static step's (B, 1, T, max_len) mask: slot j seen from slot at[i] if j <= at[i]
+        and j holds a real key (keys (B, max_len); None: all real)."""
+        return self._mask(keys, at, self.max_len)
+
+    def _mask(self, keys: torch.Tensor | None, q_pos: torch.Tensor, S: int) -> torch.Tensor:
+        B, T = self.k[0].shape[0], q_pos.shape[0]
+        k_pos = self.slots[None, :S]
+        q_pos = q_pos[:, None]
+        m = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if keys is not None:
+            real = keys[:, :S].bool()
+            # A padding query that would see no key at all sees itself (SDPA never returns NaN).
+            m = (m & real[:, None, None, :]) | (k_pos == q_pos)[None, None]
+        return m.expand(B, 1, T, S)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            self.k[layer].index_copy_(2, at, k)
+            self.v[layer].index_copy_(2, at, v)
+            return self.k[layer], self.v[layer]
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t

@@ -1,0 +1,168 @@
+"""The decoding engine (llmtrain/model/decoder.py): fused q/k/v and gate/up, packed weights,
+the head at the last position only. It must compute what the unfused model computes."""
+import pytest
+import torch
+
+from llmtrain.config import ModelConfig
+from llmtrain.generate import SamplingConfig, generate, greedy_static
+from llmtrain.model import Transformer
+from llmtrain.model.adapters import adapters_off, apply_lora
+from llmtrain.model.decoder import Decoder
+
+CFG = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, init_std=0.3)
+PROMPTS = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
+
+
+def model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+def decoder_logits(dec: Decoder, ids: torch.Tensor, static=False) -> torch.Tensor:
+    """The decoder's logits at every position of ids (B, T): the prompt prefilled one token at
+    a time, so each step's last-position head is read."""
+    B, T = ids.shape
+    cache = dec.new_cache(B, T + 2, static=static)
+    out = []
+    for t in range(T):
+        out.append(dec.step(ids[:, t:t + 1], torch.full((B, 1), t), cache, None))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layers_give_the_unfused_logits(bias):
+    """fp32: the fused q/k/v and gate/up projections (packed for MKL) give the logits of the
+    model's own separate layers, whose names stay Hugging Face's."""
+    m = model(ModelConfig(**{**vars(CFG), "attention_bias": bias}))
+    if bias:
+        with torch.no_grad():
+            for layer in m.model.layers:
+                for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
+                    p.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (3, 12))
+    with torch.no_grad():
+        want = m(ids)
+    dec = Decoder(m, torch.float32)
+    assert len(dec.layers[0].qkv.weight) == (4 + 2 + 2) * 12 and len(dec.layers[0].gate_up.weight) == 2 * m.config.ffn_dim
+    torch.testing.assert_close(decoder_logits(dec, ids), want, rtol=1e-5, atol=1e-5)
+    # a whole prompt in one step: the head at its last position only
+    torch.testing.assert_close(dec.step(ids, torch.arange(12).expand(3, 12), dec.new_cache(3, 16), None), want[:, -1],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_decoder_equals_the_bf16_model():
+    """bf16: the decoder's packed oneDNN GEMMs give the bf16 model's logits (same roundings:
+    the rotary tables stay fp32 in both)."""
+    m = model()
+    mb = Transformer(CFG).eval()
+    mb.load_state_dict(m.state_dict())
+    mb.to(torch.bfloat16)
+    assert mb.model.rotary.cos.dtype == torch.float32 and mb.model.rotary.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 97, (3, 10))
+    with torch.no_grad():
+        want = mb(ids).float()
+    got = decoder_logits(Decoder(m, torch.bfloat16), ids).float()
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+
+
+def test_state_dict_names_stay_hugging_faces():
+    """Fusing happens in the decoder's copy only: the model's parameters, state dict and a
+    save/load round trip keep HF Llama's names."""
+    m = model()
+    Decoder.of(m)
+    names = set(m.state_dict())
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "model.layers.1.mlp.up_proj.weight" in names
+    assert not any("qkv" in n or "gate_up" in n for n in names)
+    m2 = Transformer(CFG)
+    m2.load_state_dict(m.state_dict())  # strict: same names, same shapes
+
+
+def test_greedy_through_the_decoder_equals_the_models_own_forward():
+    """Padded prompts of different lengths, greedy: the decoder's tokens are those of the
+    model's forward with its KV cache, and of its forward without one."""
+    m = model()
+    s = SamplingConfig(max_new_tokens=20, temperature=0)
+    got = generate(m, PROMPTS, s)
+    assert got == generate(m, PROMPTS, s, use_cache=False)
+    assert len(set(map(tuple, got))) > 1
+
+
+def test_static_cache_gives_the_same_tokens():
+    """The fixed-shape step CUDA graphs need (attention over the whole cache under a mask,
+    index_copy_ writes at a slot tensor) gives the dynamic cache's logits, and greedy_static
+    (what bench/gpu.py compiles) the tokens of generate, padded prompts included."""
+    m = model()
+    dec = Decoder(m, torch.float32)
+    ids = torch.randint(0, 97, (2, 9))
+    B, T = ids.shape
+    cache = dec.new_cache(B, T + 2, static=True)
+    static = torch.stack([dec.step(ids[:, t:t + 1], torch.full((B, 1), t), cache, None, cache.slots[t:t + 1])
+                          for t in range(T)], 1)
+    torch.testing.assert_close(static, decoder_logits(dec, ids), rtol=1e-5, atol=1e-5)
+    want = generate(m, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0))
+    assert greedy_static(dec, PROMPTS, 10) == want
+    assert want == generate(m, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0), use_cache=False)
+    # a step that is not dec.step itself is what runs the decode steps
+    calls = []
+    assert greedy_static(dec, PROMPTS, 10, step=lambda *a: calls.append(1) or dec.step(*a)) == want
+    assert len(calls) == 9
+
+
+def test_decoder_is_rebuilt_when_a_weight_changes_and_only_then():
+    m = model()
+    d1 = Decoder.of(m)
+    assert Decoder.of(m) is d1
+    assert Decoder.of(m, torch.bfloat16) is not d1
+    d2 = Decoder.of(m)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place, as an optimizer step
+    d3 = Decoder.of(m)
+    assert d3 is not d2
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        want = m(ids)[:, -1]
+    torch.testing.assert_close(d3.step(ids, torch.arange(6).expand(2, 6), d3.new_cache(2, 8), None), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lora_updates_are_merged_and_off_when_adapters_are_off():
+    m = model()
+    base_ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        before = m(base_ids)[:, -1]
+    apply_lora(m, ["q_proj", "v_proj", "up_proj"], r=4)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        after = m(base_ids)[:, -1]
+    assert not torch.allclose(before, after)
+    pos = torch.arange(7).expand(2, 7)
+    dec = Decoder.of(m)
+    torch.testing.assert_close(dec.step(base_ids, pos, dec.new_cache(2, 8), None), after, rtol=1e-5, atol=1e-5)
+    with adapters_off(m):  # PPO's reference under LoRA
+        off = Decoder.of(m)
+        torch.testing.assert_close(off.step(base_ids, pos, off.new_cache(2, 8), None), before, rtol=1e-5, atol=1e-5)
+    assert Decoder.of(m) is not off
+
+
+def test_a_fused_optimizer_step_retires_the_decoder():
+    """Fused AdamW updates weights without bumping their version counters; optimizer_step says
+    so (decoder.weights_changed), and the next decoder reads the new weights."""
+    from llmtrain.config import OptimConfig
+    from llmtrain.training import build_optimizer, optimizer_step
+
+    m = model()
+    opt = build_optimizer(m, OptimConfig(lr=0.1, impl="fused"), torch.device("cpu"))
+    d1 = Decoder.of(m)
+    ids = torch.randint(0, 97, (2, 6))
+    m(ids).sum().backward()
+    versions = [p._version for p in m.parameters()]
+    optimizer_step(m, opt, 0.0)
+    assert [p._version for p in m.parameters()] == versions  # what makes the explicit call needed
+    d2 = Decoder.of(m)
+    assert d2 is not d1
+    with torch.no_grad():
+        want = m(ids)[:, -1]
+    torch.testing.assert_close(d2.step(ids, torch.arange(6).expand(2, 6), d2.new_cache(2, 8), None), want,
+                               rtol=1e-5, atol=1e-5)
