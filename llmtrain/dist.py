@@ -147,6 +147,21 @@ def autocast(device: torch.device, precision: str):
 _warned_bf16 = False
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU
+    with AVX512-BF16 or AMX (oneDNN's bf16 kernels; elsewhere bf16 runs a slow fallback).
+    What the RL stages' `auto` precisions ask."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:  # private helpers (torch >= 2.3): without them, no claim of native bf16
+        return any(bool(c()) for c in checks if c is not None)
+    except Exception:
+        return False
+
+
 def _warn_slow_cpu_bf16() -> None:
     """bf16 matmuls on a CPU without native bf16 (no AVX512-BF16/AMX) run a fallback that
     bench/pretrain.py measured 18x slower than fp32 on AVX2: say so once."""
@@ -154,11 +169,7 @@ def _warn_slow_cpu_bf16() -> None:
     if _warned_bf16:
         return
     _warned_bf16 = True
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        native = bool(check()) if check is not None else True
-    except Exception:  # a private helper: if it is missing or fails, say nothing
-        native = True
+    native = native_bf16(torch.device("cpu"))
     if not native:
         warnings.warn("this CPU has no native bf16: matmuls run a slow fallback; run.precision=fp32 is faster here",
                       stacklevel=3)

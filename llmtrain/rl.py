@@ -35,8 +35,15 @@ def rollout_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """logits (B, T, V) at positions 0..T-1 and tokens (B, T) -> log p(tokens[:, t+1]) (B, T-1)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return answer_logprobs(logits[:, :-1], tokens, 0)
+
+
+def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """logits (B, A, V) at positions start..start+A-1 (the word head run on a span only) and the
+    rows' tokens (B, T) -> log p(tokens[:, start+1+a]) (B, A), in fp32."""
+    A = logits.shape[1]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens[:, start + 1:start + 1 + A, None]).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

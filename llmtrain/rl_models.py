@@ -21,6 +21,14 @@ from llmtrain.scoring import load_reward_model
 from llmtrain.training import build_optimizer, set_lr
 
 
+def resolved_precision(setting: str, run_precision: str, device: torch.device) -> str:
+    """An RL precision setting ("auto", "fp32", "bf16") as used: auto is bf16 where the device
+    computes bf16 natively (dist.native_bf16), else the run's precision."""
+    if setting == "auto":
+        return "bf16" if dist.native_bf16(device) else run_precision
+    return setting
+
+
 @dataclass
 class Models:
     """What a run trains and consults, built once by `build_models`."""
@@ -43,10 +51,10 @@ def frozen_reward_model(cfg: PPOConfig, dev, dtype: torch.dtype) -> tuple[ScoreM
     return model.to(dtype), norm
 
 
-def without_adapters(policy: Transformer, ids, mask, pos) -> torch.Tensor:
+def without_adapters(policy: Transformer, ids, mask, pos, span: slice | None = None) -> torch.Tensor:
     """The reference under LoRA: the policy with its adapters off (its base weights are the SFT model's)."""
     with adapters_off(policy):
-        return policy(ids, mask, pos)
+        return policy(ids, mask, pos, span=span)
 
 
 def build_models(cfg: PPOConfig, env, mcfg, sft_ckpt: Path) -> Models:
@@ -56,7 +64,8 @@ def build_models(cfg: PPOConfig, env, mcfg, sft_ckpt: Path) -> Models:
     the reward model is the value model's backbone with its adapters off under the reward
     model's own head, so two models sit in memory instead of four."""
     run, dev, lora, critic = cfg.run, env.device, cfg.lora, cfg.algorithm == "ppo"
-    frozen_dtype = torch.bfloat16 if cfg.frozen_precision == "bf16" else torch.float32
+    frozen_dtype = torch.bfloat16 if resolved_precision(cfg.frozen_precision, cfg.run.precision, dev) == "bf16" \
+        else torch.float32
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
     checkpoint.load_weights(sft_ckpt, policy)

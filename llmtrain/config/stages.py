@@ -154,7 +154,12 @@ class PPOConfig:
     ptx_coef: float = check(0.0, NON_NEGATIVE)  # PPO-ptx: weight of a pretraining loss on `ptx_shards`
     ptx_shards: str = ""
     ptx_batch: int = check(4, POSITIVE)
-    frozen_precision: Literal["fp32", "bf16"] = "fp32"  # reference and reward model
+    # The precision of the reference and the reward model (frozen), and of the policy's copy the
+    # rollouts sample from (llmtrain.model.decoder); what trains keeps fp32 weights either way.
+    # auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
+    # AVX512-BF16 or AMX), else run.precision
+    frozen_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    rollout_precision: Literal["auto", "fp32", "bf16"] = "auto"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0,

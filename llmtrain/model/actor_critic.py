@@ -35,6 +35,8 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, ids, mask, pos):
-        logits = self.policy(ids, mask, pos)
-        return logits, (self.value.forward_tokens(ids, mask, pos)[..., 0] if self.value is not None else None)
+    def forward(self, ids, mask, pos, span: slice | None = None):
+        """-> the policy's logits and the value model's estimates ((B, T) or None), at every
+        position or at those of `span` only (the answers': see `Transformer.forward`)."""
+        logits = self.policy(ids, mask, pos, span=span)
+        return logits, (self.value.forward_tokens(ids, mask, pos, span)[..., 0] if self.value is not None else None)

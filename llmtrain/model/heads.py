@@ -23,14 +23,17 @@ class ScoreModel(nn.Module):
         nn.init.normal_(self.score.weight, std=1.0 / (self.config.dim + 1) ** 0.5)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                span: slice | None = None) -> torch.Tensor:
         """input_ids (B, T), right-padded; lengths (B,) real tokens per row -> scores (B, n_out).
 
         Right padding needs no attention mask: under causal attention a real token never sees
-        the padding after it. Without `lengths`: the head at every position, (B, T, n_out).
+        the padding after it. Without `lengths`: the head at every position, (B, T, n_out), or
+        at the positions of `span` only.
         """
         if lengths is None:
-            return self.score(self.model(input_ids, attention_mask, position_ids))
+            h = self.model(input_ids, attention_mask, position_ids)
+            return self.score(h if span is None else h[:, span])
         return self.score(self.last_hidden(input_ids, lengths))
 
     def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,8 @@ class ScoreModel(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The head at every position: (B, T, n_out). PPO's value head reads it per token.
-        (Through __call__, so module hooks, e.g. FSDP2's gathering of parameters, run.)"""
-        return self(input_ids, None, attention_mask, position_ids)
+                       position_ids: torch.Tensor | None = None, span: slice | None = None) -> torch.Tensor:
+        """The head at every position (B, T, n_out), or at those of `span`. PPO's value head
+        reads it per answer token. (Through __call__, so module hooks, e.g. FSDP2's gathering
+        of parameters, run.)"""
+        return self(input_ids, None, attention_mask, position_ids, span)

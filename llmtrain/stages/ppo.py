@@ -28,7 +28,7 @@ Each iteration `main` calls one function per phase, in order, each filling in th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -45,9 +45,9 @@ from llmtrain.generate import SamplingConfig, generate
 from llmtrain.interop.hub import resolve_model
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, Progress
-from llmtrain.rl import (entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean, masked_moments,
-                         minibatches, rollout_rows, sequence_kl, token_logprobs, whiten)
-from llmtrain.rl_models import Models, build_models, extra_state, resume
+from llmtrain.rl import (answer_logprobs, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean,
+                         masked_moments, minibatches, rollout_rows, sequence_kl, whiten)
+from llmtrain.rl_models import Models, build_models, extra_state, resolved_precision, resume
 from llmtrain.scoring import evaluate_policy, score_texts
 from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_chat
@@ -74,21 +74,28 @@ class Batch:
     ids: torch.Tensor  # (N, T) prompt + answer rows, as rl.rollout_rows lays them out
     mask: torch.Tensor
     pos: torch.Tensor
-    amask: torch.Tensor  # (N, T-1) 1 at answer tokens
+    start: int  # the answers' span: the head runs at positions start..T-2, whose targets are the answer tokens
+    amask: torch.Tensor  # (N, A) 1 at answer tokens, A = T-1-start: log-prob targets start+1..T-1
     rm_scores: torch.Tensor | None = None  # (2) (N,) the reward model's score
     scores: torch.Tensor | None = None  # (2) (N,) less the missing-end penalty
     first_epoch: list | None = None  # (3) the first epoch's minibatches (row indices)
-    old_logp: torch.Tensor | None = None  # (3) (N, T-1) each, zero where amask is
+    old_logp: torch.Tensor | None = None  # (3) (N, A) each, zero where amask is
     ref_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     ent: torch.Tensor | None = None
     kl_k1: torch.Tensor | None = None  # (3) (N,) nats per answer
     kl_k3: torch.Tensor | None = None
     beta: float = 0.0  # (3) the KL coefficient of this iteration
-    adv: torch.Tensor | None = None  # (4) (N, T-1)
+    adv: torch.Tensor | None = None  # (4) (N, A)
     returns: torch.Tensor | None = None  # (4) PPO only
     ratio_dev: float = 0.0  # (5) new/old ratio's largest deviation from 1 before any update
     approx_kl: float = 0.0
+    seconds: dict = field(default_factory=dict)  # each phase's wall time: rollout, score, old, reference, update
+
+    @property
+    def span(self) -> slice:
+        """The positions whose next-token logits (and values) RL reads: the answers'."""
+        return slice(self.start, self.ids.shape[1] - 1)
 
 
 def group(cfg: PPOConfig) -> int:
@@ -96,8 +103,8 @@ def group(cfg: PPOConfig) -> int:
     return 1 if cfg.algorithm == "ppo" else cfg.group_size
 
 
-def frozen_precision(cfg: PPOConfig) -> str:
-    return "bf16" if cfg.frozen_precision == "bf16" else cfg.run.precision
+def frozen_precision(cfg: PPOConfig, device: torch.device) -> str:
+    return resolved_precision(cfg.frozen_precision, cfg.run.precision, device)
 
 
 def check(cfg: PPOConfig) -> None:
@@ -149,10 +156,11 @@ def main(cfg: PPOConfig) -> Path:
     for it in range(s.start_step, run.max_steps):
         t_it = time.time()
         b = rollout(cfg, m, tok, sampling, prompts.train, env, it)  # (1)
-        score(cfg, m, tok, b, env)  # (2)
-        logprobs(cfg, m, b, env, it)  # (3)
+        b.seconds["rollout"] = time.time() - t_it
+        timed(b, "score", score, cfg, m, tok, b, env)  # (2)
+        logprobs(cfg, m, b, env, it)  # (3) times "old" and "reference" itself
         advantages(cfg, b, env)  # (4)
-        stats = update(cfg, m, b, ptx, env, it)  # (5)
+        stats = timed(b, "update", update, cfg, m, b, ptx, env, it)  # (5)
         rec = log_iteration(cfg, m, b, stats, env, s.log, it, t_it)  # (6)
         d = it + 1
         if evaluating and ((run.eval_every and d % run.eval_every == 0) or d == run.max_steps):
@@ -161,6 +169,14 @@ def main(cfg: PPOConfig) -> Path:
             training.save(s, d, {"tokens": 0, "bases": bases, **rec, "beta": m.kl_ctl.value},
                           extra_state=extra_state(m, cfg.lora.enabled), train_module=m.ac)
     return training.finish(s, clock)
+
+
+def timed(b: Batch, phase: str, fn, *args):
+    """fn(*args), its wall time kept as b.seconds[phase] (logged per iteration as seconds_<phase>)."""
+    t = time.time()
+    out = fn(*args)
+    b.seconds[phase] = b.seconds.get(phase, 0.0) + time.time() - t
+    return out
 
 
 def load_prompts(cfg: PPOConfig, tok: Tokenizer, mcfg, sft_ckpt: Path) -> Prompts:
@@ -233,18 +249,22 @@ def rollout(cfg: PPOConfig, m: Models, tok: Tokenizer, sampling: SamplingConfig,
     convs = [train_p[i] for i in mine for _ in range(G)]
     prompt_ids = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
     gen = torch.Generator(device=env.device).manual_seed(run.seed * 100003 + it * 101)
+    # The policy's weights sample through a decoding copy (llmtrain.model.decoder) in the
+    # rollout precision, packed once per iteration; a sharded policy runs its own forward.
+    dtype = torch.bfloat16 if resolved_precision(cfg.rollout_precision, run.precision, env.device) == "bf16" else torch.float32
     with dist.autocast(env.device, run.precision):
         answers = generate(m.policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen,
-                           rows=(env.rank * n_local, n_local * env.world))
+                           rows=(env.rank * n_local, n_local * env.world), dtype=dtype)
     finished = torch.tensor([bool(a) and a[-1] in sampling.stop_ids for a in answers], dtype=torch.float32)
     texts = [tok.decode(a[:-1] if f else a, skip_special=True).strip() for a, f in zip(answers, finished.tolist())]
     ids, mask, pos, amask = (t.to(env.device) for t in rollout_rows(prompt_ids, answers, tok.pad_id))
-    return Batch(convs, answers, texts, finished, ids, mask, pos, amask)
+    start = max(len(p) for p in prompt_ids) - 1  # every answer starts after the longest prompt
+    return Batch(convs, answers, texts, finished, ids, mask, pos, start, amask[:, start:])
 
 
 def score(cfg: PPOConfig, m: Models, tok: Tokenizer, b: Batch, env) -> None:
     """(2) The reward model on (prompt, answer); an answer cut off without an end pays missing_eos_penalty."""
-    with dist.autocast(env.device, frozen_precision(cfg)):
+    with dist.autocast(env.device, frozen_precision(cfg, env.device)):
         b.rm_scores = torch.tensor(score_texts(m.reward_model, tok, list(zip(b.convs, b.texts, map(bool, b.finished.tolist()))),
                                                offset=m.norm.get("offset", 0.0)))
     b.scores = (b.rm_scores - cfg.missing_eos_penalty * (1 - b.finished)).to(env.device)
@@ -254,21 +274,27 @@ def score(cfg: PPOConfig, m: Models, tok: Tokenizer, b: Batch, env) -> None:
 def logprobs(cfg: PPOConfig, m: Models, b: Batch, env, it: int) -> None:
     """(3) Old log-probs (and values) in the first epoch's minibatches, under the update's
     autocast, so the first update step sees exactly these numbers; the reference's; each
-    answer's KL to the reference (k1 and k3); this iteration's KL coefficient."""
-    dev, amask = env.device, b.amask
+    answer's KL to the reference (k1 and k3); this iteration's KL coefficient. Heads run at
+    the answers' positions only (b.span)."""
+    dev, amask, span = env.device, b.amask, b.span
     b.first_epoch = epoch_minibatches(cfg, env, it, 0)
     b.old_logp, b.ref_logp = torch.zeros_like(amask), torch.zeros_like(amask)
     b.old_values, b.ent = torch.zeros_like(amask), torch.zeros_like(amask)
+    t_old = t_ref = 0.0
     for mb in b.first_epoch:
         ids, mask, pos = b.ids[mb], b.mask[mb], b.pos[mb]
+        t = time.time()
         with dist.autocast(dev, cfg.run.precision):
-            logits, v = m.ac(ids, mask, pos)
-        b.old_logp[mb] = token_logprobs(logits, ids)
-        b.ent[mb] = entropy_from_logits(logits[:, :-1])
+            logits, v = m.ac(ids, mask, pos, span)
+        b.old_logp[mb] = answer_logprobs(logits, ids, b.start)
+        b.ent[mb] = entropy_from_logits(logits)
         if m.value is not None:
-            b.old_values[mb] = v[:, :-1].float()
-        with dist.autocast(dev, frozen_precision(cfg)):
-            b.ref_logp[mb] = token_logprobs(m.reference(ids, mask, pos), ids).float()
+            b.old_values[mb] = v.float()
+        t_old, t = t_old + time.time() - t, time.time()
+        with dist.autocast(dev, frozen_precision(cfg, dev)):
+            b.ref_logp[mb] = answer_logprobs(m.reference(ids, mask, pos, span=span), ids, b.start)
+        t_ref += time.time() - t
+    b.seconds["old"], b.seconds["reference"] = t_old, t_ref
     b.old_values *= amask
     b.kl_k1 = sequence_kl(b.old_logp, b.ref_logp, amask, "k1")  # per answer, nats
     b.kl_k3 = sequence_kl(b.old_logp, b.ref_logp, amask, "k3")
@@ -307,8 +333,8 @@ def update(cfg: PPOConfig, m: Models, b: Batch, ptx: TokenWindows | None, env, i
         for mb_i, mb in enumerate(b.first_epoch if epoch == 0 else epoch_minibatches(cfg, env, it, epoch)):
             ids, am = b.ids[mb], b.amask[mb]
             with dist.autocast(dev, cfg.run.precision):
-                logits, values = m.train_ac(ids, b.mask[mb], b.pos[mb])
-            logp = token_logprobs(logits, ids)
+                logits, values = m.train_ac(ids, b.mask[mb], b.pos[mb], b.span)
+            logp = answer_logprobs(logits, ids, b.start)
             n_tokens = reduce_sum(am.sum()).clamp(min=1)  # this minibatch's answer tokens, all processes
             share = env.world * am.sum() / n_tokens
             pg_loss, clipfrac = ppo_policy_loss(logp, b.old_logp[mb], b.adv[mb], am, cfg.clip)
@@ -318,7 +344,7 @@ def update(cfg: PPOConfig, m: Models, b: Batch, ptx: TokenWindows | None, env, i
                 b.ratio_dev = float(dist.all_reduce_max(((log_ratio.exp() - 1).abs() * am).max(), env))
                 b.approx_kl = float(reduce_sum(((log_ratio.exp() - 1 - log_ratio) * am).sum()) / n_tokens)
             if m.value is not None:
-                vf_loss = ppo_value_loss(values[:, :-1].float(), b.old_values[mb], b.returns[mb], am, cfg.value_clip)
+                vf_loss = ppo_value_loss(values.float(), b.old_values[mb], b.returns[mb], am, cfg.value_clip)
                 loss = loss + cfg.vf_coef * vf_loss * share
                 stats["vf_loss"].append(float(vf_loss.detach()))
             if cfg.kl.placement == "loss":
@@ -357,6 +383,7 @@ def log_iteration(cfg: PPOConfig, m: Models, b: Batch, stats: dict, env, log: Me
         "clipfrac": mean(np.mean(stats["clipfrac"])), "first_clipfrac": mean(stats["clipfrac"][0]),
         "pg_loss": mean(np.mean(stats["pg_loss"])), "response_length": mean(b.amask.sum(1).mean()),
         "finished": mean(b.finished.mean()), "seconds": time.time() - t_it, "peak_memory_mb": dist.peak_memory_mb(env.device),
+        **{f"seconds_{k}": v for k, v in b.seconds.items()},
     }
     if m.value is not None:
         _, var_ret = masked_moments(b.returns, b.amask, reduce_sum)

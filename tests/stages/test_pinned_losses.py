@@ -9,7 +9,11 @@ policy and value losses, entropy, clip fraction, lengths, and the held-out evalu
 Tolerance: a float passes when |got - pinned| <= 1e-6 * max(1, |pinned|) (pytest.approx with
 rel=1e-6, abs=1e-6: absolute below 1, relative above); ints, bools, strings and the set of
 record kinds and keys must be equal. The runs are fp32, run.threads=1, on CPU. The values
-are those of one torch version and one set of CPU kernels, both recorded under "_meta".
+are those of one torch version and one set of CPU kernels, both recorded under "_meta"; one
+file per kind of CPU the project's machines have: `pinned_losses.json` (AVX2, recorded on AMD
+Zen cores) and `pinned_losses_avx512_amx.json` (AVX512 with AMX, Intel Sapphire Rapids class:
+its MKL and oneDNN kernels sum in another order, which ATEN_CPU_CAPABILITY cannot undo). A
+process uses the file recorded under its own kernels, else the fallback below.
 Under another torch version (a GPU machine's own; CI pins the recorded one in
 requirements/cpu.txt) the tests skip, naming both versions; to move to a new torch,
 re-record deliberately and say so in the commit. On a CPU
@@ -47,18 +51,36 @@ from llmtrain.config import (ClassifyConfig, ClassifyDataConfig, DPOConfig, Mode
                              SFTDataConfig)
 from llmtrain.metrics import read_metrics
 
-PINNED = Path(__file__).with_name("pinned_losses.json")
+PINNED_AVX2 = Path(__file__).with_name("pinned_losses.json")
 RECORD = os.environ.get("LLMTRAIN_RECORD_PINNED") == "1"
 VOLATILE = {"time", "seconds", "tokens_per_s", "peak_memory_mb"}  # wall clock and memory: not a function of the inputs
 TOL = dict(rel=1e-6, abs=1e-6)
 
 
 def kernels() -> dict:
-    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": bool(amx)}
+
+
+def pinned_file() -> Path:
+    """The recording made under this process's kernels, or the AVX2 one (the fallback: this
+    file run again under its kernels, or skipped where that cannot be)."""
+    k = kernels()
+    for f in sorted(Path(__file__).parent.glob("pinned_losses*.json")):
+        if json.loads(f.read_text()).get("_meta") == k:
+            return f
+    if RECORD:
+        return Path(__file__).with_name(f"pinned_losses_{k['cpu_capability'].lower()}{'_amx' if k['amx'] else ''}.json")
+    return PINNED_AVX2
+
+
+PINNED = pinned_file()
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
+    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("seconds_")}  # RL's phase times
+            for r in read_metrics(run_dir)]
 
 
 def same(got, want, where: str) -> list[str]:
@@ -274,6 +296,8 @@ def rl_config(base: Path, rm: Path, tmp: Path, algorithm: str, **kw) -> PPOConfi
     c = PPOConfig(algorithm=algorithm, policy=str(base), reward_model=str(rm), prompts=str(prompts), val_every=5,
                   eval_prompts=2, max_new_tokens=6, ppo_epochs=2, optim=optim(warmup_steps=0, schedule="constant"),
                   run=run_cfg(tmp / algorithm, max_steps=3))
+    # fp32 throughout, as recorded, on any machine (their default "auto" is bf16 where bf16 is native)
+    c.frozen_precision, c.rollout_precision = "fp32", "fp32"
     for k, v in kw.items():
         setattr(c, k, v)
     return c

@@ -68,6 +68,9 @@ def scripted_reward(tok, target):
 
 def ppo_config(pretrained, rm, prompts, out, **kw):
     c = PPOConfig(policy=str(pretrained), reward_model=str(rm), prompts=str(prompts), val_every=10, eval_prompts=4,
+                  # bf16 rollouts (the policy's decoding copy) and a bf16 reference and reward model,
+                  # whatever the machine: the auto default where bf16 is native (issue #19)
+                  rollout_precision="bf16", frozen_precision="bf16",
                   rollout_batch=16, max_new_tokens=16, minibatch=8, ppo_epochs=2, missing_eos_penalty=0.0,
                   optim=OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="constant"),
                   run=RunConfig(out_dir=str(out), max_steps=20, eval_every=0, log_every=4, seed=0, threads=1))

@@ -283,3 +283,47 @@ def test_adapters_off_is_the_original_model_without_a_copy():
     view = AdaptersOffScore(rm, head)
     assert torch.equal(view(x, lengths), rm_out)
     assert not torch.allclose(rm(x, lengths), rm_out)
+
+
+def test_heads_on_the_answer_span_equal_the_full_heads_sliced():
+    """RL's forwards run the word head and the value head at the answers' positions only
+    (Transformer/ScoreModel/ActorCritic `span`): the same numbers as the full heads sliced, and
+    answer_logprobs on them equal token_logprobs' answer columns."""
+    from llmtrain.model.actor_critic import ActorCritic
+    from llmtrain.model.heads import ScoreModel
+    from llmtrain.rl import answer_logprobs
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, max_seq_len=32)
+    ac = ActorCritic(Transformer(cfg), ScoreModel(cfg, 1)).eval()
+    prompts, answers = [[1, 5, 6], [1, 7], [1, 2, 3, 4]], [[9, 9, 2], [8], [11, 12]]
+    ids, mask, pos, amask = rollout_rows(prompts, answers, 0)
+    start = max(map(len, prompts)) - 1
+    span = slice(start, ids.shape[1] - 1)
+    with torch.no_grad():
+        full_logits, full_values = ac(ids, mask, pos)
+        logits, values = ac(ids, mask, pos, span)
+    assert logits.shape == (3, 3, 40) and values.shape == (3, 3)
+    torch.testing.assert_close(logits, full_logits[:, span], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, full_values[:, span], rtol=1e-6, atol=1e-6)
+    full_lp = token_logprobs(full_logits, ids)
+    assert amask[:, :start].sum() == 0  # nothing of an answer is left out of the span
+    torch.testing.assert_close(answer_logprobs(logits, ids, start), full_lp[:, start:], rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_lower_layers_cost_no_weight_gradients_and_no_backward():
+    """Freezing the embeddings and the lowest block: those weights get no gradient, and
+    backward stops above them (their output needs no gradient, so autograd never goes there)."""
+    from llmtrain.model.adapters import freeze
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=30, dim=16, n_layers=3, n_heads=2, max_seq_len=16))
+    freeze(m, ["model.embed_tokens.*"], first_layers=1)
+    seen = {}
+    m.model.layers[0].register_forward_hook(lambda mod, inp, out: seen.update(low=out))
+    m.model.layers[1].register_forward_hook(lambda mod, inp, out: seen.update(high=out))
+    m(torch.randint(0, 30, (2, 8))).logsumexp(-1).mean().backward()
+    assert not seen["low"].requires_grad and seen["high"].requires_grad
+    for n, p in m.named_parameters():
+        frozen = n.startswith(("model.embed_tokens.", "model.layers.0.")) or (n == "lm_head.weight" and m.config.tie_embeddings)
+        assert (p.grad is None) == frozen, n
