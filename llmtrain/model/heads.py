@@ -33,7 +33,7 @@ class ScoreModel(nn.Module):
         """
         if lengths is None:
             h = self.model(input_ids, attention_mask, position_ids)
-            return self.score(h if span is None else h[:, span])
+            return self.score(h if span is None else h[:, span].contiguous())  # see Transformer.forward
         return self.score(self.last_hidden(input_ids, lengths))
 
     def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,7 @@ class Batch:
     rm_scores: torch.Tensor | None = None  # (2) (N,) the reward model's score
     scores: torch.Tensor | None = None  # (2) (N,) less the missing-end penalty
     first_epoch: list | None = None  # (3) the first epoch's minibatches (row indices)
+    first_forward: tuple | None = None  # (3) the first minibatch's log-probs and values, with their graph: its first update
     old_logp: torch.Tensor | None = None  # (3) (N, A) each, zero where amask is
     ref_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
@@ -281,15 +282,23 @@ def logprobs(cfg: PPOConfig, m: Models, b: Batch, env, it: int) -> None:
     b.old_logp, b.ref_logp = torch.zeros_like(amask), torch.zeros_like(amask)
     b.old_values, b.ent = torch.zeros_like(amask), torch.zeros_like(amask)
     t_old = t_ref = 0.0
-    for mb in b.first_epoch:
+    # The first minibatch last, through the module the update trains and with its graph kept:
+    # its log-probs and values are those the update's first step would compute again (the
+    # weights have not moved), so that step backpropagates through this forward instead.
+    for i in [*range(1, len(b.first_epoch)), 0]:
+        mb = b.first_epoch[i]
         ids, mask, pos = b.ids[mb], b.mask[mb], b.pos[mb]
         t = time.time()
-        with dist.autocast(dev, cfg.run.precision):
-            logits, v = m.ac(ids, mask, pos, span)
-        b.old_logp[mb] = answer_logprobs(logits, ids, b.start)
-        b.ent[mb] = entropy_from_logits(logits)
+        with torch.set_grad_enabled(i == 0), dist.autocast(dev, cfg.run.precision):
+            logits, v = (m.train_ac if i == 0 else m.ac)(ids, mask, pos, span)
+        with torch.set_grad_enabled(i == 0):
+            logp = answer_logprobs(logits, ids, b.start)
+        b.old_logp[mb] = logp.detach()
+        b.ent[mb] = entropy_from_logits(logits.detach())
         if m.value is not None:
-            b.old_values[mb] = v.float()
+            b.old_values[mb] = v.detach().float()
+        if i == 0:
+            b.first_forward = (logp, v)
         t_old, t = t_old + time.time() - t, time.time()
         with dist.autocast(dev, frozen_precision(cfg, dev)):
             b.ref_logp[mb] = answer_logprobs(m.reference(ids, mask, pos, span=span), ids, b.start)
@@ -332,9 +341,12 @@ def update(cfg: PPOConfig, m: Models, b: Batch, ptx: TokenWindows | None, env, i
     for epoch in range(cfg.ppo_epochs):
         for mb_i, mb in enumerate(b.first_epoch if epoch == 0 else epoch_minibatches(cfg, env, it, epoch)):
             ids, am = b.ids[mb], b.amask[mb]
-            with dist.autocast(dev, cfg.run.precision):
-                logits, values = m.train_ac(ids, b.mask[mb], b.pos[mb], b.span)
-            logp = answer_logprobs(logits, ids, b.start)
+            if epoch == 0 and mb_i == 0:  # computed by logprobs, graph and all
+                (logp, values), b.first_forward = b.first_forward, None
+            else:
+                with dist.autocast(dev, cfg.run.precision):
+                    logits, values = m.train_ac(ids, b.mask[mb], b.pos[mb], b.span)
+                logp = answer_logprobs(logits, ids, b.start)
             n_tokens = reduce_sum(am.sum()).clamp(min=1)  # this minibatch's answer tokens, all processes
             share = env.world * am.sum() / n_tokens
             pg_loss, clipfrac = ppo_policy_loss(logp, b.old_logp[mb], b.adv[mb], am, cfg.clip)

@@ -327,3 +327,27 @@ def test_frozen_lower_layers_cost_no_weight_gradients_and_no_backward():
     for n, p in m.named_parameters():
         frozen = n.startswith(("model.embed_tokens.", "model.layers.0.")) or (n == "lm_head.weight" and m.config.tie_embeddings)
         assert (p.grad is None) == frozen, n
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_old_pass_without_grad_equals_the_update_forward(precision):
+    """PPO's old log-probs and values come from forwards without grad (all minibatches but the
+    first, whose graph the update reuses); the update's forwards run with grad. Both must give
+    the same numbers bit for bit, in fp32 and under bf16 autocast, or the new/old ratio of the
+    first epoch is off before any update (no kernel may be chosen by grad mode)."""
+    from llmtrain import dist
+    from llmtrain.model.actor_critic import ActorCritic
+    from llmtrain.model.heads import ScoreModel
+    from llmtrain.rl import answer_logprobs
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    ac = ActorCritic(Transformer(cfg), ScoreModel(cfg, 1)).eval()
+    ids, mask, pos, _ = rollout_rows([[1, 5, 6, 7, 8], [1, 7], [1, 2, 3]], [[9, 9, 2, 4], [8], [11, 12, 5, 5]], 0)
+    span = slice(4, ids.shape[1] - 1)
+    out = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), dist.autocast(torch.device("cpu"), precision):
+            logits, values = ac(ids, mask, pos, span)
+            out.append((answer_logprobs(logits, ids, 4).detach(), values.detach()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
