@@ -165,20 +165,19 @@ def _decode(dec: Decoder, ids, mask, positions, max_new: int, s: SamplingConfig,
     stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_pos = ids, positions
+    step_ids, step_pos, last = ids, positions, positions[:, -1:]
     n = 0
     with torch.autocast(device.type, enabled=False), torch.inference_mode():
         for n in range(1, max_new + 1):
             logits = dec.step(step_ids, step_pos, cache, None if keys is None else keys[:, :cache.length + step_ids.shape[1]])
-            tok = next_token(logits, s, generator, rows)
-            tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+            tok = next_token(logits, s, generator, rows).masked_fill_(finished, pad_id)
             out[:, n - 1] = tok
             if on_token is not None:
                 on_token(tok.tolist())
             finished |= torch.isin(tok, stop)
             if bool(finished.all()):
                 break
-            step_ids, step_pos = tok[:, None], positions[:, -1:] + n
+            step_ids, step_pos = tok[:, None], last + n
     return out[:, :n]
 
 

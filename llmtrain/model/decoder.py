@@ -162,6 +162,10 @@ class Decoder:
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
         cos, sin = self.rotary.lookup(pos)  # (B, T, Dh)
+        half = Dh // 2
+        # rotate_half(x) * sin == x.roll(half) * (sin with its first half negated): one roll per
+        # layer instead of chunk, neg and cat, and the same bits (a sign flip is exact)
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)  # (B, T, 1, Dh)
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         gqa = {"enable_gqa": True} if K != H and _SDPA_GQA else {}
@@ -169,8 +173,7 @@ class Decoder:
         for i, L in enumerate(self.layers):
             qkv = L.qkv(rms_norm(x, L.norm1, L.eps)).view(B, T, H + 2 * K, Dh)
             qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]
-            x1, x2 = qk.chunk(2, dim=-1)
-            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
             q = qk[:, :, :H].transpose(1, 2)
             k, v = cache.write(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), at)
             if K != H and not gqa:  # torch < 2.5

@@ -50,19 +50,24 @@ def test_fused_layers_give_the_unfused_logits(bias):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_decoder_equals_the_bf16_model():
-    """bf16: the decoder's packed oneDNN GEMMs give the bf16 model's logits (same roundings:
-    the rotary tables stay fp32 in both)."""
+def test_bf16_decoder_is_as_accurate_as_the_bf16_model():
+    """bf16: the decoder (packed oneDNN GEMMs, fused layers, SDPA's own kernel) is as close to
+    the fp32 logits as the bf16 model's forward is (which takes SDPA's math backend on a CPU in
+    bf16, so the two bf16 paths differ in their last bits, not in accuracy). The rotary tables
+    stay fp32 in a bf16 model."""
     m = model()
     mb = Transformer(CFG).eval()
     mb.load_state_dict(m.state_dict())
     mb.to(torch.bfloat16)
     assert mb.model.rotary.cos.dtype == torch.float32 and mb.model.rotary.inv_freq.dtype == torch.float32
-    ids = torch.randint(0, 97, (3, 10))
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = mb(ids).float()
-    got = decoder_logits(Decoder(m, torch.bfloat16), ids).float()
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+        exact, model_bf16 = m(ids), mb(ids).float()
+    dec_bf16 = decoder_logits(Decoder(m, torch.bfloat16), ids).float()
+    err_model, err_dec = (model_bf16 - exact).abs(), (dec_bf16 - exact).abs()
+    assert 0 < err_model.mean() and err_dec.mean() <= 1.5 * err_model.mean()
+    assert err_dec.max() <= 2 * err_model.max()
+    assert (dec_bf16.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
 def test_state_dict_names_stay_hugging_faces():
