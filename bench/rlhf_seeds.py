@@ -9,7 +9,8 @@ The stage settings are the run's own (RUN_DIR/pipeline.yaml), or those of CONFIG
 key=value overrides (e.g. grpo.kl.beta=0.2); only run.seed changes between runs. Each run
 writes into RUN_DIR/seeds/seed_N/METHOD (or --out), so an interrupted sweep continues where
 it stopped. Per run: win rate over SFT by the true rule and by the reward model, KL to SFT
-(nats per answer, on answers sampled from the policy), share of distinct greedy answers, and
+(nats per answer, on answers sampled from the policy), share of distinct greedy answers, the
+win rate by the rule on sampled answers (the config's evaluate.samples per prompt), and
 the seconds its training took. The summary gives, per method, the median and the worst seed.
 """
 from __future__ import annotations
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {"sft": {}, "methods": {m: [] for m in methods}, "rule": rule, "prompts": len(convs),
                  "kl_target": cfg.ppo.kl.target}
     print(f"{len(methods)} methods x {len(seeds)} seeds from {run}; {len(convs)} held-out prompts; true rule {rule!r}")
-    print(f"{'method':<6} {'seed':>4} {'win true':>9} {'win RM':>7} {'gap':>6} {'KL':>6} {'distinct':>9} {'seconds':>8}")
+    print(f"{'method':<6} {'seed':>4} {'win true':>9} {'win RM':>7} {'gap':>6} {'KL':>6} {'distinct':>9} {'seconds':>8}"
+          f" {'win true, sampled':>18}")
     for seed in seeds:
         seconds, dirs = {}, {}
         for m in methods:
@@ -109,29 +111,34 @@ def main(argv: list[str] | None = None) -> dict:
             seconds[m] = train(cfg, run, m, seed, dirs[m])
         with contextlib.redirect_stdout(sys.stderr):
             ev = evaluate.compare(str(run / "sft"), {m: str(d) for m, d in dirs.items()}, str(run / "reward"), convs,
-                                  rule, cfg.evaluate.max_new_tokens)
+                                  rule, cfg.evaluate.max_new_tokens, cfg.evaluate.samples)
         for m in methods:
             e = ev[m]
             res["sft"] = {"distinct": e["distinct_a"], "distinct2": e["distinct2_a"], "mean_words": e["mean_words_a"]}
             row = {"seed": seed, "win_true": e["win_rate_b_by_true_rule"], "win_rm": e["win_rate_b_by_reward_model"],
                    "kl": e["kl_b"], "kl_k3": e["kl_b_k3"], "distinct": e["distinct_b"], "distinct2": e["distinct2_b"],
-                   "mean_words": e["mean_words_b"], "seconds": round(seconds[m], 1)}
+                   "mean_words": e["mean_words_b"], "seconds": round(seconds[m], 1),
+                   "win_true_sampled": e.get("sampled", {}).get("win_rate_b_by_true_rule", float("nan"))}
             res["methods"][m].append(row)
             print(f"{m:<6} {seed:>4} {row['win_true']:>9.1%} {row['win_rm']:>7.1%} {row['win_rm'] - row['win_true']:>+6.2f} "
-                  f"{row['kl']:>6.2f} {row['distinct']:>9.1%} {row['seconds']:>8.1f}", flush=True)
+                  f"{row['kl']:>6.2f} {row['distinct']:>9.1%} {row['seconds']:>8.1f} {row['win_true_sampled']:>18.1%}",
+                  flush=True)
 
     sft_distinct = res["sft"].get("distinct", 0.0)
     print(f"\nSFT: {sft_distinct:.1%} distinct greedy answers. Over seeds {a.seeds}:")
-    print(f"{'method':<6} {'median win':>10} {'worst win':>10} {'mean KL':>8} {'worst distinct/SFT':>19}")
+    print(f"{'method':<6} {'median win':>10} {'worst win':>10} {'mean KL':>8} {'worst distinct/SFT':>19} "
+          f"{'sampled: median':>16} {'worst':>6}")
     summary = {}
     for m, rows in res["methods"].items():
         wins = [r["win_true"] for r in rows]
         s = {"median_win_true": statistics.median(wins), "min_win_true": min(wins),
              "mean_kl": statistics.fmean(r["kl"] for r in rows),
-             "min_distinct_vs_sft": min(r["distinct"] for r in rows) / sft_distinct if sft_distinct else float("nan")}
+             "min_distinct_vs_sft": min(r["distinct"] for r in rows) / sft_distinct if sft_distinct else float("nan"),
+             "median_win_true_sampled": statistics.median(r["win_true_sampled"] for r in rows),
+             "min_win_true_sampled": min(r["win_true_sampled"] for r in rows)}
         summary[m] = s
         print(f"{m:<6} {s['median_win_true']:>10.1%} {s['min_win_true']:>10.1%} {s['mean_kl']:>8.2f} "
-              f"{s['min_distinct_vs_sft']:>19.2f}")
+              f"{s['min_distinct_vs_sft']:>19.2f} {s['median_win_true_sampled']:>16.1%} {s['min_win_true_sampled']:>6.1%}")
     res["summary"] = summary
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
