@@ -17,7 +17,8 @@ variant, on random weights (speed does not depend on them) and one tokenizer tra
 names are HF Llama's), the same prompt token ids and the same sizes. Precisions:
   fp32  ours: everything fp32 (run.precision, rollout_precision and frozen_precision fp32)
   auto  ours: the defaults: fp32 training; rollouts, reference and reward model bf16 where the
-        hardware has native bf16 (AVX512-BF16/AMX or a GPU), else fp32
+        hardware has native bf16 (AVX512-BF16/AMX or a GPU) and the policy has 8M parameters or
+        more, else fp32 (so at the demo's sizes auto is fp32)
   bf16  ours: also run.precision=bf16 (autocast over fp32 master weights)
   TRL runs fp32 (its PPOTrainer on a CPU), and with --trl-bf16 also TrainingArguments(bf16=True).
 Time per iteration is the median over iterations 2.. (the first warms up); ours also splits it into

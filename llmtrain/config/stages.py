@@ -157,7 +157,8 @@ class PPOConfig:
     # The precision of the reference and the reward model (frozen), and of the policy's copy the
     # rollouts sample from (llmtrain.model.decoder); what trains keeps fp32 weights either way.
     # auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
-    # AVX512-BF16 or AMX), else run.precision
+    # AVX512-BF16 or AMX) and the policy has 8M parameters or more (rl_models.AUTO_BF16_MIN_PARAMS),
+    # else run.precision
     frozen_precision: Literal["auto", "fp32", "bf16"] = "auto"
     rollout_precision: Literal["auto", "fp32", "bf16"] = "auto"
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -47,7 +47,7 @@ from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, Progress
 from llmtrain.rl import (answer_logprobs, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean,
                          masked_moments, minibatches, rollout_rows, sequence_kl, whiten)
-from llmtrain.rl_models import Models, build_models, extra_state, resolved_precision, resume
+from llmtrain.rl_models import Models, build_models, extra_state, resume
 from llmtrain.scoring import evaluate_policy, score_texts
 from llmtrain.styles import RULES
 from llmtrain.tokenizer import Tokenizer, render_chat
@@ -102,10 +102,6 @@ class Batch:
 def group(cfg: PPOConfig) -> int:
     """Answers per prompt: G for GRPO/RLOO, 1 for PPO."""
     return 1 if cfg.algorithm == "ppo" else cfg.group_size
-
-
-def frozen_precision(cfg: PPOConfig, device: torch.device) -> str:
-    return resolved_precision(cfg.frozen_precision, cfg.run.precision, device)
 
 
 def check(cfg: PPOConfig) -> None:
@@ -218,7 +214,8 @@ def setup_lines(cfg: PPOConfig, m: Models, env, log: Metrics, prompts: Prompts, 
             f"{len(prompts.train)} train / {len(prompts.val)} held-out prompts; {cfg.rollout_batch} prompts x {group(cfg)} "
             f"answers per iteration per process; {model_note} ({m.note}); KL {cfg.kl.estimator}"
             f"{' as a loss term' if cfg.kl.placement == 'loss' else ' in the reward'}; reward offset "
-            f"{m.norm.get('offset', 0):.3f}; {env.world} process(es) on {env.device}")
+            f"{m.norm.get('offset', 0):.3f}; rollouts in {'bf16' if m.rollout_dtype == torch.bfloat16 else 'fp32'}, "
+            f"reference and reward model in {m.frozen_precision}; {env.world} process(es) on {env.device}")
     return [line, prompts.note] if prompts.note else [line]
 
 
@@ -252,10 +249,9 @@ def rollout(cfg: PPOConfig, m: Models, tok: Tokenizer, sampling: SamplingConfig,
     gen = torch.Generator(device=env.device).manual_seed(run.seed * 100003 + it * 101)
     # The policy's weights sample through a decoding copy (llmtrain.model.decoder) in the
     # rollout precision, packed once per iteration; a sharded policy runs its own forward.
-    dtype = torch.bfloat16 if resolved_precision(cfg.rollout_precision, run.precision, env.device) == "bf16" else torch.float32
     with dist.autocast(env.device, run.precision):
         answers = generate(m.policy, prompt_ids, sampling, pad_id=tok.pad_id, generator=gen,
-                           rows=(env.rank * n_local, n_local * env.world), dtype=dtype)
+                           rows=(env.rank * n_local, n_local * env.world), dtype=m.rollout_dtype)
     finished = torch.tensor([bool(a) and a[-1] in sampling.stop_ids for a in answers], dtype=torch.float32)
     texts = [tok.decode(a[:-1] if f else a, skip_special=True).strip() for a, f in zip(answers, finished.tolist())]
     ids, mask, pos, amask = (t.to(env.device) for t in rollout_rows(prompt_ids, answers, tok.pad_id))
@@ -265,7 +261,7 @@ def rollout(cfg: PPOConfig, m: Models, tok: Tokenizer, sampling: SamplingConfig,
 
 def score(cfg: PPOConfig, m: Models, tok: Tokenizer, b: Batch, env) -> None:
     """(2) The reward model on (prompt, answer); an answer cut off without an end pays missing_eos_penalty."""
-    with dist.autocast(env.device, frozen_precision(cfg, env.device)):
+    with dist.autocast(env.device, m.frozen_precision):
         b.rm_scores = torch.tensor(score_texts(m.reward_model, tok, list(zip(b.convs, b.texts, map(bool, b.finished.tolist()))),
                                                offset=m.norm.get("offset", 0.0)))
     b.scores = (b.rm_scores - cfg.missing_eos_penalty * (1 - b.finished)).to(env.device)
@@ -300,7 +296,7 @@ def logprobs(cfg: PPOConfig, m: Models, b: Batch, env, it: int) -> None:
         if i == 0:
             b.first_forward = (logp, v)
         t_old, t = t_old + time.time() - t, time.time()
-        with dist.autocast(dev, frozen_precision(cfg, dev)):
+        with dist.autocast(dev, m.frozen_precision):
             b.ref_logp[mb] = answer_logprobs(m.reference(ids, mask, pos, span=span), ids, b.start)
         t_ref += time.time() - t
     b.seconds["old"], b.seconds["reference"] = t_old, t_ref

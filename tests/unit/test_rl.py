@@ -351,3 +351,17 @@ def test_old_pass_without_grad_equals_the_update_forward(precision):
             logits, values = ac(ids, mask, pos, span)
             out.append((answer_logprobs(logits, ids, 4).detach(), values.detach()))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_auto_precision_is_bf16_only_where_native_and_the_policy_is_big_enough(monkeypatch):
+    from llmtrain import dist
+    from llmtrain.rl_models import AUTO_BF16_MIN_PARAMS, resolved_precision
+
+    cpu, big, small = torch.device("cpu"), AUTO_BF16_MIN_PARAMS, AUTO_BF16_MIN_PARAMS - 1
+    for native in (True, False):
+        monkeypatch.setattr(dist, "native_bf16", lambda device, n=native: n)
+        assert resolved_precision("auto", "fp32", cpu, big) == ("bf16" if native else "fp32")
+        assert resolved_precision("auto", "fp32", cpu, small) == "fp32"
+        assert resolved_precision("auto", "bf16", cpu, small) == "bf16"  # else: the run's own precision
+        assert resolved_precision("fp32", "bf16", cpu, big) == "fp32"  # a setting is kept as given
+        assert resolved_precision("bf16", "fp32", cpu, small) == "bf16"
