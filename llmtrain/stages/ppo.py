@@ -12,12 +12,15 @@ second trainable model, its gradients or its optimizer state.
 Every model runs in eval mode throughout (no dropout; as TRL's PPO), and everything an
 iteration computes before its update (samples, old log-probs, values, reference, reward) runs
 under the same autocast as the update, in the same batches as the first epoch's minibatches:
-before the first update the new/old ratio is exactly 1 (logged as `ratio_dev`).
+before the first update the new/old ratio is exactly 1 (logged as `ratio_dev`, on the first
+minibatch, whose forward the update reuses; that the other minibatches' old pass, without
+grad, equals the update's forward bit for bit is tests/unit/test_rl.py's to show).
 
 Each iteration `main` calls one function per phase, in order, each filling in the iteration's `Batch`:
  (1) rollout     sample answers to a batch of prompts (batched, KV cache; G per prompt for GRPO/RLOO)
  (2) score       reward model on (prompt, answer), minus a penalty if cut off without an end
- (3) logprobs    old log-probs (and values) of the policy, the reference's; per-answer KL (k1 and k3)
+ (3) logprobs    old log-probs (and values) of the policy, the reference's; per-answer KL (k1 and k3);
+                 the first minibatch's forward keeps its graph and is its first update's forward
  (4) advantages  PPO (gae_advantages): reward_t = -beta KL_t (+ score on the last token), GAE, whitened
                  over all processes. GRPO/RLOO (group_relative_advantages): score (- beta sum KL),
                  against its group. With kl.placement=loss the KL is a loss term instead (beta x mean k3).
