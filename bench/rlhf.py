@@ -2,7 +2,7 @@
 
     python bench/rlhf.py                       # TRL's default sizes and the demo's; ours fp32/auto/bf16, TRL fp32
     python bench/rlhf.py --shapes trl --iters 4 --json out.json
-    python bench/rlhf.py --no-trl              # ours only (TRL not installed)
+    python bench/rlhf.py --no-trl              # ours only (TRL is not a requirement: pip install 'trl==1.12.*')
 
 Sizes ("shapes"):
   trl   TRL's PPO defaults at a small model: 6 layers, width 384, 6 heads (3 key/value heads), vocab
