@@ -125,11 +125,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     max_new = min(sampling.max_new_tokens, ctx - L_all)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
     if use_cache and not sharded:
-        out = _decode(Decoder.of(model, decode_dtype(model, dtype)), ids, mask, positions, max_new, sampling,
-                      pad_id, generator, on_token, rows)
+        steps = DecoderSteps(Decoder.of(model, decode_dtype(model, dtype)), ids, mask, positions, max_new)
+        with torch.autocast(device.type, enabled=False), torch.inference_mode():
+            out = _token_loop(steps, B, max_new, sampling, pad_id, generator, on_token, rows, bool)
     else:
-        out = _forward_loop(model, ids, mask, positions, max_new, sampling, pad_id, generator, on_token, rows,
-                            use_cache, sharded)
+        was_training = model.training
+        model.eval()
+        # The cache takes the dtype of the first keys written (bf16 when FSDP2 gathers in bf16).
+        cache = KVCache(model.config, B, L + max_new, device, None) if use_cache else None
+        out = _token_loop(ModelSteps(model, ids, mask, positions, cache), B, max_new, sampling, pad_id, generator,
+                          on_token, rows, dist.all_finished if sharded else bool)
+        model.train(was_training)
     results = []
     for row in out.tolist():
         for j, t in enumerate(row):
@@ -147,38 +153,71 @@ def decode_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dty
         return dtype
     param = next(model.parameters())
     dev = param.device.type
-    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
-        return torch.get_autocast_dtype(dev)
-    return param.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else param.dtype
 
 
-def _decode(dec: Decoder, ids, mask, positions, max_new: int, s: SamplingConfig, pad_id: int, generator,
-            on_token, rows) -> torch.Tensor:
-    """The token loop on a `Decoder`: prefill the prompts, then one token per step; -> (B, n) new ids."""
-    B, L = ids.shape
-    device = ids.device
-    cache = dec.new_cache(B, L + max_new)
-    keys = None
-    if not bool(mask.all()):
-        keys = torch.ones((B, L + max_new), dtype=torch.bool, device=device)
-        keys[:, :L] = mask.bool()
+def _token_loop(logits_of: Callable[[torch.Tensor], torch.Tensor], B: int, max_new: int, s: SamplingConfig,
+                pad_id: int, generator, on_token, rows, all_done: Callable[[bool], bool]) -> torch.Tensor:
+    """Up to max_new steps of one token per row; logits_of(new) gives the logits (B, V) of the
+    position after the new tokens so far (B, n). A finished row gets pad_id from then on; the
+    loop ends when `all_done` says every row (of every process, when sharded) has finished.
+    -> (B, n) new ids."""
+    device = logits_of.device
     stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_pos, last = ids, positions, positions[:, -1:]
     n = 0
-    with torch.autocast(device.type, enabled=False), torch.inference_mode():
-        for n in range(1, max_new + 1):
-            logits = dec.step(step_ids, step_pos, cache, None if keys is None else keys[:, :cache.length + step_ids.shape[1]])
-            tok = next_token(logits, s, generator, rows).masked_fill_(finished, pad_id)
-            out[:, n - 1] = tok
-            if on_token is not None:
-                on_token(tok.tolist())
-            finished |= torch.isin(tok, stop)
-            if bool(finished.all()):
-                break
-            step_ids, step_pos = tok[:, None], last + n
+    for n in range(1, max_new + 1):
+        tok = next_token(logits_of(out[:, :n - 1]), s, generator, rows).masked_fill_(finished, pad_id)
+        out[:, n - 1] = tok
+        if on_token is not None:
+            on_token(tok.tolist())
+        finished |= torch.isin(tok, stop)
+        if all_done(bool(finished.all())):
+            break
     return out[:, :n]
+
+
+class DecoderSteps:
+    """Next-token logits through a `Decoder` and its KV cache: the prompts first (prefill), then
+    each step's new token. Holds this generation's cache, so one decoder serves many calls."""
+
+    def __init__(self, dec: Decoder, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new: int):
+        B, L = ids.shape
+        self.dec, self.ids, self.positions, self.device = dec, ids, positions, ids.device
+        self.cache = dec.new_cache(B, L + max_new)
+        self.keys = None  # the real keys (B, L + max_new), where a prompt is padded
+        if not bool(mask.all()):
+            self.keys = torch.ones((B, L + max_new), dtype=torch.bool, device=ids.device)
+            self.keys[:, :L] = mask.bool()
+
+    def __call__(self, new: torch.Tensor) -> torch.Tensor:
+        n = new.shape[1]
+        step_ids, step_pos = (self.ids, self.positions) if n == 0 else (new[:, -1:], self.positions[:, -1:] + n)
+        keys = None if self.keys is None else self.keys[:, :self.cache.length + step_ids.shape[1]]
+        return self.dec.step(step_ids, step_pos, self.cache, keys)
+
+
+class ModelSteps:
+    """Next-token logits through the model's own forward: with its KV cache, or without one
+    (the whole sequence again each step: a check of the cached paths). A model sharded by
+    FSDP2 decodes this way, as every forward is a collective."""
+
+    def __init__(self, model: Transformer, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache | None):
+        self.model, self.ids, self.mask, self.positions, self.cache = model, ids, mask, positions, cache
+        self.device = ids.device
+
+    def __call__(self, new: torch.Tensor) -> torch.Tensor:
+        n = new.shape[1]
+        mask = torch.cat([self.mask, torch.ones((new.shape[0], n), dtype=self.mask.dtype, device=self.device)], 1)
+        if self.cache is None:
+            ids, pos = torch.cat([self.ids, new], 1), torch.cat([self.positions, _tail_pos(self.positions, new)], 1)
+        elif n == 0:
+            ids, pos = self.ids, self.positions
+        else:
+            ids, pos = new[:, -1:], self.positions[:, -1:] + n
+        return self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache)[:, -1]
 
 
 def greedy_static(dec: Decoder, prompts: Sequence[Sequence[int]], max_new: int, pad_id: int = 0,
@@ -206,41 +245,6 @@ def greedy_static(dec: Decoder, prompts: Sequence[Sequence[int]], max_new: int, 
             tok = step(tok[:, None], positions[:, -1:] + n, cache, keys, at).argmax(-1)
         out.append(tok)
     return torch.stack(out, 1).tolist()
-
-
-def _forward_loop(model, ids, mask, positions, max_new: int, s: SamplingConfig, pad_id: int, generator, on_token,
-                  rows, use_cache: bool, sharded: bool) -> torch.Tensor:
-    """The token loop through the model's own forward: without a cache (a check of the cached
-    paths), or for a model sharded by FSDP2, whose every forward is a collective."""
-    B, L = ids.shape
-    device = ids.device
-    was_training = model.training
-    model.eval()
-    stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
-    all_done = dist.all_finished if sharded else bool
-    # The cache takes the dtype of the first keys written (bf16 when FSDP2 gathers in bf16).
-    cache = KVCache(model.config, B, L + max_new, device, None) if use_cache else None
-    out = torch.empty((B, 0), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_pos = ids, positions
-    for _ in range(max_new):
-        if use_cache:
-            logits = model(step_ids, attention_mask=mask, position_ids=step_pos, cache=cache)
-        else:
-            full = torch.cat([ids, out], dim=1)
-            logits = model(full, attention_mask=mask, position_ids=torch.cat([positions, _tail_pos(positions, out)], 1))
-        tok = next_token(logits[:, -1], s, generator, rows)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
-        out = torch.cat([out, tok[:, None]], dim=1)
-        if on_token is not None:
-            on_token(tok.tolist())
-        finished |= torch.isin(tok, stop)
-        if all_done(bool(finished.all())):
-            break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-        step_ids, step_pos = tok[:, None], positions[:, -1:] + out.shape[1]
-    model.train(was_training)
-    return out
 
 
 def answer_text(tok, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:

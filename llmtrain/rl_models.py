@@ -76,10 +76,11 @@ def build_models(cfg: PPOConfig, env, mcfg, sft_ckpt: Path) -> Models:
     run, dev, lora, critic = cfg.run, env.device, cfg.lora, cfg.algorithm == "ppo"
     torch.manual_seed(run.seed)
     policy = Transformer(mcfg)
-    frozen_precision = resolved_precision(cfg.frozen_precision, run.precision, dev, policy.num_params())
+    n_params = policy.num_params()
+    frozen_precision = resolved_precision(cfg.frozen_precision, run.precision, dev, n_params)
     frozen_dtype = torch.bfloat16 if frozen_precision == "bf16" else torch.float32
     rollout_dtype = torch.bfloat16 if resolved_precision(cfg.rollout_precision, run.precision, dev,
-                                                         policy.num_params()) == "bf16" else torch.float32
+                                                         n_params) == "bf16" else torch.float32
     checkpoint.load_weights(sft_ckpt, policy)
     value = None
     if critic:

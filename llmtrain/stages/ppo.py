@@ -288,9 +288,9 @@ def logprobs(cfg: PPOConfig, m: Models, b: Batch, env, it: int) -> None:
         mb = b.first_epoch[i]
         ids, mask, pos = b.ids[mb], b.mask[mb], b.pos[mb]
         t = time.time()
-        with torch.set_grad_enabled(i == 0), dist.autocast(dev, cfg.run.precision):
-            logits, v = (m.train_ac if i == 0 else m.ac)(ids, mask, pos, span)
         with torch.set_grad_enabled(i == 0):
+            with dist.autocast(dev, cfg.run.precision):
+                logits, v = (m.train_ac if i == 0 else m.ac)(ids, mask, pos, span)
             logp = answer_logprobs(logits, ids, b.start)
         b.old_logp[mb] = logp.detach()
         b.ent[mb] = entropy_from_logits(logits.detach())
