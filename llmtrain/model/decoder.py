@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.model.adapters import LoRALinear
-from llmtrain.model.transformer import _SDPA_GQA, Transformer
+from llmtrain.model.attention import _SDPA_GQA
+from llmtrain.model.transformer import Transformer
 from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 

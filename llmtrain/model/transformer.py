@@ -1,7 +1,7 @@
 """A Llama-style decoder-only transformer in one file.
 
-RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention through
-`torch.nn.functional.scaled_dot_product_attention`, optional tied embeddings, and a KV cache
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query attention (SDPA, or
+batched matmuls where those are faster: `model/attention.py`), optional tied embeddings, and a KV cache
 for generation. Parameter names are exactly those of Hugging Face's `LlamaForCausalLM`
 (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between the two as is.
 
@@ -10,15 +10,14 @@ Dh head size.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmtrain.config import ModelConfig
+from llmtrain.model.attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -160,9 +159,6 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
 
 
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
@@ -177,39 +173,49 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, K, Dh = self.n_heads, self.n_kv, self.hd
+        if fused(x, self.q_proj, self.k_proj, self.v_proj):
+            # one GEMM for q, k and v and one rotary op for q and k (the decoder's layout)
+            b = self.q_proj.bias
+            if b is not None:
+                b = torch.cat((b, self.k_proj.bias, self.v_proj.bias))
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            qkv = F.linear(x, w, b).view(B, T, H + 2 * K, Dh)
+            qk = rotary_rolled(qkv[:, :, :H + K], cos, sin)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+            v = qkv[:, :, H + K:].transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            k = self.k_proj(x).view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
+            v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, Dh)
-        gqa = {}
-        if self.n_kv != self.n_heads:
-            if _SDPA_GQA:  # SDPA shares each key/value head among its query heads itself
-                gqa = {"enable_gqa": True}
-            else:  # torch < 2.5: copy the key/value heads out
-                rep = self.n_heads // self.n_kv
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        with attention_kernel(q, k.shape[2]):
-            if mask is None:
-                # Training and full forward: plain causal attention, the fastest SDPA path.
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def attention_kernel(q: torch.Tensor, keys: int):
-    """SDPA's backend: on a CPU in bf16 with at most 128 keys, the math backend (one batched
-    matmul each way, on the CPU's bf16 GEMMs), else SDPA's own choice. CPU flash attention's
-    bf16 backward is slow at short sequences: forward + backward of 16 rows x 6 heads x 60
-    tokens took 15 ms against 5 ms for math on an AMX Xeon, 100 tokens 67 against 23 ms, while
-    at 256 tokens flash was faster (26 against 32 ms). The choice never depends on grad mode:
-    RL's old log-probs (no grad) must equal its update's forward bit for bit. fp32 (where flash
-    wins) and GPUs keep SDPA's choice; the decoder calls SDPA itself."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and keys <= 128:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def fused(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether a layer computes its parallel projections as one GEMM on concatenated weights:
+    in 16-bit compute (autocast, or a bf16/fp16 model), where it also casts the input once
+    instead of once per projection, and only on plain `nn.Linear`s (LoRA layers add their own
+    path). fp32 keeps one GEMM per projection: its results, bit for bit, are what the pinned
+    losses of every CPU kind recorded (tests/stages/test_pinned_losses.py)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return False
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != torch.float32
+
+
+def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary on x (B, T, heads, Dh) with one roll instead of chunk, neg and cat:
+    rotate_half(x) * sin == x.roll(Dh/2) * (sin with its first half negated), the same bits (a
+    sign flip is exact). cos, sin: (T, Dh) or (B, 1, T, Dh), as `Backbone.forward` makes them."""
+    half = x.shape[-1] // 2
+    cos, sin = [t[:, None] if t.dim() == 2 else t[:, 0, :, None] for t in (cos, sin)]  # (B?, T, 1, Dh)
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * sin.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -220,6 +226,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=False)
 
     def forward(self, x):
+        if fused(x, self.gate_proj, self.up_proj):  # one GEMM for gate and up
+            g, u = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[str], str]] = [
               "llmtrain.config.loading", "llmtrain.config", "llmtrain.dist", "llmtrain.metrics"], "acyclic"),
     # The networks: transformer, heads, adapters (LoRA, freezing), the RL modules' wrappers,
     # and the decoding engine (a fused, packed copy of a transformer's weights).
-    ("model", ["llmtrain.model", "llmtrain.model.transformer", "llmtrain.model.heads", "llmtrain.model.adapters",
+    ("model", ["llmtrain.model", "llmtrain.model.attention", "llmtrain.model.transformer", "llmtrain.model.heads", "llmtrain.model.adapters",
                "llmtrain.model.actor_critic", "llmtrain.model.decoder"], "acyclic"),
     # Library pieces a stage is made of: pure losses and RL maths, tokenizer and chat template,
     # data readers (JSONL lines in data.jsonl, every file format and Hub dataset in data.sources,
