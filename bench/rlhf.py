@@ -237,11 +237,13 @@ def main() -> None:
                   f"{'x TRL fp32':>11}" + "".join(f"{p:>10}" for p in PHASES))
             for (who, prec), rs in runs.items():
                 secs = statistics.median(r["seconds"] for r in rs)
-                rel = ""
-                if with_trl:  # the ratio within each round, then its median
-                    rel = f"{statistics.median(r['seconds'] / t['seconds'] for r, t in zip(rs, runs[('TRL PPOTrainer', 'fp32')])):>11.2f}"
+                rel, per_round = "", ""
+                if with_trl:  # the ratio within each round, then its median and the worst round
+                    ratios = [r["seconds"] / t["seconds"] for r, t in zip(rs, runs[("TRL PPOTrainer", "fp32")])]
+                    rel = f"{statistics.median(ratios):>11.2f}"
+                    per_round = f"   per round {' '.join(f'{x:.2f}' for x in ratios)} (worst {max(ratios):.2f})"
                 phases = "".join(f"{statistics.median(r[p] for r in rs):>10.2f}" for p in PHASES) if "llmtrain" in who else ""
-                print(f"{who:<18}{prec:<10}{secs:>8.2f}{rel:>11}{phases}")
+                print(f"{who:<18}{prec:<10}{secs:>8.2f}{rel:>11}{phases}{per_round}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and torch.is_grad_enabled() and sixteen_bit_compute(x):
+            return RMSNormFn.apply(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -35,6 +37,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+class RMSNormFn(torch.autograd.Function):
+    """`rms_norm` of an fp32 x with a hand-written backward: the same forward bits, and the exact
+    gradient in 5 passes over x's size and 2 reductions, where autograd's takes about twice as
+    many (1.7 against 3.1 ms forward + backward at (8, 256, 384), 13 norms per step of
+    nanoGPT's shape). Used in mixed precision (fp32 residual stream under 16-bit autocast);
+    plain fp32 training keeps autograd's backward, whose bits the pinned losses recorded."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        h = x * r
+        ctx.save_for_backward(h, r, weight)
+        return weight * h
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, r, weight = ctx.saved_tensors
+        gh = grad * weight
+        dweight = (grad * h).sum(tuple(range(grad.dim() - 1)))
+        # d/dx of x * r(x): r * (gh - h * mean(gh * h))
+        dx = torch.addcmul(gh, h, (gh * h).mean(-1, keepdim=True), value=-1).mul_(r)
+        return dx, dweight, None
+
+
+def sixteen_bit_compute(x: torch.Tensor) -> bool:
+    """Whether x's layer computes in bf16/fp16: a 16-bit x, or 16-bit autocast on x's device."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != torch.float32
 
 
 class Rotary(nn.Module):
@@ -201,11 +234,7 @@ def fused(x: torch.Tensor, *linears: nn.Module) -> bool:
     instead of once per projection, and only on plain `nn.Linear`s (LoRA layers add their own
     path). fp32 keeps one GEMM per projection: its results, bit for bit, are what the pinned
     losses of every CPU kind recorded (tests/stages/test_pinned_losses.py)."""
-    if not all(type(m) is nn.Linear for m in linears):
-        return False
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return True
-    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != torch.float32
+    return all(type(m) is nn.Linear for m in linears) and sixteen_bit_compute(x)
 
 
 def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,9 @@ def test_fused_layers_give_the_unfused_logits(bias):
 
 def test_bf16_decoder_is_as_accurate_as_the_bf16_model():
     """bf16: the decoder (packed oneDNN GEMMs, fused layers, SDPA's own kernel) is as close to
-    the fp32 logits as the bf16 model's forward is (which takes SDPA's math backend on a CPU in
-    bf16, so the two bf16 paths differ in their last bits, not in accuracy). The rotary tables
-    stay fp32 in a bf16 model."""
+    the fp32 logits as the bf16 model's forward is (which takes model/attention.py's batched
+    matmuls on a CPU in bf16, so the two bf16 paths differ in their last bits, not in
+    accuracy). The rotary tables stay fp32 in a bf16 model."""
     m = model()
     mb = Transformer(CFG).eval()
     mb.load_state_dict(m.state_dict())

@@ -73,3 +73,85 @@ def test_init_is_seeded_and_scaled():
     std_q = a.model.layers[0].self_attn.q_proj.weight.std().item()
     std_o = a.model.layers[0].self_attn.o_proj.weight.std().item()
     assert std_q == pytest.approx(0.02, rel=0.1) and std_o == pytest.approx(0.02 / 2, rel=0.15)  # 1/sqrt(2*2 layers)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("how", ["autocast", "bf16 model"])
+def test_fused_projections_in_16_bit_give_the_unfused_forward(monkeypatch, bias, how):
+    """In 16-bit compute, q/k/v and gate/up run as one GEMM each on the concatenated weights
+    (transformer.fused) with one rotary op on q and k: the same logits bit for bit as the
+    separate projections, gradients as close to fp64 as theirs, under the same HF names.
+    fp32 and LoRA layers keep separate projections."""
+    import copy
+
+    from llmtrain import dist
+    from llmtrain.model import transformer as tr
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                attention_bias=bias))
+    if bias:
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+    ids = torch.randint(0, 50, (3, 20))
+    keys = torch.ones(3, 20, dtype=torch.long)
+    keys[1, :4] = 0
+    pos = (keys.cumsum(1) - 1).clamp(min=0)
+    exact = copy.deepcopy(m).double()
+    exact(ids, keys, pos).square().mean().backward()
+    if how == "bf16 model":
+        m.to(torch.bfloat16)
+    calls = []
+    real = tr.fused
+    monkeypatch.setattr(tr, "fused", lambda x, *ls: calls.append(real(x, *ls)) or calls[-1])
+    runs = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(tr, "fused", lambda x, *ls: False)
+        m.zero_grad()
+        with dist.autocast(torch.device("cpu"), "bf16" if how == "autocast" else "fp32"):
+            y = m(ids, keys, pos)
+        y.float().square().mean().backward()
+        runs.append((y.detach(), [p.grad.double() for p in m.parameters()]))
+    assert calls and all(calls)  # the first run did fuse, every layer
+    assert torch.equal(runs[0][0], runs[1][0])
+
+    def grad_error(grads):
+        return max(((g - p.grad).norm() / p.grad.norm()).item() for g, p in zip(grads, exact.parameters()))
+
+    assert grad_error(runs[0][1]) <= 1.5 * grad_error(runs[1][1])
+    # fp32 (the pinned losses' path) and LoRA layers: never fused
+    x32 = torch.zeros(1, 2, 32)
+    a = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=8)).model.layers[0].self_attn
+    assert not real(x32, a.q_proj, a.k_proj, a.v_proj)
+    from llmtrain.model.adapters import LoRALinear
+    with dist.autocast(torch.device("cpu"), "bf16"):
+        assert real(x32, a.q_proj, a.k_proj, a.v_proj)
+        assert not real(x32, LoRALinear(a.q_proj, 2, 4, 0.0), a.k_proj, a.v_proj)
+
+
+def test_rms_norm_with_a_hand_written_backward():
+    """RMSNormFn (mixed precision's RMSNorm): the exact gradient (gradcheck in fp64), the
+    forward of rms_norm bit for bit in fp32, its gradients to fp32 rounding; and the model uses
+    it exactly under 16-bit autocast with grad."""
+    from llmtrain import dist
+    from llmtrain.model.transformer import RMSNorm, RMSNormFn, rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFn.apply(x, w, 1e-5), (x, w))
+    x = torch.randn(4, 16, 64, generator=g, requires_grad=True)
+    w = torch.randn(64, generator=g, requires_grad=True)
+    dy = torch.randn(4, 16, 64, generator=g)
+    ours, ref = RMSNormFn.apply(x, w, 1e-5), rms_norm(x, w, 1e-5)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), dy), torch.autograd.grad(ref, (x, w), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    norm = RMSNorm(64, 1e-5)
+    with dist.autocast(torch.device("cpu"), "bf16"):
+        assert type(norm(x).grad_fn).__name__ == "RMSNormFnBackward"
+        with torch.no_grad():
+            assert norm(x).grad_fn is None
+    assert type(norm(x).grad_fn).__name__ != "RMSNormFnBackward"  # plain fp32: autograd's backward
