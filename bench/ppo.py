@@ -32,19 +32,26 @@ def rss_mb() -> float:
 
 
 def make_checkpoints(root: Path, dim: int, layers: int) -> tuple[Path, Path]:
-    import torch
-
-    from llmtrain import checkpoint
     from llmtrain.config import ModelConfig
     from llmtrain.data.corpus import iter_documents
-    from llmtrain.model import Transformer
-    from llmtrain.model.heads import ScoreModel
     from llmtrain.tokenizer import train_tokenizer
 
     tok = train_tokenizer(iter_documents([str(REPO / "data/corpus/chitchat.txt")]), 2048, root / "tokenizer.json",
                           max_chars=300_000)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=dim, n_layers=layers, n_heads=dim // 64, max_seq_len=256,
                       tie_embeddings=True)
+    return save_untrained(root, cfg)
+
+
+def save_untrained(root: Path, cfg) -> tuple[Path, Path]:
+    """An SFT checkpoint and a reward-model checkpoint of random weights (seed 0) with the
+    tokenizer at root/tokenizer.json: what an RL stage starts from (bench/rlhf.py too)."""
+    import torch
+
+    from llmtrain import checkpoint
+    from llmtrain.model import Transformer
+    from llmtrain.model.heads import ScoreModel
+
     torch.manual_seed(0)
     sft, rm = root / "sft", root / "rm"
     checkpoint.save(sft, 1, Transformer(cfg), config={"model": vars(cfg), "stage": "sft"}, meta={"tokens": 0},

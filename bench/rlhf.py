@@ -62,25 +62,15 @@ PHASES = ("rollout", "score", "old", "reference", "update")
 
 def make_setup(root: Path, model: dict) -> tuple[Path, Path, Path]:
     """Tokenizer, SFT-shaped policy and reward checkpoints (random weights), a prompts file."""
-    import torch
+    from ppo import save_untrained  # bench/ppo.py (this script's folder is on sys.path)
 
-    from llmtrain import checkpoint
     from llmtrain.config import ModelConfig
     from llmtrain.data.corpus import iter_documents
-    from llmtrain.model import Transformer
-    from llmtrain.model.heads import ScoreModel
     from llmtrain.tokenizer import train_tokenizer
 
     tok = train_tokenizer(iter_documents([str(REPO / "data/corpus/chitchat.txt")]), model["vocab_size"],
                           root / "tokenizer.json", max_chars=3_000_000)
-    cfg = ModelConfig(**{**model, "vocab_size": tok.vocab_size})
-    torch.manual_seed(0)
-    sft, rm = root / "sft", root / "rm"
-    checkpoint.save(sft, 1, Transformer(cfg), config={"model": vars(cfg), "stage": "sft"}, meta={"tokens": 0},
-                    tokenizer_path=str(root / "tokenizer.json"))
-    checkpoint.save(rm, 1, ScoreModel(cfg, 1), config={"model": vars(cfg), "stage": "reward",
-                                                       "reward": {"offset": 0.0, "std": 1.0}},
-                    meta={"tokens": 0}, tokenizer_path=str(root / "tokenizer.json"))
+    sft, rm = save_untrained(root, ModelConfig(**{**model, "vocab_size": tok.vocab_size}))
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about the number {i}, and what you would do with it."})
                                + "\n" for i in range(200)))

@@ -28,9 +28,9 @@ BMM_MAX_SCORES = 1 << 25  # B*H*T*S: 64 MB of bf16 probabilities kept per layer 
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q (B, H, T, Dh), k and v (B, K, S, Dh), mask None (causal when T > 1, else all keys) or
-    boolean, broadcastable to (B, 1, T, S), True where a query sees a key; every query must
-    see at least one key. -> (B, H, T, Dh)."""
+    """q (B, H, T, Dh), k and v (B, K, S, Dh), mask None (causal when T > 1, else all keys),
+    boolean (True where a query sees a key) or additive, broadcastable to (B, 1, T, S); every
+    query must see at least one key. -> (B, H, T, Dh)."""
     H, K = q.shape[1], k.shape[1]
     if use_bmm(q, k):
         if K != H:
@@ -56,7 +56,10 @@ def use_bmm(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def _bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """The additive mask (0 seen, -inf hidden) in q's dtype; None where nothing is hidden."""
+    """The additive mask (0 seen, -inf hidden) in q's dtype; None where nothing is hidden. A
+    floating mask is already additive (SDPA's convention)."""
+    if mask is not None and mask.is_floating_point():
+        return mask.to(q.dtype)
     if mask is None:
         T = q.shape[2]
         if T == 1:

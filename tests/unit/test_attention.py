@@ -40,12 +40,14 @@ def test_backward_is_the_exact_gradient_in_fp64():
     assert torch.autograd.gradcheck(lambda q, k, v: BmmAttention.apply(q, k, v, None), (q, k, v))
 
 
-@pytest.mark.parametrize("case", ["causal", "padded", "gqa", "one query"])
+@pytest.mark.parametrize("case", ["causal", "padded", "additive", "gqa", "one query"])
 def test_equals_sdpa_in_fp64(case):
-    B, H, K, T, S = {"causal": (2, 4, 4, 7, 7), "padded": (3, 4, 4, 7, 7), "gqa": (2, 4, 2, 7, 7),
-                     "one query": (2, 4, 4, 1, 9)}[case]
+    B, H, K, T, S = {"causal": (2, 4, 4, 7, 7), "padded": (3, 4, 4, 7, 7), "additive": (3, 4, 4, 7, 7),
+                     "gqa": (2, 4, 2, 7, 7), "one query": (2, 4, 4, 1, 9)}[case]
     q, k, v = qkv(B, H, K, T, S, 8, torch.float64)
-    mask = padded_mask(B, T) if case == "padded" else None
+    mask = padded_mask(B, T) if case in ("padded", "additive") else None
+    if case == "additive":  # SDPA's other convention: 0 seen, -inf hidden
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     if K != H:
         k2, v2 = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     else:
