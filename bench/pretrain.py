@@ -367,7 +367,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="times every run is repeated, alternating ours and nanoGPT; ratios are per round")
     ap.add_argument("--interleave", action="store_true",
-                    help="with --nanogpt: also run both in one process, one step each in turn (--steps pairs, --rounds times)")
+                    help="with --nanogpt: also run both in one process, one step each in turn (--steps pairs, --rounds "
+                         "times; --max-seconds does not cut it short)")
     ap.add_argument("--in-process", action="store_true",
                     help="run everything in this process (peak memory is then cumulative)")
     # the shape: nanoGPT shakespeare-char
@@ -387,6 +388,8 @@ def main() -> None:
         Path(args._out).write_text(json.dumps(bench_precision(args, precision, which)))
         return
 
+    if args.interleave and not args.nanogpt:
+        ap.error("--interleave alternates ours with nanoGPT: add --nanogpt")
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     for p in precisions:
         if p not in ("fp32", "bf16"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
@@ -32,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     boolean (True where a query sees a key) or additive, broadcastable to (B, 1, T, S); every
     query must see at least one key. -> (B, H, T, Dh)."""
     H, K = q.shape[1], k.shape[1]
-    if use_bmm(q, k):
+    if use_bmm(q, k, v, mask):
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         return BmmAttention.apply(q, k, v, _bias(mask, q))
@@ -47,17 +48,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
-def use_bmm(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """`BmmAttention` on a CPU in a 16-bit dtype while keys and the score tensor are small."""
+def use_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> bool:
+    """`BmmAttention` on a CPU in a 16-bit dtype while keys and the score tensor are small; q, k
+    and v of one dtype (SDPA under autocast takes mixed ones) and no mask that wants a
+    gradient (SDPA gives it one)."""
     B, H, T, _ = q.shape
     S = k.shape[2]
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == q.dtype and (v is None or v.dtype == q.dtype)
+            and not (mask is not None and mask.requires_grad)
             and S <= BMM_MAX_KEYS and B * H * T * S <= BMM_MAX_SCORES)
 
 
 def _bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """The additive mask (0 seen, -inf hidden) in q's dtype; None where nothing is hidden. A
-    floating mask is already additive (SDPA's convention)."""
+    """The additive mask in q's dtype: 0 where a query sees a key, the dtype's lowest finite
+    number where it does not (exp of it less the row's max is 0, as with -inf, and a query
+    that sees no key at all averages the values instead of giving NaN); None where nothing is
+    hidden. A floating mask is already additive (SDPA's convention)."""
     if mask is not None and mask.is_floating_point():
         return mask.to(q.dtype)
     if mask is None:
@@ -65,7 +72,7 @@ def _bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
         if T == 1:
             return None
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
 
 
 class BmmAttention(torch.autograd.Function):
@@ -91,6 +98,7 @@ class BmmAttention(torch.autograd.Function):
         return out.view(B, H, T, Dh)
 
     @staticmethod
+    @once_differentiable  # a second derivative is not written: asking for one is an error
     def backward(ctx, grad):
         q3, k3, v3, p = ctx.saved_tensors
         B, H, T, S, Dh = ctx.shape

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from llmtrain.config import ModelConfig
 from llmtrain.model.attention import attention
@@ -54,12 +55,16 @@ class RMSNormFn(torch.autograd.Function):
         return weight * h
 
     @staticmethod
+    @once_differentiable  # a second derivative is not written: asking for one is an error
     def backward(ctx, grad):
         h, r, weight = ctx.saved_tensors
-        gh = grad * weight
-        dweight = (grad * h).sum(tuple(range(grad.dim() - 1)))
-        # d/dx of x * r(x): r * (gh - h * mean(gh * h))
-        dx = torch.addcmul(gh, h, (gh * h).mean(-1, keepdim=True), value=-1).mul_(r)
+        dx = dweight = None
+        if ctx.needs_input_grad[1]:  # a frozen norm's weight wants none
+            dweight = (grad * h).sum(tuple(range(grad.dim() - 1)))
+        if ctx.needs_input_grad[0]:
+            gh = grad * weight
+            # d/dx of x * r(x): r * (gh - h * mean(gh * h))
+            dx = torch.addcmul(gh, h, (gh * h).mean(-1, keepdim=True), value=-1).mul_(r)
         return dx, dweight, None
 
 
@@ -228,13 +233,20 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+FUSED_MIN_ROWS = 64
+
+
 def fused(x: torch.Tensor, *linears: nn.Module) -> bool:
     """Whether a layer computes its parallel projections as one GEMM on concatenated weights:
     in 16-bit compute (autocast, or a bf16/fp16 model), where it also casts the input once
     instead of once per projection, and only on plain `nn.Linear`s (LoRA layers add their own
-    path). fp32 keeps one GEMM per projection: its results, bit for bit, are what the pinned
-    losses of every CPU kind recorded (tests/stages/test_pinned_losses.py)."""
-    return all(type(m) is nn.Linear for m in linears) and sixteen_bit_compute(x)
+    path) and at FUSED_MIN_ROWS tokens or more (decoding a few rows at a time through the
+    model, concatenating the weights costs more than it saves: 15% slower per token at 4 rows).
+    fp32 keeps one GEMM per projection: its results, bit for bit, are what the pinned losses
+    of every CPU kind recorded (tests/stages/test_pinned_losses.py). Shapes decide, never
+    grad mode."""
+    return (x.shape[:-1].numel() >= FUSED_MIN_ROWS and all(type(m) is nn.Linear for m in linears)
+            and sixteen_bit_compute(x))
 
 
 def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

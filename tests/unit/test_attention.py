@@ -109,7 +109,26 @@ def test_model_forward_in_bf16_matches_sdpa_closely(monkeypatch):
     keys[1, :4] = 0
     with dist.autocast(torch.device("cpu"), "bf16"):
         ours = m(ids, keys).float()
-        monkeypatch.setattr(attn, "use_bmm", lambda q, k: False)
+        monkeypatch.setattr(attn, "use_bmm", lambda *args: False)
         sdpa = m(ids, keys).float()
     exact = m.double()(ids, keys)
     assert (ours - exact).abs().max() <= 1.5 * (sdpa - exact).abs().max() + 1e-3
+
+
+def test_edge_cases_never_give_nan_or_a_wrong_gradient():
+    """A query that sees no key gives finite outputs and gradients (SDPA: zeros; here the mean
+    of the values, an ignored row either way); q, k, v of mixed dtypes and a mask that wants a
+    gradient go to SDPA; a second derivative is refused."""
+    q, k, v = qkv(2, 2, 2, 4, 4, 8, torch.bfloat16)
+    mask = padded_mask(2, 4).clone()
+    mask[0, 0, 1] = False  # query 1 of row 0 sees nothing
+    y = attention(q, k, v, mask)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert not use_bmm(q, k.float(), v)
+    assert not use_bmm(q, k, v, torch.zeros(4, 4, requires_grad=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed inputs: SDPA takes them
+        assert attention(q, k.detach().float(), v.detach().float(), None).shape == q.shape
+    g, = torch.autograd.grad(attention(q, k, v, None).float().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.float().sum().backward()
