@@ -388,6 +388,9 @@ def main() -> None:
         Path(args._out).write_text(json.dumps(bench_precision(args, precision, which)))
         return
 
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.interleave and not args.nanogpt:
         ap.error("--interleave alternates ours with nanoGPT: add --nanogpt")
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]

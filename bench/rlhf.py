@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--trl-bf16", action="store_true", help="also TRL with TrainingArguments(bf16=True)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    if a.rounds < 1 or a.iters < 2:
+        ap.error(f"--rounds must be at least 1 and --iters at least 2 (the first warms up), got {a.rounds} and {a.iters}")
     import torch
 
     from llmtrain import dist

@@ -32,11 +32,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """q (B, H, T, Dh), k and v (B, K, S, Dh), mask None (causal when T > 1, else all keys),
     boolean (True where a query sees a key) or additive, broadcastable to (B, 1, T, S); every
     query must see at least one key. -> (B, H, T, Dh)."""
+    if not use_bmm(q, k, v, mask):
+        return sdpa(q, k, v, mask)
     H, K = q.shape[1], k.shape[1]
-    if use_bmm(q, k, v, mask):
-        if K != H:
-            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-        return BmmAttention.apply(q, k, v, _bias(mask, q))
+    if K != H:
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    return BmmAttention.apply(q, k, v, _bias(mask, q))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention` through SDPA's own kernels (the decoder's choice at every step)."""
+    H, K = q.shape[1], k.shape[1]
     gqa = {}
     if K != H:
         if _SDPA_GQA:  # SDPA shares each key/value head among its query heads itself

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.model.adapters import LoRALinear
-from llmtrain.model.attention import _SDPA_GQA
-from llmtrain.model.transformer import Transformer
+from llmtrain.model.attention import sdpa
+from llmtrain.model.transformer import Transformer, rolled_tables, rotary_rolled
 from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 
@@ -162,27 +162,16 @@ class Decoder:
         caller's), so a compiled step is traced once."""
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
-        cos, sin = self.rotary.lookup(pos)  # (B, T, Dh)
-        half = Dh // 2
-        # rotate_half(x) * sin == x.roll(half) * (sin with its first half negated): one roll per
-        # layer instead of chunk, neg and cat, and the same bits (a sign flip is exact)
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        cos, sin = cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)  # (B, T, 1, Dh)
+        cos, sin = rolled_tables(*self.rotary.lookup(pos), self.dtype)  # (B, T, 1, Dh), once per step
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
-        gqa = {"enable_gqa": True} if K != H and _SDPA_GQA else {}
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
             qkv = L.qkv(rms_norm(x, L.norm1, L.eps)).view(B, T, H + 2 * K, Dh)
             qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            qk = rotary_rolled(qk, cos, sin)
             q = qk[:, :, :H].transpose(1, 2)
             k, v = cache.write(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), at)
-            if K != H and not gqa:  # torch < 2.5
-                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-            if mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            y = sdpa(q, k, v, mask)
             x = x + L.o(y.transpose(1, 2).reshape(B, T, H * Dh))
             g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
             x = x + L.down(F.silu(g) * u)

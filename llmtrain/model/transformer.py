@@ -219,7 +219,7 @@ class Attention(nn.Module):
                 b = torch.cat((b, self.k_proj.bias, self.v_proj.bias))
             w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
             qkv = F.linear(x, w, b).view(B, T, H + 2 * K, Dh)
-            qk = rotary_rolled(qkv[:, :, :H + K], cos, sin)
+            qk = rotary_rolled(qkv[:, :, :H + K], *rolled_tables(cos, sin, qkv.dtype))
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = qkv[:, :, H + K:].transpose(1, 2)
         else:
@@ -249,14 +249,21 @@ def fused(x: torch.Tensor, *linears: nn.Module) -> bool:
             and sixteen_bit_compute(x))
 
 
-def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary on x (B, T, heads, Dh) with one roll instead of chunk, neg and cat:
-    rotate_half(x) * sin == x.roll(Dh/2) * (sin with its first half negated), the same bits (a
-    sign flip is exact). cos, sin: (T, Dh) or (B, 1, T, Dh), as `Backbone.forward` makes them."""
-    half = x.shape[-1] // 2
-    cos, sin = [t[:, None] if t.dim() == 2 else t[:, 0, :, None] for t in (cos, sin)]  # (B?, T, 1, Dh)
+def rolled_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of (T, Dh), (B, T, Dh) or (B, 1, T, Dh) -> the tables `rotary_rolled` takes:
+    (B?, T, 1, Dh) in dtype, sin with its first half negated. The decoder builds them once per
+    step; the training path once per layer."""
+    half = cos.shape[-1] // 2
+    cos, sin = [t[:, 0] if t.dim() == 4 else t for t in (cos, sin)]
     sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * sin.to(x.dtype)
+    return cos[..., None, :].to(dtype), sin[..., None, :].to(dtype)
+
+
+def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary on x (B, T, heads, Dh) with one roll instead of chunk, neg and cat, the
+    tables from `rolled_tables`: rotate_half(x) * sin == x.roll(Dh/2) * (sin with its first
+    half negated), the same bits (a sign flip is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class MLP(nn.Module):
