@@ -24,6 +24,11 @@ it: a warning is printed when other processes keep cores busy).
    --in-process), and ratios to nanoGPT: to the reference figures below and, with --nanogpt,
    to nanoGPT's model and step measured here (bench/nanogpt_ref.py).
 4. --profile: torch.profiler over one training step per run, top ops by self CPU time.
+5. Memory reuse: ours runs as the stages do, with `dist.keep_freed_memory()` (glibc keeps the
+   pages a step frees for the next step); nanoGPT runs with glibc's defaults, as it ships,
+   unless --nanogpt-keep-freed. Each run prints its page faults per step. --interleave runs
+   both in one process, so both get the setting there. LLMTRAIN_MALLOC=system leaves glibc's
+   defaults for ours too (the figure before the setting).
 """
 from __future__ import annotations
 
@@ -48,6 +53,11 @@ from llmtrain.config import ModelConfig, OptimConfig
 from llmtrain.losses import lm_loss
 from llmtrain.model import Transformer
 from llmtrain.training import build_optimizer, optimizer_step
+
+try:
+    import resource
+except ImportError:  # Windows: no page-fault count
+    resource = None
 
 # nanoGPT (karpathy/nanoGPT, train_shakespeare_char shape, same batch/context) measured on the
 # reference machine: 2 cores AMD EPYC Zen1 (AVX2), torch CPU build.
@@ -139,9 +149,24 @@ def model_config(args) -> ModelConfig:
                        n_kv_heads=args.heads, max_seq_len=args.ctx, tie_embeddings=not args.untied)
 
 
+KEPT = {"malloc": False}  # whether this process called dist.keep_freed_memory() (and it took)
+
+
+def keep_freed_memory(device: torch.device) -> None:
+    if device.type == "cpu" and not KEPT["malloc"]:
+        KEPT["malloc"] = dist.keep_freed_memory()
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not say)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def build(args, which: str, device: torch.device):
     """(model, train_model, step_fn(x, y, precision) -> loss) for 'ours' or 'nanogpt'."""
     torch.manual_seed(0)
+    if which == "ours" or args.nanogpt_keep_freed:
+        keep_freed_memory(device)  # what dist.setup does for every stage on a CPU
     if which == "ours":
         model = Transformer(model_config(args)).to(device)
         optimizer = build_optimizer(model, OptimConfig(impl=args.optim_impl), device)
@@ -193,9 +218,10 @@ class Runner:
         g = torch.Generator().manual_seed(0)
         self.data = [torch.randint(0, args.vocab, (args.batch, args.ctx + 1), generator=g) for _ in range(4)]
 
-    def step(self, i: int, phases: list | None = None) -> float:
+    def step(self, i: int, phases: list | None = None, faults: list | None = None) -> float:
         xy = self.data[i % len(self.data)]
         x, y = xy[:, :-1].contiguous().to(self.device), xy[:, 1:].contiguous().to(self.device)
+        f0 = page_faults()
         t0 = time.perf_counter()
         with torch.profiler.record_function("## forward+loss"):
             loss = self.fwd(x, y, self.precision)
@@ -210,22 +236,26 @@ class Runner:
         t3 = time.perf_counter()
         if phases is not None:
             phases.append((t1 - t0, t2 - t1, t3 - t2))
+        if faults is not None:
+            faults.append(page_faults() - f0)
         return float(loss.detach())
 
 
 def interleaved(args, precision: str) -> dict:
     """Ours and nanoGPT in one process, one step each in turn, so every slow spell of a shared
-    machine hits both alike: per-model median step and the median of the per-pair ratios."""
+    machine hits both alike: per-model median step and the median of the per-pair ratios.
+    One process has one malloc: ours builds first and keeps freed memory for both."""
     device = dist.pick_device(args.device)
     runners = [Runner(args, precision, w, device) for w in ("ours", "nanogpt")]
     for i in range(max(1, args.warmup)):
         for r in runners:
             r.step(i)
     times: dict = {"ours": [], "nanogpt": []}
+    faults: dict = {"ours": [], "nanogpt": []}
     for i in range(args.steps):
         for r in (runners if i % 2 == 0 else runners[::-1]):  # neither always goes first
             t = time.perf_counter()
-            r.step(args.warmup + i)
+            r.step(args.warmup + i, faults=faults[r.which])
             times[r.which].append(time.perf_counter() - t)
     tokens = args.batch * args.ctx
     pairs = [n / o for o, n in zip(times["ours"], times["nanogpt"])]
@@ -233,7 +263,8 @@ def interleaved(args, precision: str) -> dict:
             "ours_tokens_per_s": tokens / statistics.median(times["ours"]),
             "nanogpt_tokens_per_s": tokens / statistics.median(times["nanogpt"]),
             "ratio_of_medians": statistics.median(times["nanogpt"]) / statistics.median(times["ours"]),
-            "ratio_pairs_median": statistics.median(pairs), "ratio_pairs_worst": min(pairs)}
+            "ratio_pairs_median": statistics.median(pairs), "ratio_pairs_worst": min(pairs), "malloc_kept": KEPT["malloc"],
+            "page_faults_per_step": {w: statistics.median(f) for w, f in faults.items()}}
 
 
 def bench_precision(args, precision: str, which: str = "ours") -> dict:
@@ -256,11 +287,11 @@ def bench_precision(args, precision: str, which: str = "ours") -> dict:
             break
     t_warm = time.perf_counter() - t_warm
     # timed steps: --steps, but stop past --max-seconds once 2 are done (1 if a step alone takes that long)
-    times, phases, losses = [], [], []
+    times, phases, losses, faults = [], [], [], []
     t_all = time.perf_counter()
     for i in range(args.steps):
         t = time.perf_counter()
-        losses.append(step(n_warm + i, phases))
+        losses.append(step(n_warm + i, phases, faults))
         times.append(time.perf_counter() - t)
         if time.perf_counter() - t_all > args.max_seconds and (len(times) >= 2 or times[0] > args.max_seconds):
             break
@@ -275,6 +306,7 @@ def bench_precision(args, precision: str, which: str = "ours") -> dict:
         "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
         "forward_s": statistics.median(p[0] for p in phases), "backward_s": statistics.median(p[1] for p in phases),
         "optimizer_s": statistics.median(p[2] for p in phases), "loss_first": losses[0], "loss_last": losses[-1],
+        "page_faults_per_step": statistics.median(faults), "malloc_kept": KEPT["malloc"],
     }
     res["peak_memory_mb"] = dist.peak_memory_mb(device)  # before profiling, which adds its own memory
 
@@ -335,6 +367,9 @@ def report(res: dict, peaks: dict, device: torch.device, vocab: int, profile: bo
     if p != "fp32":
         lines.append(f"  MFU vs fp32     {pct(res['mfu_vs_fp32_peak'])} of fp32 matmul peak {peaks['fp32']['peak']:.1f} GFLOP/s")
     lines.append(f"  peak memory     {res['peak_memory_mb']:,.0f} MB ({'max RSS' if device.type == 'cpu' else 'allocated'})")
+    if device.type == "cpu":
+        lines.append(f"  page faults     {res['page_faults_per_step']:,.0f} per step (minor; glibc malloc "
+                     f"{'keeps freed memory: dist.keep_freed_memory' if res['malloc_kept'] else 'defaults'})")
     lines.append(f"  loss            {res['loss_first']:.3f} -> {res['loss_last']:.3f} (random tokens: ln {vocab} = "
                  f"{math.log(vocab):.3f})")
     print("\n".join(lines))
@@ -357,6 +392,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", action="store_true",
                     help="also measure nanoGPT's model and step (bench/nanogpt_ref.py) on this machine")
     ap.add_argument("--nanogpt-dropout", type=float, default=0.0, help="shakespeare-char trains with 0.2")
+    ap.add_argument("--nanogpt-keep-freed", action="store_true",
+                    help="nanoGPT's runs also with dist.keep_freed_memory() (ours always, as the stages)")
     ap.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--optim-impl", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
@@ -454,7 +491,9 @@ def main() -> None:
                 print(f"\n[interleaved | {p} | round {i + 1}] ours and nanoGPT in one process, one step each in turn, "
                       f"{r['steps']} steps each: ours {r['ours_tokens_per_s']:,.0f} tokens/s, nanoGPT "
                       f"{r['nanogpt_tokens_per_s']:,.0f}; ours/nanoGPT {r['ratio_of_medians']:.2f} (per pair: median "
-                      f"{r['ratio_pairs_median']:.2f}, worst {r['ratio_pairs_worst']:.2f})", end="")
+                      f"{r['ratio_pairs_median']:.2f}, worst {r['ratio_pairs_worst']:.2f}); page faults per step: ours "
+                      f"{r['page_faults_per_step']['ours']:,.0f}, nanoGPT {r['page_faults_per_step']['nanogpt']:,.0f} "
+                      f"(malloc {'keeps freed memory' if r['malloc_kept'] else 'defaults'})", end="")
             ratios = [r["ratio_of_medians"] for r in got]
             print(f"\n[interleaved | {p}] ours/nanoGPT over {len(got)} round(s): median {statistics.median(ratios):.2f}, "
                   f"worst {min(ratios):.2f}")
