@@ -56,7 +56,7 @@ def reward_accuracy(cfg, reward_model, rankings) -> dict:
 
 def check_round(cfg, base, r, rd, method: str) -> dict:
     """round.json of round rd.n (see the module doc); printed in one paragraph."""
-    from llmtrain.stages.evaluate import compare
+    from llmtrain.stages.evaluate import compare_to_baselines
 
     last = r.round(rd.n - 1, method)
     before = reward_accuracy(cfg, last.reward, rd.rankings)
@@ -65,8 +65,10 @@ def check_round(cfg, base, r, rd, method: str) -> dict:
     convs = held_out(cfg, base)[1][: e.max_prompts or None]
     rule = e.true_rule or cfg.feedback.rule
     policy = str(rd.policy(method))
-    vs_last = compare(str(last.policy(method)), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens, e.samples)["b"]
-    vs_sft = compare(str(r.sft), {"b": policy}, str(rd.reward), convs, rule, e.max_new_tokens, e.samples)["b"]
+    # the policy's answers once; against the last round's policy and against SFT
+    vs = compare_to_baselines(policy, {"last": str(last.policy(method)), "sft": str(r.sft)}, str(rd.reward), convs,
+                              rule, e.max_new_tokens, e.samples)
+    vs_last, vs_sft = vs["last"], vs["sft"]
     keep = ("prompts", "win_rate_b_by_true_rule", "win_rate_b_by_reward_model", "kl_b", "true_score_a", "true_score_b",
             "distinct_b", "mean_words_b", "sampled", "samples")
     out = {"round": rd.n, "method": method, "true_rule": rule,

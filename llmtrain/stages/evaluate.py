@@ -46,36 +46,66 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
             max_new_tokens: int, samples: int = 0) -> dict[str, dict]:
     """Each model answers once (greedily), and `samples` times sampled; every challenger is
     compared with the baseline, and its KL to the baseline measured on answers it samples
-    (seeded, the same seed for each)."""
-    rm, tok, norm = load_reward_model(reward_model)
-    # Lengths up front: prompts that leave fewer than max_new_tokens of any model's context are skipped.
-    ctx = min(checkpoint.model_config(checkpoint.resolve(p)).max_seq_len for p in [baseline, *challengers.values()])
-    n_all = len(convs)
-    convs, long = fit_prompts(tok, convs, prompt_room(ctx, max_new_tokens, "max_new_tokens"))
-    if not convs:
-        raise DataError(f"none of the {n_all} held-out prompts fits: each may have at most {ctx - max_new_tokens} tokens "
-                        f"(the context window of {ctx} tokens less max_new_tokens={max_new_tokens})")
-    if long:
-        print(f"evaluate: {len(long)} of {n_all} held-out prompts longer than {ctx - max_new_tokens} tokens skipped "
-              f"(context window {ctx} - max_new_tokens {max_new_tokens})")
-    ckpt_a, model_a = _load(baseline)
-    rule = RULES[true_rule] if true_rule else None
-    res = {"a": evaluate_policy(model_a, tok, rm, norm, convs, max_new_tokens, rule)}
-    res["a"]["checkpoint"] = str(ckpt_a)
-    if samples:
-        res["a"]["sampled"] = evaluate_sampled(model_a, tok, rm, norm, convs, max_new_tokens, samples, rule)
-    for name, path in challengers.items():
-        ckpt, model = _load(path)
-        res[name] = evaluate_policy(model, tok, rm, norm, convs, max_new_tokens, rule)
-        res[name]["checkpoint"] = str(ckpt)
-        if samples:
-            res[name]["sampled"] = evaluate_sampled(model, tok, rm, norm, convs, max_new_tokens, samples, rule)
-        res[name]["kl"] = sampled_kl(model, model_a, tok, convs, max_new_tokens, seed=0)
-        del model
+    (seeded, the same seed for each). Holds the baseline and one challenger at a time."""
+    j = _Judge(reward_model, convs, [baseline, *challengers.values()], max_new_tokens, true_rule, samples)
+    model_a, a = j.measure(baseline)
     out = {}
-    for name in challengers:
-        a, b = res["a"], res[name]
-        o = {"prompts": len(convs), "a": a["checkpoint"], "b": b["checkpoint"], "reward_a": a["reward"],
+    for name, path in challengers.items():
+        model, b = j.measure(path)
+        out[name] = j.pair(a, b, sampled_kl(model, model_a, j.tok, j.convs, max_new_tokens, seed=0), name)
+        del model
+    return out
+
+
+def compare_to_baselines(challenger: str, baselines: dict[str, str], reward_model: str, convs: list[list[dict]],
+                         true_rule: str, max_new_tokens: int, samples: int = 0) -> dict[str, dict]:
+    """`compare(baseline, {"b": challenger})["b"]` for each baseline, with the challenger's
+    answers made once (an RLHF round's policy against the last round's and against SFT).
+    Holds the challenger and one baseline at a time."""
+    j = _Judge(reward_model, convs, [challenger, *baselines.values()], max_new_tokens, true_rule, samples)
+    model_b, b = j.measure(challenger)
+    out = {}
+    for name, path in baselines.items():
+        model, a = j.measure(path)
+        out[name] = j.pair(a, b, sampled_kl(model_b, model, j.tok, j.convs, max_new_tokens, seed=0), "b")
+        del model
+    return out
+
+
+class _Judge:
+    """The reward model, the held-out prompts that fit every model's context, and the rule:
+    what `compare` measures each model with and pairs the measurements by."""
+
+    def __init__(self, reward_model: str, convs: list[list[dict]], paths: list[str], max_new_tokens: int,
+                 true_rule: str, samples: int):
+        self.rm, self.tok, self.norm = load_reward_model(reward_model)
+        self.max_new_tokens, self.true_rule, self.samples = max_new_tokens, true_rule, samples
+        self.rule = RULES[true_rule] if true_rule else None
+        # Lengths up front: prompts that leave fewer than max_new_tokens of any model's context are skipped.
+        ctx = min(checkpoint.model_config(checkpoint.resolve(p)).max_seq_len for p in paths)
+        n_all = len(convs)
+        self.convs, long = fit_prompts(self.tok, convs, prompt_room(ctx, max_new_tokens, "max_new_tokens"))
+        if not self.convs:
+            raise DataError(f"none of the {n_all} held-out prompts fits: each may have at most {ctx - max_new_tokens} "
+                            f"tokens (the context window of {ctx} tokens less max_new_tokens={max_new_tokens})")
+        if long:
+            print(f"evaluate: {len(long)} of {n_all} held-out prompts longer than {ctx - max_new_tokens} tokens skipped "
+                  f"(context window {ctx} - max_new_tokens {max_new_tokens})")
+
+    def measure(self, path: str) -> tuple[Transformer, dict]:
+        """Load a checkpoint; its greedy (and sampled) answers, scored."""
+        ckpt, model = _load(path)
+        m = evaluate_policy(model, self.tok, self.rm, self.norm, self.convs, self.max_new_tokens, self.rule)
+        m["checkpoint"] = str(ckpt)
+        if self.samples:
+            m["sampled"] = evaluate_sampled(model, self.tok, self.rm, self.norm, self.convs, self.max_new_tokens,
+                                            self.samples, self.rule)
+        return model, m
+
+    def pair(self, a: dict, b: dict, kl: dict, name: str) -> dict:
+        """b's measurements against a's (kl: KL(b || a)), printed in one line as `name`."""
+        true_rule, samples = self.true_rule, self.samples
+        o = {"prompts": len(self.convs), "a": a["checkpoint"], "b": b["checkpoint"], "reward_a": a["reward"],
              "reward_b": b["reward"], "win_rate_b_by_reward_model": win_rate(b["rewards"], a["rewards"])}
         if true_rule:
             o.update(true_rule=true_rule, true_score_a=a["true_score"], true_score_b=b["true_score"],
@@ -83,7 +113,7 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
             o["hacking_gap"] = o["win_rate_b_by_reward_model"] - o["win_rate_b_by_true_rule"]
         for k in ("distinct", "distinct2", "mean_words"):
             o[f"{k}_a"], o[f"{k}_b"] = a[k], b[k]
-        o["kl_b"], o["kl_b_k3"] = b["kl"]["kl"], b["kl"]["kl_k3"]
+        o["kl_b"], o["kl_b_k3"] = kl["kl"], kl["kl_k3"]
         if samples:
             sa, sb = a["sampled"], b["sampled"]
             o["sampled"] = {"per_prompt": samples, "reward_a": sa["reward"], "reward_b": sb["reward"],
@@ -92,14 +122,13 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
                 o["sampled"].update(true_score_a=sa["true_score"], true_score_b=sb["true_score"],
                                     win_rate_b_by_true_rule=win_rate(sb["true_scores"], sa["true_scores"]))
         o["samples"] = [{"prompt": last_user(c), "a": x["text"], "b": y["text"]}
-                        for c, x, y in list(zip(convs, a["answers"], b["answers"]))[:8]]
-        print(f"evaluate {name} against {Path(a['checkpoint']).parent.parent.name} on {len(convs)} held-out prompts: "
+                        for c, x, y in list(zip(self.convs, a["answers"], b["answers"]))[:8]]
+        print(f"evaluate {name} against {Path(a['checkpoint']).parent.parent.name} on {len(self.convs)} held-out prompts: "
               f"reward {o['reward_a']:+.3f} -> {o['reward_b']:+.3f}; wins {o['win_rate_b_by_reward_model']:.0%} by the "
               f"reward model" + (f", {o['win_rate_b_by_true_rule']:.0%} by the true rule '{true_rule}'" if true_rule else "")
               + f"; distinct answers {o['distinct_a']:.0%} -> {o['distinct_b']:.0%}; KL to the baseline "
               f"{o['kl_b']:.3f} nats/answer (k3 {o['kl_b_k3']:.3f})" + (sampled_words(o["sampled"]) if samples else ""))
-        out[name] = o
-    return out
+        return o
 
 
 def sampled_words(s: dict) -> str:
