@@ -44,6 +44,23 @@ def test_two_rounds(tmp_path, capsys):
     assert set(ev) == {"ppo", "ppo@2"}
     timings = json.loads((root / "timings.json").read_text())
     assert {"candidates@2", "rankings@2", "reward@2", "ppo@2", "check@2"} <= set(timings)
+    # check@2 answered with round 2's policy once, not once per baseline: compare_to_baselines
+    # gives compare's figures for each baseline with one measurement of the challenger.
+    from llmtrain.pipeline.prompts import held_out
+    from llmtrain.stages import evaluate
+
+    convs = held_out(cfg, pipeline.REPO)[1][:4]
+    args = (str(r2 / "reward"), convs, "aristocrat", 8, 2)
+    measured = []
+    real = evaluate.evaluate_policy
+    evaluate.evaluate_policy = lambda model, *a, **k: measured.append(model) or real(model, *a, **k)
+    try:
+        both = evaluate.compare_to_baselines(str(r2 / "ppo"), {"last": str(root / "ppo"), "sft": str(root / "sft")}, *args)
+    finally:
+        evaluate.evaluate_policy = real
+    assert len(measured) == 3  # the policy, the last round's, SFT
+    for name, baseline in (("last", root / "ppo"), ("sft", root / "sft")):
+        assert both[name] == evaluate.compare(str(baseline), {"b": str(r2 / "ppo")}, *args)["b"]
     # A second run redoes nothing.
     capsys.readouterr()
     pipeline.run(cfg)
