@@ -117,10 +117,11 @@ def keep_freed_memory() -> bool:
     of handing it back to the kernel. By default glibc trims the top of its heap once more
     than twice its (adaptive) mmap threshold lies free there, and serves large blocks by mmap
     and munmap, so every step's activations land on fresh pages that the kernel must fault
-    in and zero again: 55,000 page faults (217 MB) per bf16 step of nanoGPT's shape, about
-    15% of the step on a 2-core Xeon (bench/pretrain.py prints the faults per step). With a
-    fixed mmap threshold of 32 MB (glibc's largest) and no trimming, the step reuses its
-    pages: 2 faults per step. Memory freed stays with the process up to the step's peak, which
+    in and zero again: 49,000-59,000 page faults (about 200-240 MB) per bf16 step of
+    nanoGPT's shape on a 2-core Xeon. With a fixed mmap threshold of 32 MB (glibc's largest)
+    and no trimming the step reuses its pages (1-2 faults) and runs 1.35x the tokens/s in
+    bf16, 1.26x in fp32 (bench/pretrain.py with and without LLMTRAIN_MALLOC=system, medians
+    of 3 alternating runs). Memory freed stays with the process up to the step's peak, which
     the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
     guide gets the same from jemalloc or tcmalloc by LD_PRELOAD. Nothing happens outside
     glibc (macOS, musl) or with LLMTRAIN_MALLOC=system. -> whether glibc took the settings."""
