@@ -171,3 +171,18 @@ def test_a_fused_optimizer_step_retires_the_decoder():
         want = m(ids)[:, -1]
     torch.testing.assert_close(d2.step(ids, torch.arange(6).expand(2, 6), d2.new_cache(2, 8), None), want,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decoders_norm_gives_the_models_bits(dtype):
+    """decoder.rms_norm (in fp32 one F.rms_norm call) equals transformer.rms_norm (the formula
+    the model trains with) bit for bit, over magnitudes from 1e-3 to 1e3 and several widths."""
+    from llmtrain.model.decoder import rms_norm as decoder_norm
+    from llmtrain.model.transformer import rms_norm as model_norm
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        D = (48, 384, 896)[i % 3]
+        x = (torch.randn(4, 2, D, generator=g) * 10 ** (6 * i / 59 - 3)).to(dtype)
+        w = torch.randn(D, generator=g).to(dtype)
+        assert torch.equal(decoder_norm(x, w, 1e-6), model_norm(x, w, 1e-6)), (i, D)
