@@ -48,7 +48,7 @@ from llmtrain.generate import SamplingConfig, generate
 from llmtrain.interop.hub import resolve_model
 from llmtrain.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from llmtrain.metrics import Metrics, Progress
-from llmtrain.rl import (answer_logprobs, entropy_from_logits, gae, group_advantages, kl_estimate, kl_rewards, masked_mean,
+from llmtrain.rl import (answer_logprobs, answer_logprobs_and_entropy, gae, group_advantages, kl_estimate, kl_rewards, masked_mean,
                          masked_moments, minibatches, rollout_rows, sequence_kl, whiten)
 from llmtrain.rl_models import Models, build_models, extra_state, resume
 from llmtrain.scoring import evaluate_policy, score_texts
@@ -291,9 +291,8 @@ def logprobs(cfg: PPOConfig, m: Models, b: Batch, env, it: int) -> None:
         with torch.set_grad_enabled(i == 0):
             with dist.autocast(dev, cfg.run.precision):
                 logits, v = (m.train_ac if i == 0 else m.ac)(ids, mask, pos, span)
-            logp = answer_logprobs(logits, ids, b.start)
+            logp, b.ent[mb] = answer_logprobs_and_entropy(logits, ids, b.start)
         b.old_logp[mb] = logp.detach()
-        b.ent[mb] = entropy_from_logits(logits.detach())
         if m.value is not None:
             b.old_values[mb] = v.detach().float()
         if i == 0:

@@ -365,3 +365,21 @@ def test_auto_precision_is_bf16_only_where_native_and_the_policy_is_big_enough(m
         assert resolved_precision("auto", "bf16", cpu, small) == "bf16"  # else: the run's own precision
         assert resolved_precision("fp32", "bf16", cpu, big) == "fp32"  # a setting is kept as given
         assert resolved_precision("bf16", "fp32", cpu, small) == "bf16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_from_one_log_softmax_give_the_two_calls_bits(dtype):
+    """The old pass takes the answers' log-probs and the entropy from one log-softmax: the same
+    values, and the same gradient, as answer_logprobs and entropy_from_logits called apart."""
+    from llmtrain.rl import answer_logprobs, answer_logprobs_and_entropy, entropy_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 9), generator=g)
+    lp, ent = answer_logprobs_and_entropy(logits, tokens, 2)
+    lp_ref, ent_ref = answer_logprobs(logits, tokens, 2), entropy_from_logits(logits.detach())
+    assert torch.equal(lp, lp_ref) and torch.equal(ent, ent_ref)
+    assert not ent.requires_grad
+    (grad,) = torch.autograd.grad(lp.sum(), logits)
+    (grad_ref,) = torch.autograd.grad(lp_ref.sum(), logits)
+    assert torch.equal(grad, grad_ref)
