@@ -125,10 +125,14 @@ def keep_freed_memory() -> bool:
     the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
     guide gets the same from jemalloc or tcmalloc by LD_PRELOAD. Nothing happens outside
     glibc (macOS, musl) or with LLMTRAIN_MALLOC=system. -> whether glibc took the settings."""
-    if os.environ.get("LLMTRAIN_MALLOC", "") == "system" or not sys.platform.startswith("linux"):
+    choice = os.environ.get("LLMTRAIN_MALLOC", "") or "keep"
+    if choice not in ("keep", "system"):
+        raise ConfigError(f"LLMTRAIN_MALLOC={choice!r}: use 'keep' (the default: malloc keeps the memory a step "
+                          f"frees) or 'system' (glibc's own settings)")
+    if choice == "system" or not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # the malloc this process links (glibc's only has mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's (musl's is a stub that returns 0: nothing taken)
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

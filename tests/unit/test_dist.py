@@ -4,6 +4,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,14 @@ def test_setup_keeps_freed_memory_on_a_cpu(monkeypatch):
 def test_system_malloc_is_left_alone(monkeypatch):
     monkeypatch.setenv("LLMTRAIN_MALLOC", "system")
     assert dist.keep_freed_memory() is False
+
+
+def test_a_misspelt_malloc_choice_is_one_line(tmp_path):
+    """LLMTRAIN_MALLOC=sytem is refused before the stage starts, in one line naming the variable."""
+    r = subprocess.run([sys.executable, "-m", "llmtrain", "pretrain", "-c", "configs/pretrain-tiny.yaml",
+                        f"run.out_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                       env={**os.environ, "LLMTRAIN_MALLOC": "sytem"}, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "LLMTRAIN_MALLOC='sytem'" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
