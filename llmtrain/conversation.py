@@ -22,8 +22,7 @@ def load_chat_model(ckpt: str, device: str = "auto") -> tuple[Tokenizer, Transfo
     what is wrong with the checkpoint)."""
     ckpt = checkpoint.resolve(ckpt)
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-    model = Transformer(checkpoint.model_config(ckpt))
-    checkpoint.load_weights(ckpt, model)
+    model = checkpoint.load_transformer(ckpt)
     model.to(dist.pick_device(device)).eval()
     return tok, model
 

@@ -18,10 +18,10 @@ directory means its latest complete step. In three modules:
     loading   every file read back and checked before use: config, meta, weights, train state
 """
 from llmtrain.checkpoint.folders import READY, STEP_RE, TRASH, resolve, step_dirs
-from llmtrain.checkpoint.loading import (LIMITS, load_model_and_optimizer, load_train_state, load_weights,
-                                         model_config, read_config, read_meta, tokenizer_of)
+from llmtrain.checkpoint.loading import (LIMITS, load_model_and_optimizer, load_train_state, load_transformer,
+                                         load_weights, model_config, read_config, read_meta, tokenizer_of)
 from llmtrain.checkpoint.saving import model_state, prune, save
 
-__all__ = ["LIMITS", "READY", "STEP_RE", "TRASH", "load_model_and_optimizer", "load_train_state", "load_weights",
-           "model_config", "model_state", "prune", "read_config", "read_meta", "resolve", "save", "step_dirs",
-           "tokenizer_of"]
+__all__ = ["LIMITS", "READY", "STEP_RE", "TRASH", "load_model_and_optimizer", "load_train_state", "load_transformer",
+           "load_weights", "model_config", "model_state", "prune", "read_config", "read_meta", "resolve", "save",
+           "step_dirs", "tokenizer_of"]

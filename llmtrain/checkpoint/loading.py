@@ -134,6 +134,17 @@ def read_meta(ckpt: str | Path) -> dict:
     return meta
 
 
+def load_transformer(ckpt: str | Path):
+    """The checkpoint's language model, every weight loaded (strict), built without the random
+    initialisation that the load would overwrite. For inference: draws from the global RNG
+    differ from `Transformer(cfg)`'s, so training stages keep building theirs after seeding."""
+    from llmtrain.model import Transformer  # the model package does not import checkpoints
+
+    model = Transformer(model_config(ckpt), init=False)
+    load_weights(ckpt, model)
+    return model
+
+
 def load_weights(ckpt: str | Path, model: torch.nn.Module, strict: bool = True,
                  new_head: tuple[str, ...] = ()) -> None:
     """Load model.safetensors into `model`, naming any missing, unexpected or misshapen key.

@@ -53,14 +53,12 @@ def cmd_generate(args) -> int:
 
     from llmtrain import checkpoint, dist
     from llmtrain.generate import SamplingConfig, generate, prompt_budget, truncate_left
-    from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer
 
     sampling_flags(args)
     ckpt = checkpoint.resolve(args.checkpoint)
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-    model = Transformer(checkpoint.model_config(ckpt))
-    checkpoint.load_weights(ckpt, model)
+    model = checkpoint.load_transformer(ckpt)
     model.to(dist.pick_device(args.device)).eval()
     stops = [*tok.stop_ids] + [tok.tk.token_to_id(s) for s in args.stop if tok.tk.token_to_id(s) is not None]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,

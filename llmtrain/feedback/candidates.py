@@ -55,8 +55,7 @@ def generate_to_db(ckpt: str, prompts_path: str, db: str, k: int, sampling: Samp
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     ckpt_dir = checkpoint.resolve(ckpt)
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt_dir))
-    model = Transformer(checkpoint.model_config(ckpt_dir))
-    checkpoint.load_weights(ckpt_dir, model)
+    model = checkpoint.load_transformer(ckpt_dir)
     model.to(dist.pick_device(device)).eval()
     convs = read_prompts(prompts_path)
     # Lengths up front: a prompt that leaves fewer than max_new_tokens of the context is skipped.

@@ -24,12 +24,10 @@ def model_answers(ckpt: Path, convs: list, max_new: int) -> list[str]:
     """The checkpoint's greedy answers to `convs`."""
     from llmtrain import checkpoint
     from llmtrain.generate import greedy_answers
-    from llmtrain.model import Transformer
     from llmtrain.tokenizer import Tokenizer, render_chat
 
     tok = Tokenizer.load(checkpoint.tokenizer_of(ckpt))
-    model = Transformer(checkpoint.model_config(ckpt))
-    checkpoint.load_weights(ckpt, model)
+    model = checkpoint.load_transformer(ckpt)
     # As SFT's sample answers: a prompt too long is cut from the left.
     prompts = [render_chat(tok, c, add_generation_prompt=True)[0] for c in convs]
     return [text for text, _ in greedy_answers(model, tok, prompts, max_new)]

@@ -37,9 +37,7 @@ from llmtrain.styles import RULES
 
 def _load(path: str) -> tuple[Path, Transformer]:
     ckpt = checkpoint.resolve(path)
-    model = Transformer(checkpoint.model_config(ckpt))
-    checkpoint.load_weights(ckpt, model)
-    return ckpt, model.eval()
+    return ckpt, checkpoint.load_transformer(ckpt).eval()
 
 
 def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs: list[list[dict]], true_rule: str,

@@ -82,3 +82,33 @@ def test_mismatched_weights_name_the_key(tmp_path):
     (tmp_path / "junk" / "model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         checkpoint.load_weights(tmp_path / "junk", Transformer(CFG))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_transformer_skips_the_init_it_would_overwrite(tmp_path, tied, monkeypatch):
+    """checkpoint.load_transformer gives Transformer + load_weights's model, bit for bit (the
+    tied head tied), without running init_weights; a checkpoint that lacks a weight is still
+    refused, so no weight keeps torch's default initialisation."""
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, max_seq_len=16, tie_embeddings=tied)
+    m = Transformer(cfg)
+    checkpoint.save(tmp_path, 1, m, config={"model": vars(cfg)}, meta={"tokens": 0})
+    ref = Transformer(checkpoint.model_config(tmp_path))
+    checkpoint.load_weights(tmp_path, ref)
+    calls = []
+    real = Transformer.init_weights
+    monkeypatch.setattr(Transformer, "init_weights", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    got = checkpoint.load_transformer(tmp_path)
+    assert calls == []
+    assert got.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
+    assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 40, (2, 8))
+    assert torch.equal(got(ids), ref(ids))
+    # a weight missing from the file: refused in one line, never left at torch's default init
+    from safetensors.torch import load_file, save_file
+    f = checkpoint.resolve(tmp_path) / "model.safetensors"
+    sd = load_file(f)
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match="missing model.layers.1.mlp.up_proj.weight"):
+        checkpoint.load_transformer(tmp_path)
