@@ -96,6 +96,7 @@ def setup(device: str = "auto", threads: int = 0) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    malloc_choice()  # a misspelt LLMTRAIN_MALLOC is refused on any device
     if dev.type == "cpu":
         keep_freed_memory()
     if world > 1:
@@ -119,17 +120,16 @@ def keep_freed_memory() -> bool:
     and munmap, so every step's activations land on fresh pages that the kernel must fault
     in and zero again: 49,000-59,000 page faults (about 200-240 MB) per bf16 step of
     nanoGPT's shape on a 2-core Xeon. With a fixed mmap threshold of 32 MB (glibc's largest)
-    and no trimming the step reuses its pages (1-2 faults) and runs 1.35x the tokens/s in
-    bf16, 1.26x in fp32 (bench/pretrain.py with and without LLMTRAIN_MALLOC=system, medians
-    of 3 alternating runs). Memory freed stays with the process up to the step's peak, which
+    and no trimming the step reuses its pages (1-2 faults) and ran a median 1.35x the
+    tokens/s in bf16 (1.19-1.48) and 1.26x in fp32 (0.88-1.34) over 3 alternating runs of
+    bench/pretrain.py with and without LLMTRAIN_MALLOC=system. Memory freed stays with the process up to the step's peak, which
     the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
     guide gets the same from jemalloc or tcmalloc by LD_PRELOAD. Nothing happens outside
-    glibc (macOS, musl) or with LLMTRAIN_MALLOC=system. -> whether glibc took the settings."""
-    choice = os.environ.get("LLMTRAIN_MALLOC", "") or "keep"
-    if choice not in ("keep", "system"):
-        raise ConfigError(f"LLMTRAIN_MALLOC={choice!r}: use 'keep' (the default: malloc keeps the memory a step "
-                          f"frees) or 'system' (glibc's own settings)")
-    if choice == "system" or not sys.platform.startswith("linux"):
+    glibc (macOS, musl) or with LLMTRAIN_MALLOC=system; with jemalloc or tcmalloc preloaded
+    the settings reach glibc's malloc, which then serves nothing, and change nothing.
+    `release_freed_memory` hands the kept memory back (the pipeline does after each stage).
+    -> whether glibc's mallopt took the settings ("no trimming": only above 2 GiB free)."""
+    if malloc_choice() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # glibc's (musl's is a stub that returns 0: nothing taken)
@@ -137,6 +137,29 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def malloc_choice() -> str:
+    """LLMTRAIN_MALLOC: 'keep' (the default) or 'system'; anything else is a one-line error."""
+    choice = os.environ.get("LLMTRAIN_MALLOC", "") or "keep"
+    if choice not in ("keep", "system"):
+        raise ConfigError(f"LLMTRAIN_MALLOC={choice!r}: use 'keep' (the default: malloc keeps the memory a step "
+                          f"frees) or 'system' (glibc's own settings)")
+    return choice
+
+
+def release_freed_memory() -> None:
+    """Hand the memory malloc keeps back to the kernel (glibc's malloc_trim): between the
+    pipeline's stages, so a run that then waits for people (--human) does not hold the last
+    stage's peak. Nothing happens outside glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def teardown() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from llmtrain import dist
 from llmtrain.config import to_dict
 from llmtrain.errors import ConfigError
 from llmtrain.files import write_file
@@ -128,6 +129,7 @@ def run(cfg: PipelineConfig, base: Path = REPO, from_stage: str = "", human: boo
         print(f"\n[{name}] ...", flush=True)
         t = time.time()
         fn()
+        dist.release_freed_memory()  # the stage kept its freed memory for its own steps
         timings[name] = round(time.time() - t, 1)
         write_file(timing_path, json.dumps(timings, indent=2))
         print(f"[{name}] done in {fmt_duration(timings[name])}", flush=True)

@@ -58,8 +58,10 @@ def compare(baseline: str, challengers: dict[str, str], reward_model: str, convs
 def compare_to_baselines(challenger: str, baselines: dict[str, str], reward_model: str, convs: list[list[dict]],
                          true_rule: str, max_new_tokens: int, samples: int = 0) -> dict[str, dict]:
     """`compare(baseline, {"b": challenger})["b"]` for each baseline, with the challenger's
-    answers made once (an RLHF round's policy against the last round's and against SFT).
-    Holds the challenger and one baseline at a time."""
+    answers made once (an RLHF round's policy against the last round's and against SFT), on
+    the held-out prompts that fit every model's context (the same as compare's when the
+    models share one context window, as a run's do). Holds the challenger and one baseline
+    at a time."""
     j = _Judge(reward_model, convs, [challenger, *baselines.values()], max_new_tokens, true_rule, samples)
     model_b, b = j.measure(challenger)
     out = {}

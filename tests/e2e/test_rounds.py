@@ -61,6 +61,17 @@ def test_two_rounds(tmp_path, capsys):
     assert len(measured) == 3  # the policy, the last round's, SFT
     for name, baseline in (("last", root / "ppo"), ("sft", root / "sft")):
         assert both[name] == evaluate.compare(str(baseline), {"b": str(r2 / "ppo")}, *args)["b"]
+    # check@2 again (its round.json deleted): the same round.json, with round 2's policy
+    # measured once, not once per baseline (3 measurements: the policy, round 1's, SFT).
+    before = (r2 / "round.json").read_text()
+    (r2 / "round.json").unlink()
+    measured.clear()
+    evaluate.evaluate_policy = lambda model, *a, **k: measured.append(model) or real(model, *a, **k)
+    try:
+        pipeline.run(cfg)
+    finally:
+        evaluate.evaluate_policy = real
+    assert len(measured) == 3 and (r2 / "round.json").read_text() == before
     # A second run redoes nothing.
     capsys.readouterr()
     pipeline.run(cfg)
