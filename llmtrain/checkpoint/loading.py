@@ -17,6 +17,7 @@ from llmtrain.checkpoint.folders import STEP_RE, resolve
 from llmtrain.config import ModelConfig, from_dict
 from llmtrain.dist import is_sharded
 from llmtrain.errors import CheckpointError
+from llmtrain.model import Transformer
 
 # Sizes beyond these in a checkpoint's config.json are damage, not a model: refused before the
 # model is built (10**12 positions would ask for terabytes for the rotary tables alone).
@@ -134,12 +135,10 @@ def read_meta(ckpt: str | Path) -> dict:
     return meta
 
 
-def load_transformer(ckpt: str | Path):
+def load_transformer(ckpt: str | Path) -> Transformer:
     """The checkpoint's language model, every weight loaded (strict), built without the random
     initialisation that the load would overwrite. For inference: draws from the global RNG
     differ from `Transformer(cfg)`'s, so training stages keep building theirs after seeding."""
-    from llmtrain.model import Transformer  # the model package does not import checkpoints
-
     model = Transformer(model_config(ckpt), init=False)
     load_weights(ckpt, model)
     return model
