@@ -27,8 +27,8 @@ it: a warning is printed when other processes keep cores busy).
 5. Memory reuse: ours runs as the stages do, with `dist.keep_freed_memory()` (glibc keeps the
    pages a step frees for the next step); nanoGPT runs with glibc's defaults, as it ships,
    unless --nanogpt-keep-freed. Each run prints its page faults per step. --interleave and
-   --in-process run both in one process, so both get the setting there (the label says so). LLMTRAIN_MALLOC=system leaves glibc's
-   defaults for ours too (the figure before the setting).
+   --in-process run both in one process, so both get the setting there (the label says so).
+   LLMTRAIN_MALLOC=system leaves glibc's defaults for ours too (the figure before the setting).
 """
 from __future__ import annotations
 

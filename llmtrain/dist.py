@@ -96,9 +96,10 @@ def setup(device: str = "auto", threads: int = 0) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    malloc_choice()  # a misspelt LLMTRAIN_MALLOC is refused on any device
     if dev.type == "cpu":
         keep_freed_memory()
+    else:
+        malloc_choice()  # a misspelt LLMTRAIN_MALLOC is refused on any device
     if world > 1:
         _check_rank_has_gpu(dev, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))))
     if world > 1 and not tdist.is_initialized():
@@ -122,20 +123,16 @@ def keep_freed_memory() -> bool:
     nanoGPT's shape on a 2-core Xeon. With a fixed mmap threshold of 32 MB (glibc's largest)
     and no trimming the step reuses its pages (1-2 faults) and ran a median 1.35x the
     tokens/s in bf16 (1.19-1.48) and 1.26x in fp32 (0.88-1.34) over 3 alternating runs of
-    bench/pretrain.py with and without LLMTRAIN_MALLOC=system. Memory freed stays with the process up to the step's peak, which
-    the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
+    bench/pretrain.py with and without LLMTRAIN_MALLOC=system. Memory freed stays with the
+    process up to the step's peak, which the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
     guide gets the same from jemalloc or tcmalloc by LD_PRELOAD. Nothing happens outside
     glibc (macOS, musl) or with LLMTRAIN_MALLOC=system; with jemalloc or tcmalloc preloaded
     the settings reach glibc's malloc, which then serves nothing, and change nothing.
     `release_freed_memory` hands the kept memory back (the pipeline does after each stage).
     -> whether glibc's mallopt took the settings ("no trimming": only above 2 GiB free)."""
-    if malloc_choice() == "system" or not sys.platform.startswith("linux"):
+    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int]) if malloc_choice() == "keep" else None
+    if mallopt is None:  # musl's is a stub that returns 0: nothing taken
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc's (musl's is a stub that returns 0: nothing taken)
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
@@ -152,14 +149,21 @@ def release_freed_memory() -> None:
     """Hand the memory malloc keeps back to the kernel (glibc's malloc_trim): between the
     pipeline's stages, so a run that then waits for people (--human) does not hold the last
     stage's peak. Nothing happens outside glibc."""
+    trim = _libc("malloc_trim", [ctypes.c_size_t])
+    if trim is not None:
+        trim(0)
+
+
+def _libc(name: str, argtypes: list):
+    """The C library's function `name` (returning int) on Linux, or None where there is none."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        f = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+        return None
+    f.argtypes, f.restype = argtypes, ctypes.c_int
+    return f
 
 
 def teardown() -> None:

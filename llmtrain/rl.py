@@ -41,26 +41,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
     """logits (B, A, V) at positions start..start+A-1 (the word head run on a span only) and the
     rows' tokens (B, T) -> log p(tokens[:, start+1+a]) (B, A), in fp32."""
-    A = logits.shape[1]
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens[:, start + 1:start + 1 + A, None]).squeeze(-1)
+    return _at_tokens(F.log_softmax(logits.float(), dim=-1), tokens, start)
 
 
 def answer_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
                                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`answer_logprobs` and `entropy_from_logits` (of the detached logits) from one log-softmax
-    over the vocabulary instead of two: the same bits as the two calls."""
-    A = logits.shape[1]
+    """`answer_logprobs`, and the entropy of each position's next-token distribution (B, A)
+    (no gradient), from one log-softmax over the vocabulary (PPO's old pass)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     lp = logp.detach()
-    entropy = -(lp.exp() * lp).sum(-1)
-    return logp.gather(-1, tokens[:, start + 1:start + 1 + A, None]).squeeze(-1), entropy
+    return _at_tokens(logp, tokens, start), -(lp.exp() * lp).sum(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution (B, T)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _at_tokens(logp: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """log-probs (B, A, V) at positions start.. -> those of the tokens that follow (B, A)."""
+    A = logp.shape[1]
+    return logp.gather(-1, tokens[:, start + 1:start + 1 + A, None]).squeeze(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -370,8 +370,12 @@ def test_auto_precision_is_bf16_only_where_native_and_the_policy_is_big_enough(m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logprobs_and_entropy_from_one_log_softmax_give_the_two_calls_bits(dtype):
     """The old pass takes the answers' log-probs and the entropy from one log-softmax: the same
-    values, and the same gradient, as answer_logprobs and entropy_from_logits called apart."""
-    from llmtrain.rl import answer_logprobs, answer_logprobs_and_entropy, entropy_from_logits
+    values, and the same gradient, as answer_logprobs and the entropy's formula computed apart."""
+    from llmtrain.rl import answer_logprobs, answer_logprobs_and_entropy
+
+    def entropy_from_logits(logits):  # what PPO's old pass computed before, in a second log-softmax
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype).requires_grad_()
