@@ -29,6 +29,11 @@ it: a warning is printed when other processes keep cores busy).
    unless --nanogpt-keep-freed. Each run prints its page faults per step. --interleave and
    --in-process run both in one process, so both get the setting there (the label says so).
    LLMTRAIN_MALLOC=system leaves glibc's defaults for ours too (the figure before the setting).
+6. --compile [both|ours|nanogpt]: torch.compile (inductor) for both models, as nanoGPT's
+   train.py does by default, or for one. Every run compiles from cold (inductor's disk caches
+   off, dynamo reset) unless --compile-cache, and prints what compiling cost (its warm-up time
+   beyond as many steady steps) and tokens/s over a whole --amortize-steps run, compile
+   included; the interleaved rounds give that run-long ratio too.
 """
 from __future__ import annotations
 
@@ -170,7 +175,7 @@ def build(args, which: str, device: torch.device):
     if which == "ours":
         model = Transformer(model_config(args)).to(device)
         optimizer = build_optimizer(model, OptimConfig(impl=args.optim_impl), device)
-        train_model = torch.compile(model) if args.compile else model
+        train_model = torch.compile(model) if compiled(args, which) else model
 
         def fwd(x, y, precision):
             # exactly llmtrain/stages/pretrain.py's micro-step (grad_accum 1)
@@ -185,7 +190,7 @@ def build(args, which: str, device: torch.device):
         model = GPT(GPTConfig(block_size=args.ctx, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
                               n_embd=args.dim, dropout=args.nanogpt_dropout, bias=False)).to(device)
         optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
-        train_model = torch.compile(model) if args.compile else model
+        train_model = torch.compile(model) if compiled(args, which) else model
 
         def fwd(x, y, precision):
             with dist.autocast(device, precision):
@@ -198,6 +203,33 @@ def build(args, which: str, device: torch.device):
             sync(device)
     model.train()
     return model, fwd, opt
+
+
+def compiled(args, which: str) -> bool:
+    """Whether `which` ('ours' or 'nanogpt') runs under torch.compile (--compile)."""
+    return args.compile in ("both", which)
+
+
+def cold_compiles(args) -> None:
+    """Unless --compile-cache: inductor's on-disk caches off and dynamo's in-process ones
+    emptied, so every run (and every interleaved round) pays the whole compile, as on a fresh
+    machine (a warm cache hides most of it; a second model of the same class in one process
+    would reuse the first one's graphs)."""
+    if args.compile and not args.compile_cache:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
+        torch._dynamo.reset()
+
+
+def compile_s(first_steps: list[float], step_s: float) -> float:
+    """What compiling cost: the warm-up steps' time beyond that of as many steady steps."""
+    return max(0.0, sum(first_steps) - len(first_steps) * step_s)
+
+
+def amortized(tokens: int, step_s: float, compile_time: float, steps: int) -> float:
+    """tokens/s of a whole run of `steps` steps, compile included."""
+    return steps * tokens / (compile_time + steps * step_s)
 
 
 def n_params(model) -> int:
@@ -246,10 +278,14 @@ def interleaved(args, precision: str) -> dict:
     machine hits both alike: per-model median step and the median of the per-pair ratios.
     One process has one malloc: ours builds first and keeps freed memory for both."""
     device = dist.pick_device(args.device)
+    cold_compiles(args)
     runners = [Runner(args, precision, w, device) for w in ("ours", "nanogpt")]
+    warm: dict = {"ours": [], "nanogpt": []}
     for i in range(max(1, args.warmup)):
         for r in runners:
+            t = time.perf_counter()
             r.step(i)
+            warm[r.which].append(time.perf_counter() - t)
     times: dict = {"ours": [], "nanogpt": []}
     faults: dict = {"ours": [], "nanogpt": []}
     for i in range(args.steps):
@@ -259,7 +295,11 @@ def interleaved(args, precision: str) -> dict:
             times[r.which].append(time.perf_counter() - t)
     tokens = args.batch * args.ctx
     pairs = [n / o for o, n in zip(times["ours"], times["nanogpt"])]
+    comp = {w: compile_s(warm[w], statistics.median(times[w])) for w in warm}
+    whole = {w: amortized(tokens, statistics.median(times[w]), comp[w], args.amortize_steps) for w in warm}
     return {"precision": precision, "steps": args.steps,
+            "compiled": {w: compiled(args, w) for w in warm}, "compile_s": comp,
+            f"tokens_per_s_over_{args.amortize_steps}_steps": whole, "ratio_over_run": whole["ours"] / whole["nanogpt"],
             "ours_tokens_per_s": tokens / statistics.median(times["ours"]),
             "nanogpt_tokens_per_s": tokens / statistics.median(times["nanogpt"]),
             "ratio_of_medians": statistics.median(times["nanogpt"]) / statistics.median(times["ours"]),
@@ -272,6 +312,7 @@ def bench_precision(args, precision: str, which: str = "ours") -> dict:
     device = dist.pick_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    cold_compiles(args)
     runner = Runner(args, precision, which, device)
     model, step = runner.model, runner.step
     n = n_params(model)
@@ -279,9 +320,11 @@ def bench_precision(args, precision: str, which: str = "ours") -> dict:
     n_6n = model.get_num_params() if which == "nanogpt" else n
 
     # warm-up: at least one step; stop early past half the time budget (slow bf16 kernels)
-    t_warm, n_warm = time.perf_counter(), 0
+    t_warm, n_warm, warm_steps = time.perf_counter(), 0, []
     while n_warm < max(1, args.warmup):
+        t = time.perf_counter()
         step(n_warm)
+        warm_steps.append(time.perf_counter() - t)
         n_warm += 1
         if time.perf_counter() - t_warm > args.max_seconds / 2:
             break
@@ -299,10 +342,12 @@ def bench_precision(args, precision: str, which: str = "ours") -> dict:
     step_s = statistics.median(times)
     tokens = args.batch * args.ctx
     res = {
-        "model": which, "precision": precision, "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
+        "model": which, "precision": precision, "device": str(device), "threads": torch.get_num_threads(), "compile": compiled(args, which),
         "optim_impl": args.optim_impl if which == "ours" else "torch default", "params": n, "params_6n": n_6n,
         "flops_per_token_model": model.flops_per_token(args.ctx) if which == "ours" else None,
         "tokens_per_step": tokens, "warmup_steps": n_warm, "warmup_s": t_warm, "timed_steps": len(times),
+        "compile_s": compile_s(warm_steps, step_s),
+        "amortize_steps": args.amortize_steps, "tokens_per_s_over_run": amortized(tokens, step_s, compile_s(warm_steps, step_s), args.amortize_steps),
         "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
         "forward_s": statistics.median(p[0] for p in phases), "backward_s": statistics.median(p[1] for p in phases),
         "optimizer_s": statistics.median(p[2] for p in phases), "loss_first": losses[0], "loss_last": losses[-1],
@@ -357,6 +402,9 @@ def report(res: dict, peaks: dict, device: torch.device, vocab: int, profile: bo
         (f"  tokens/s        {tps:,.0f}   (median step {1e3 * res['step_s_median']:.1f} ms over {res['timed_steps']} steps;"
          f" min {1e3 * res['step_s_min']:.1f}, max {1e3 * res['step_s_max']:.1f};"
          f" {res['warmup_steps']} warm-up steps {res['warmup_s']:.1f} s)"),
+        *([f"  compile         {res['compile_s']:.1f} s (warm-up beyond steady steps); tokens/s over a "
+           f"{res['amortize_steps']:,}-step run, compile included: {res['tokens_per_s_over_run']:,.0f}"]
+          if res["compile"] else []),
         (f"  step split      forward+loss {1e3 * res['forward_s']:.1f} ms | backward {1e3 * res['backward_s']:.1f} ms"
          f" | clip+AdamW {1e3 * res['optimizer_s']:.1f} ms"),
         f"  achieved        {res['achieved_gflops_6n']:.1f} GFLOP/s (6N)" + (
@@ -386,7 +434,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     ap.add_argument("--max-seconds", type=float, default=30.0,
                     help="per run: stop timing after this long once 2 steps are done; warm-up stops after half")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", nargs="?", const="both", choices=["both", "ours", "nanogpt"],
+                    help="torch.compile both models (nanoGPT's train.py compiles by default), or only one; every run "
+                         "compiles from cold unless --compile-cache, and the compile time is printed")
+    ap.add_argument("--compile-cache", action="store_true",
+                    help="let inductor use its on-disk caches (a second run then compiles in seconds)")
+    ap.add_argument("--amortize-steps", type=int, default=5000,
+                    help="the run length for 'tokens/s over the run, compile included' (nanoGPT's shakespeare-char: 5000)")
     ap.add_argument("--profile", action="store_true", help="profile one step per run, print top ops by self CPU time")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--nanogpt", action="store_true",
@@ -494,6 +548,11 @@ def main() -> None:
                       f"{r['ratio_pairs_median']:.2f}, worst {r['ratio_pairs_worst']:.2f}); page faults per step: ours "
                       f"{r['page_faults_per_step']['ours']:,.0f}, nanoGPT {r['page_faults_per_step']['nanogpt']:,.0f} "
                       f"(malloc {'keeps freed memory' if r['malloc_kept'] else 'defaults'})", end="")
+                if any(r["compiled"].values()):
+                    print(f"; compiled: {', '.join(w for w, c in r['compiled'].items() if c)}, compile s: ours "
+                          f"{r['compile_s']['ours']:.1f}, nanoGPT {r['compile_s']['nanogpt']:.1f}; over a "
+                          f"{args.amortize_steps:,}-step run, compile included, ours/nanoGPT {r['ratio_over_run']:.2f}",
+                          end="")
             ratios = [r["ratio_of_medians"] for r in got]
             print(f"\n[interleaved | {p}] ours/nanoGPT over {len(got)} round(s): median {statistics.median(ratios):.2f}, "
                   f"worst {min(ratios):.2f}")

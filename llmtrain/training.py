@@ -108,8 +108,27 @@ def prepare(model: torch.nn.Module, cfg: OptimConfig, run, env, run_dir):
     optimizer = build_optimizer(model, cfg, env.device)
     resumed, done = resume(run_dir, model, optimizer, env, run.resume)
     if run.compile:
+        check_compiler(env.device)
         train_model = torch.compile(train_model)
     return train_model, optimizer, resumed, done
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on a CPU builds its kernels with the system's C++ compiler (inductor looks
+    for $CXX, then g++): where there is none, say so in one line before the first step instead
+    of inductor's traceback from inside it."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private; torch >= 2.5
+    except ImportError:
+        return  # an older torch: inductor reports it itself
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        raise ConfigError(f"run.compile=true on a CPU needs a C++ compiler for torch.compile (inductor), and none "
+                          f"was found ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                          f"install g++ (or set CXX), or set run.compile=false") from None
 
 
 def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env, enabled: bool):

@@ -90,3 +90,47 @@ def test_cli_pretrain_then_generate(shards, tmp_path, capsys):
 def test_bad_shards_dir_is_clear(tmp_path, capsys):
     assert cli_main(["pretrain", f"data.shards={tmp_path}/nothing", f"run.out_dir={tmp_path}/r"]) == 2
     assert "missing meta.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 1e-4)])
+def test_compiled_equals_eager(shards, tmp_path, precision, rel):
+    """run.compile=true (torch.compile: inductor's C++ kernels on a CPU) trains the same model:
+    the same train and validation losses within float reordering (fp32: the weights too) or
+    bf16 rounding (the compiled graph keeps some intermediates in fp32 that eager rounds; Adam
+    turns such tiny gradient differences into whole lr-sized steps, so bf16 weights are not
+    compared), a checkpoint without torch.compile's "_orig_mod." names, and a checkpoint saved
+    under compile resumes under compile bit for bit."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        pretrain.main(tiny_pretrain_config(shards, out, max_steps=6, eval_every=3, save_every=3, precision=precision,
+                                           compile=compiled))
+        runs[compiled] = out
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=rel)
+    assert losses(runs[True], "val") == pytest.approx(losses(runs[False], "val"), rel=rel)
+    a, b = weights(runs[False]), weights(runs[True])
+    assert sorted(a) == sorted(b)
+    if precision == "fp32":
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs[True] / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003")
+    pretrain.main(tiny_pretrain_config(shards, resumed, max_steps=6, save_every=3, resume=True, precision=precision,
+                                       compile=True))
+    assert losses(resumed) == losses(runs[True])[3:]
+
+
+def test_compile_without_a_compiler_is_one_line(shards, tmp_path):
+    """run.compile=true on a CPU with no C++ compiler for inductor stops before the first step in
+    one line naming the setting, with no traceback and no run folder."""
+    r = subprocess.run([sys.executable, "-m", "llmtrain", "pretrain", "-c", "configs/pretrain-tiny.yaml",
+                        f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}", "run.compile=true",
+                        "run.device=cpu"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "CXX": str(tmp_path / "no-such-g++"), "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "run.compile=true" in lines[0] and "C++ compiler" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
