@@ -262,8 +262,22 @@ def rolled_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> t
 def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rotary on x (B, T, heads, Dh) with one roll instead of chunk, neg and cat, the
     tables from `rolled_tables`: rotate_half(x) * sin == x.roll(Dh/2) * (sin with its first
-    half negated), the same bits (a sign flip is exact)."""
+    half negated), the same bits (a sign flip is exact).
+
+    Under torch.compile the halves are swapped with a cat instead, the same bits again:
+    inductor fuses a cat of two slices into one vectorised loop, but lowers roll (and its
+    backward) to a gather by modular index, 5.6 against 2.0 ms forward + backward at nanoGPT's
+    shape (8 x 256 x 12 heads x 64, bf16), 22 ms of a 330 ms training step."""
+    if _compiling():
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this code (torch >= 2.3 says; before, never)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 class MLP(nn.Module):

@@ -128,6 +128,7 @@ LAZY_THIRD_PARTY: dict[str, str] = {
     "uvicorn": "the web server, only when serving",
     "chitchat_dataset": "optional extra `data` (`llmtrain reward chitchat`)",
     "resource": "POSIX only (peak memory on CPU)",
+    "torch._inductor": "run.compile only (private, version-dependent: training.check_compiler; 1 s to import)",
     "pyarrow": "optional extra `hub`: Parquet data files (data/sources.py)",
     "datasets": "optional extra `hub`: Hub datasets and folders written by save_to_disk (data/sources.py)",
     "huggingface_hub": "optional extra `hub`: Hub models (interop/hub.py) and a Hub dataset's snapshot in the "

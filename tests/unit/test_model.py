@@ -166,3 +166,24 @@ def test_rms_norm_with_a_hand_written_backward():
     dx, = torch.autograd.grad(RMSNormFn.apply(x, w, 1e-5), (x,), dy, create_graph=True)
     with pytest.raises(RuntimeError):
         dx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_under_compile_gives_the_rolled_bits(monkeypatch, dtype):
+    """The form `rotary_rolled` takes while torch.compile traces (a cat of the swapped halves,
+    which inductor vectorises) gives the roll form's values and gradient bit for bit."""
+    from llmtrain.model import transformer as tr
+
+    rot = tr.Rotary(16, 32, 10000.0)
+    cos, sin = tr.rolled_tables(*rot.span(0, 32), dtype)
+    x = torch.randn(3, 32, 5, 16, dtype=dtype)
+    g = torch.randn(3, 32, 5, 16, dtype=dtype)
+    got = []
+    for compiling in (False, True):
+        monkeypatch.setattr(tr, "_compiling", lambda c=compiling: c)
+        xi = x.clone().requires_grad_()
+        y = tr.rotary_rolled(xi, cos, sin)
+        y.backward(g)
+        got.append((y.detach(), xi.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert not torch.equal(got[0][0], x)  # the rotation did something
