@@ -126,9 +126,9 @@ def check_compiler(device: torch.device) -> None:
     try:
         get_cpp_compiler()
     except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"run.compile=true on a CPU needs a C++ compiler for torch.compile (inductor), and none "
-                          f"was found ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
-                          f"install g++ (or set CXX), or set run.compile=false") from None
+                          f"was found ({why}): install g++ (or set CXX), or set run.compile=false") from None
 
 
 def resume(run_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env, enabled: bool):

@@ -275,9 +275,8 @@ def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def _compiling() -> bool:
-    """Whether torch.compile is tracing this code (torch >= 2.3 says; before, never)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    """Whether torch.compile is tracing this code."""
+    return torch.compiler.is_compiling()
 
 
 class MLP(nn.Module):
