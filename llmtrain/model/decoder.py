@@ -84,6 +84,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "mkl":
+            if x.numel() != self.hint * x.shape[-1]:  # MKL's packed GEMM is for `hint` rows only
+                return F.linear(x, self.weight, self.bias)  # (what _mkl_linear falls back to)
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.hint)
         if self.kind == "mkldnn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -105,10 +107,10 @@ class Layer:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`transformer.rms_norm`; in fp32 as one op (`F.rms_norm`: the same bits, fewer calls per
-    decode step; training keeps the formula, whose backward is faster on a CPU)."""
+    """`transformer.rms_norm`; in fp32 as one op (`F.rms_norm` with the weight: the same bits,
+    fewer calls per decode step; training keeps the formula, whose backward is faster on a CPU)."""
     if x.dtype == torch.float32:
-        return weight * F.rms_norm(x, x.shape[-1:], None, eps)
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     return transformer_rms_norm(x, weight, eps)
 
 
@@ -128,8 +130,8 @@ class Decoder:
             self.norm = bb.norm.weight.detach().to(dtype)
             self.norm_eps = bb.norm.eps
             self.lm_head = Linear(_weight(model.lm_head).detach().to(dtype), None, kind, batch_hint)
-            self.rotary = bb.rotary
-            self.rotary.span(0, c.max_seq_len)  # tables up to the context: `lookup` never grows them
+            # Rotary tables up to the context, in the form `rotary_rolled` takes: one lookup per step.
+            self.cos, self.sin = rolled_tables(*bb.rotary.span(0, c.max_seq_len), dtype)  # (ctx, 1, Dh)
         self.kind = kind
 
     @staticmethod
@@ -162,7 +164,7 @@ class Decoder:
         caller's), so a compiled step is traced once."""
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
-        cos, sin = rolled_tables(*self.rotary.lookup(pos), self.dtype)  # (B, T, 1, Dh), once per step
+        cos, sin = self.cos[pos], self.sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
@@ -172,9 +174,9 @@ class Decoder:
             q = qk[:, :, :H].transpose(1, 2)
             k, v = cache.write(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), at)
             y = sdpa(q, k, v, mask)
-            x = x + L.o(y.transpose(1, 2).reshape(B, T, H * Dh))
+            x += L.o(y.transpose(1, 2).reshape(B, T, H * Dh))  # x is this step's own: add in place
             g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
-            x = x + L.down(F.silu(g) * u)
+            x += L.down(F.silu(g) * u)
         if not cache.static:
             cache.advance(T)
         return self.lm_head(rms_norm(x[:, -1], self.norm, self.norm_eps))

@@ -111,12 +111,6 @@ class Rotary(nn.Module):
             self._build(max(end, 2 * self.cos.shape[0]))
         return self.cos[start:end], self.sin[start:end]
 
-    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin at position_ids (B, T) -> (B, T, Dh) each, reading no tensor's value on the
-        host (no device sync; a compiled decode step stays one graph): the tables must
-        already cover the positions (decoding allocates them up to the context size)."""
-        return self.cos[position_ids], self.sin[position_ids]
-
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, Dh)."""
         need = int(position_ids.max()) + 1 if position_ids.numel() else 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmtrain.config import ModelConfig
-from llmtrain.generate import SamplingConfig, filter_logits, generate, sample_from
+from llmtrain.generate import SamplingConfig, filter_logits, generate, next_token, sample_from
 from llmtrain.model import Transformer
 
 
@@ -77,3 +77,17 @@ def test_sample_from_draws_each_token_at_its_probability():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.2, 0.3]), atol=0.014, rtol=0)
     assert freq[1] == 0  # probability 0: never drawn
     assert (draws[:, 1] == 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_of_equal_maxima_as_argmax_does(dtype):
+    """Greedy picks through `max(-1).indices` (faster than argmax on a CPU): on ties it must
+    take the first maximum, and a NaN as the largest, exactly as argmax (and transformers) do."""
+    g = torch.Generator().manual_seed(0)
+    greedy = SamplingConfig(temperature=0)
+    logits = torch.randint(0, 4, (16, 8192), generator=g).to(dtype)  # many ties in every row
+    logits[0, 5000] = logits[0, 7000] = 9  # a tie far apart, past any vector lane boundary
+    logits[1, 3000] = logits[1, 6000] = float("nan")
+    got = next_token(logits, greedy, None)
+    assert got[0] == 5000 and got[1] == 3000
+    assert torch.equal(got, logits.argmax(-1))
