@@ -124,10 +124,11 @@ def keep_freed_memory() -> bool:
     and no trimming the step reuses its pages (1-2 faults) and ran a median 1.35x the
     tokens/s in bf16 (1.19-1.48) and 1.26x in fp32 (0.88-1.34) over 3 alternating runs of
     bench/pretrain.py with and without LLMTRAIN_MALLOC=system. Memory freed stays with the
-    process up to the step's peak, which the step reaches anyway. The stages call this on a CPU (`setup`); PyTorch's performance
-    guide gets the same from jemalloc or tcmalloc by LD_PRELOAD. Nothing happens outside
-    glibc (macOS, musl) or with LLMTRAIN_MALLOC=system; with jemalloc or tcmalloc preloaded
-    the settings reach glibc's malloc, which then serves nothing, and change nothing.
+    process up to the step's peak, which the step reaches anyway. The stages call this on a
+    CPU (`setup`); PyTorch's performance guide gets the same from jemalloc or tcmalloc by
+    LD_PRELOAD. Nothing happens outside glibc (macOS, musl) or with LLMTRAIN_MALLOC=system;
+    with jemalloc or tcmalloc preloaded the settings reach glibc's malloc, which then serves
+    nothing, and change nothing.
     `release_freed_memory` hands the kept memory back (the pipeline does after each stage).
     -> whether glibc's mallopt took the settings ("no trimming": only above 2 GiB free)."""
     mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int]) if malloc_choice() == "keep" else None
