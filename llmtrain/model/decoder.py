@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from llmtrain.model.adapters import LoRALinear
 from llmtrain.model.attention import sdpa
-from llmtrain.model.transformer import Transformer, rolled_tables, rotary_rolled
+from llmtrain.model.transformer import Transformer, rolled_tables
 from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 
@@ -169,21 +169,29 @@ class Decoder:
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
             qkv = L.qkv(rms_norm(x, L.norm1, L.eps)).view(B, T, H + 2 * K, Dh)
-            qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]
-            qk = rotary_rolled(qk, cos, sin)
-            q = qk[:, :, :H].transpose(1, 2)
-            k, v = cache.write(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), at)
-            y = sdpa(q, k, v, mask)
+            qk = qkv[:, :, :H + K]
+            rotary_into(qk, cos, sin)
+            # keys and values lie side by side in qkv: one copy writes both into the cache
+            k, v = cache.write(i, qkv[:, :, H:].transpose(1, 2), at)
+            y = sdpa(qkv[:, :, :H].transpose(1, 2), k, v, mask)
             x += L.o(y.transpose(1, 2).reshape(B, T, H * Dh))  # x is this step's own: add in place
             g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
-            x += L.down(F.silu(g) * u)
+            x += L.down(F.silu(g).mul_(u))
         if not cache.static:
             cache.advance(T)
         return self.lm_head(rms_norm(x[:, -1], self.norm, self.norm_eps))
 
 
+def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """`rotary_rolled(x, cos, sin)` written over x (a view into the step's q/k/v), the same
+    bits: the keys come out where the values already are, next to them."""
+    rolled = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin)
+    x.mul_(cos).add_(rolled)
+
+
 class Cache:
-    """Keys and values of every layer, (B, K, max_len, Dh) each, filled left to right.
+    """Keys and values of every layer, one (B, 2K, max_len, Dh) tensor each (keys in the first
+    K heads, values in the last K), filled left to right.
 
     Dynamic (default): a step attends to the positions written so far, [0, length + T), and
     advances `length`.
@@ -191,10 +199,9 @@ class Cache:
     writes with `index_copy_` at the slots `at` (a tensor), so no shape depends on the step."""
 
     def __init__(self, dec: Decoder, batch: int, max_len: int, static: bool):
-        shape = (batch, dec.K, max_len, dec.Dh)
-        n = len(dec.layers)
-        self.k = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in range(n)]
-        self.v = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in range(n)]
+        shape = (batch, 2 * dec.K, max_len, dec.Dh)
+        self.kv = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
+        self.K = dec.K
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)
 
@@ -214,7 +221,7 @@ class Cache:
         return self._mask(keys, at, self.max_len)
 
     def _mask(self, keys: torch.Tensor | None, q_pos: torch.Tensor, S: int) -> torch.Tensor:
-        B, T = self.k[0].shape[0], q_pos.shape[0]
+        B, T = self.kv[0].shape[0], q_pos.shape[0]
         k_pos = self.slots[None, :S]
         q_pos = q_pos[:, None]
         m = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
@@ -224,16 +231,18 @@ class Cache:
             m = (m & real[:, None, None, :]) | (k_pos == q_pos)[None, None]
         return m.expand(B, 1, T, S)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+    def write(self, layer: int, kv: torch.Tensor,
               at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv (B, 2K, T, Dh), this step's keys and values -> the layer's keys and values so
+        far, (B, K, S, Dh) each."""
+        K, cache = self.K, self.kv[layer]
         if self.static:
-            self.k[layer].index_copy_(2, at, k)
-            self.v[layer].index_copy_(2, at, v)
-            return self.k[layer], self.v[layer]
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            cache.index_copy_(2, at, kv)
+        else:
+            end = self.length + kv.shape[2]
+            cache[:, :, self.length:end] = kv
+            cache = cache[:, :, :end]
+        return cache[:, :K], cache[:, K:]
 
     def advance(self, t: int) -> None:
         self.length += t

@@ -188,3 +188,24 @@ def test_the_decoders_norm_gives_the_models_bits(dtype):
         x = (torch.randn(4, 2, D, generator=g) * 10 ** (6 * i / 59 - 3)).to(dtype)
         w = torch.randn(D, generator=g).to(dtype)
         assert torch.equal(decoder_norm(x, w, 1e-6), model_norm(x, w, 1e-6)), (i, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_written_in_place_gives_the_models_bits(dtype):
+    """The decoder rotates queries and keys inside the step's q/k/v tensor (so keys and values
+    reach the cache in one copy): the same bits as the model's `rotary_rolled`, and the values
+    beside them untouched."""
+    from llmtrain.model.decoder import rotary_into
+    from llmtrain.model.transformer import rolled_tables, rotary_rolled
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K, Dh = 3, 2, 4, 2, 16
+    qkv = (torch.randn(B, T, H + 2 * K, Dh, generator=g) * 5).to(dtype)
+    ang = torch.rand(B, T, Dh // 2, generator=g) * 100
+    cos, sin = rolled_tables(torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1), dtype)
+    want = rotary_rolled(qkv[:, :, :H + K], cos, sin)
+    before, values = qkv[:, :, :H + K].clone(), qkv[:, :, H + K:].clone()
+    assert not torch.equal(want, before)  # (so a rotary that did nothing fails below)
+    rotary_into(qkv[:, :, :H + K], cos, sin)
+    assert torch.equal(qkv[:, :, :H + K], want)
+    assert torch.equal(qkv[:, :, H + K:], values)
