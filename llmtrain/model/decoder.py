@@ -28,6 +28,8 @@ more slowly.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -130,9 +132,12 @@ class Decoder:
             self.norm = bb.norm.weight.detach().to(dtype)
             self.norm_eps = bb.norm.eps
             self.lm_head = Linear(_weight(model.lm_head).detach().to(dtype), None, kind, batch_hint)
-            # Rotary tables up to the context, in the form `rotary_rolled` takes: one lookup per step.
-            self.cos, self.sin = rolled_tables(*bb.rotary.span(0, c.max_seq_len), dtype)  # (ctx, 1, Dh)
         self.kind = kind
+        # Rotary tables in the form `rotary_rolled` takes (one gather per step), (n, 1, Dh)
+        # each, as long as the longest cache made so far: not the whole context, which for a
+        # 128k-token model would be 134 MB in fp32, built again whenever the weights change.
+        self._rotary, self._tables_lock = bb.rotary, threading.Lock()
+        self.tables = rolled_tables(*bb.rotary.span(0, 0), dtype)
 
     @staticmethod
     def of(model: Transformer, dtype: torch.dtype | None = None) -> "Decoder":
@@ -151,7 +156,18 @@ class Decoder:
 
     # ---------------------------------------------------------------- the cache
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> "Cache":
+        self._cover(max_len)
         return Cache(self, batch, max_len, static)
+
+    def _cover(self, n: int) -> None:
+        """Grow the rotary tables to at least n positions (doubling up to the context, so a run
+        of longer generations rebuilds them a few times only). Under a lock: generations in several
+        threads share a decoder, and the tables must never shrink under one of them."""
+        with self._tables_lock:
+            have = self.tables[0].shape[0]
+            if have < n:
+                n = max(n, min(2 * have, self.config.max_seq_len))
+                self.tables = rolled_tables(*self._rotary.span(0, n), self.dtype)
 
     # ---------------------------------------------------------------- a step
     def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: "Cache", keys: torch.Tensor | None,
@@ -164,7 +180,8 @@ class Decoder:
         caller's), so a compiled step is traced once."""
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
-        cos, sin = self.cos[pos], self.sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
+        cos, sin = self.tables
+        cos, sin = cos[pos], sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):

@@ -209,3 +209,29 @@ def test_rotary_written_in_place_gives_the_models_bits(dtype):
     rotary_into(qkv[:, :, :H + K], cos, sin)
     assert torch.equal(qkv[:, :, :H + K], want)
     assert torch.equal(qkv[:, :, H + K:], values)
+
+
+def test_rotary_tables_grow_with_the_longest_cache_only():
+    """The decoder's rotary tables cover the longest cache made so far (doubling up to the
+    context), not the whole context, and positions past the first cache still decode as the
+    model computes them."""
+    m = model()
+    dec = Decoder(m, torch.float32)
+    assert dec.tables[0].shape[0] == 0
+    dec.new_cache(2, 5)
+    assert dec.tables[0].shape[0] == 5
+    dec.new_cache(2, 3)  # never shrinks
+    assert dec.tables[0].shape[0] == 5
+    dec.new_cache(1, 7)  # doubles
+    assert dec.tables[0].shape[0] == 10
+    dec.new_cache(1, 60)  # doubling stops at the context (64)
+    assert dec.tables[0].shape[0] == 60
+    dec.new_cache(1, 61)
+    assert dec.tables[0].shape[0] == 64
+    fresh = Decoder(m, torch.float32)
+    torch.manual_seed(1)
+    ids = torch.randint(1, CFG.vocab_size, (2, 30))
+    with torch.no_grad():
+        want = m(ids)
+    fresh.new_cache(2, 4)  # a short cache first: the 30-token one below must grow the tables
+    torch.testing.assert_close(decoder_logits(fresh, ids), want, rtol=1e-5, atol=1e-5)
