@@ -161,8 +161,9 @@ class Decoder:
 
     def _cover(self, n: int) -> None:
         """Grow the rotary tables to at least n positions (doubling up to the context, so a run
-        of longer generations rebuilds them a few times only). Under a lock: generations in several
-        threads share a decoder, and the tables must never shrink under one of them."""
+        of longer generations rebuilds them a few times only). Under a lock: `Decoder.of` gives
+        one decoder per model, which generations in several threads may share, and the tables
+        must never shrink under one of them."""
         with self._tables_lock:
             have = self.tables[0].shape[0]
             if have < n:
