@@ -168,12 +168,14 @@ def rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: int, devic
     return out
 
 
-def graphed_rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: int, device, compile_: bool) -> dict:
+def graphed_rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: int, device,
+                          compile_kwargs: dict) -> dict:
     """Greedy decoding on the decoder's static KV cache, its decode step compiled with
-    torch.compile(mode="reduce-overhead") (CUDA graphs: one launch per step) against the same
-    loop eager; the first compiled call (compiling and recording included) is reported apart
-    from the next, and the tokens are checked against the eager ones."""
-    from llmtrain.generate import greedy_static
+    torch.compile(**compile_kwargs) (on CUDA mode="reduce-overhead", CUDA graphs: one launch
+    per step; --smoke traces with backend="eager", no C++ compile) against the same loop
+    eager; the first compiled call (compiling and recording included) is reported apart from
+    the next, and the tokens are checked against the eager ones."""
+    from llmtrain.generate import compiled_static_step, greedy_static
     from llmtrain.model.decoder import Decoder
 
     torch.manual_seed(0)
@@ -191,13 +193,8 @@ def graphed_rollout_bench(cfg: ModelConfig, batch: int, prompt_len: int, new: in
     greedy_static(dec, prompts, new)  # warm-up
     eager_s, eager = timed(lambda: greedy_static(dec, prompts, new))
     out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new, "eager_tokens_per_s": batch * new / eager_s}
-    if not compile_:
-        return out
     try:
-        cache = dec.new_cache(batch, prompt_len + new, static=True)
-        for t in cache.k + cache.v:  # the graphs write these in place: fixed addresses
-            torch._dynamo.mark_static_address(t)
-        step = torch.compile(dec.step, mode="reduce-overhead", fullgraph=True)
+        step, cache = compiled_static_step(dec, batch, prompt_len + new, **compile_kwargs)
         first_s, first = timed(lambda: greedy_static(dec, prompts, new, step=step, cache=cache))
         graphed_s, graphed = timed(lambda: greedy_static(dec, prompts, new, step=step, cache=cache))
         out.update(first_call_s=first_s, graphed_tokens_per_s=batch * new / graphed_s,
@@ -284,7 +281,7 @@ def main() -> None:
               f"{r.get('transformers_tokens_per_s') or 0:,.0f} tok/s; ratio {r.get('ratio') or 0:.2f}", flush=True)
     if left() > 60:
         r = graphed_rollout_bench(cfg, 4 if a.smoke else 64, 16 if a.smoke else 128, 16 if a.smoke else 128, device,
-                                  compile_=not a.smoke)
+                                  {"backend": "eager"} if a.smoke else {"mode": "reduce-overhead"})
         res["graphed_rollout"] = r
         print(f"static-cache rollout: eager {r['eager_tokens_per_s']:,.0f} tok/s; CUDA graphs "
               f"{r.get('graphed_tokens_per_s') or 0:,.0f} tok/s (first call {r.get('first_call_s') or 0:.1f} s), "

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from llmtrain import dist
-from llmtrain.model.decoder import Decoder
+from llmtrain.model.decoder import Cache, Decoder
 from llmtrain.model.transformer import KVCache, Transformer
 
 
@@ -251,6 +251,19 @@ def greedy_static(dec: Decoder, prompts: Sequence[Sequence[int]], max_new: int, 
             tok = step(tok[:, None], positions[:, -1:] + n, cache, keys, at).argmax(-1)
         out.append(tok)
     return torch.stack(out, 1).tolist()
+
+
+def compiled_static_step(dec: Decoder, batch: int, max_len: int, **compile_kwargs) -> tuple[Callable, Cache]:
+    """`dec.step` compiled as one graph (fullgraph) and a static cache of `batch` rows and
+    `max_len` positions for it, for `greedy_static(dec, prompts, max_new, step=, cache=)` with
+    prompts padded to max_len - max_new. The cache's tensors are marked as fixed addresses, so
+    CUDA graphs (mode="reduce-overhead", bench/gpu.py) write the cache in place instead of
+    copying it in and out at every replay. compile_kwargs go to torch.compile (the tests
+    trace with backend="eager")."""
+    cache = dec.new_cache(batch, max_len, static=True)
+    for t in cache.tensors():
+        torch._dynamo.mark_static_address(t)
+    return torch.compile(dec.step, fullgraph=True, **compile_kwargs), cache
 
 
 def answer_text(tok, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:

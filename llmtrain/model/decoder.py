@@ -28,8 +28,6 @@ more slowly.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
@@ -133,11 +131,7 @@ class Decoder:
             self.norm_eps = bb.norm.eps
             self.lm_head = Linear(_weight(model.lm_head).detach().to(dtype), None, kind, batch_hint)
         self.kind = kind
-        # Rotary tables in the form `rotary_rolled` takes (one gather per step), (n, 1, Dh)
-        # each, as long as the longest cache made so far: not the whole context, which for a
-        # 128k-token model would be 134 MB in fp32, built again whenever the weights change.
-        self._rotary, self._tables_lock = bb.rotary, threading.Lock()
-        self.tables = rolled_tables(*bb.rotary.span(0, 0), dtype)
+        self.rotary = bb.rotary  # the model's fp32 tables; each cache takes the span it needs
 
     @staticmethod
     def of(model: Transformer, dtype: torch.dtype | None = None) -> "Decoder":
@@ -156,19 +150,7 @@ class Decoder:
 
     # ---------------------------------------------------------------- the cache
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> "Cache":
-        self._cover(max_len)
         return Cache(self, batch, max_len, static)
-
-    def _cover(self, n: int) -> None:
-        """Grow the rotary tables to at least n positions (doubling up to the context, so a run
-        of longer generations rebuilds them a few times only). Under a lock: `Decoder.of` gives
-        one decoder per model, which generations in several threads may share, and the tables
-        must never shrink under one of them."""
-        with self._tables_lock:
-            have = self.tables[0].shape[0]
-            if have < n:
-                n = max(n, min(2 * have, self.config.max_seq_len))
-                self.tables = rolled_tables(*self._rotary.span(0, n), self.dtype)
 
     # ---------------------------------------------------------------- a step
     def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: "Cache", keys: torch.Tensor | None,
@@ -181,8 +163,7 @@ class Decoder:
         caller's), so a compiled step is traced once."""
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
-        cos, sin = self.tables
-        cos, sin = cos[pos], sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
+        cos, sin = cache.cos[pos], cache.sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
@@ -202,14 +183,23 @@ class Decoder:
 
 def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """`rotary_rolled(x, cos, sin)` written over x (a view into the step's q/k/v), the same
-    bits: the keys come out where the values already are, next to them."""
-    rolled = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin)
+    bits: the keys come out where the values already are, next to them. Under torch.compile
+    the halves are swapped by a cat, as `rotary_rolled` does (inductor lowers roll to a gather)."""
+    half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():
+        rolled = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    else:
+        rolled = x.roll(half, dims=-1)
+    rolled.mul_(sin)
     x.mul_(cos).add_(rolled)
 
 
 class Cache:
     """Keys and values of every layer, one (B, 2K, max_len, Dh) tensor each (keys in the first
-    K heads, values in the last K), filled left to right.
+    K heads, values in the last K), filled left to right; and the rotary tables for its
+    positions, (max_len, 1, Dh) each in the form `rotary_rolled` takes (one gather per step).
+    The tables are the cache's own, not the decoder's for the whole context: for a 128k-token
+    model they would be 67 MB, cast again whenever the weights change (every RL iteration).
 
     Dynamic (default): a step attends to the positions written so far, [0, length + T), and
     advances `length`.
@@ -220,6 +210,7 @@ class Cache:
         shape = (batch, 2 * dec.K, max_len, dec.Dh)
         self.kv = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
         self.K = dec.K
+        self.cos, self.sin = rolled_tables(*dec.rotary.span(0, max_len), dec.dtype)
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)
 
@@ -261,6 +252,11 @@ class Cache:
             cache[:, :, self.length:end] = kv
             cache = cache[:, :, :end]
         return cache[:, :K], cache[:, K:]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step reads or writes in place: what CUDA graphs should keep at fixed
+        addresses (`generate.compiled_static_step`)."""
+        return [*self.kv, self.cos, self.sin, self.slots]
 
     def advance(self, t: int) -> None:
         self.length += t

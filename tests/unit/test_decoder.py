@@ -211,27 +211,53 @@ def test_rotary_written_in_place_gives_the_models_bits(dtype):
     assert torch.equal(qkv[:, :, H + K:], values)
 
 
-def test_rotary_tables_grow_with_the_longest_cache_only():
-    """The decoder's rotary tables cover the longest cache made so far (doubling up to the
-    context), not the whole context, and positions past the first cache still decode as the
-    model computes them."""
+
+def test_each_cache_carries_the_rotary_tables_of_its_own_positions():
+    """The rotary tables are the cache's, as long as it (not the decoder's for the whole
+    context), and equal to the model's at those positions."""
+    from llmtrain.model.transformer import rolled_tables
+
     m = model()
     dec = Decoder(m, torch.float32)
-    assert dec.tables[0].shape[0] == 0
-    dec.new_cache(2, 5)
-    assert dec.tables[0].shape[0] == 5
-    dec.new_cache(2, 3)  # never shrinks
-    assert dec.tables[0].shape[0] == 5
-    dec.new_cache(1, 7)  # doubles
-    assert dec.tables[0].shape[0] == 10
-    dec.new_cache(1, 60)  # doubling stops at the context (64)
-    assert dec.tables[0].shape[0] == 60
-    dec.new_cache(1, 61)
-    assert dec.tables[0].shape[0] == 64
-    fresh = Decoder(m, torch.float32)
-    torch.manual_seed(1)
-    ids = torch.randint(1, CFG.vocab_size, (2, 30))
-    with torch.no_grad():
-        want = m(ids)
-    fresh.new_cache(2, 4)  # a short cache first: the 30-token one below must grow the tables
-    torch.testing.assert_close(decoder_logits(fresh, ids), want, rtol=1e-5, atol=1e-5)
+    for n in (5, 3, 40):
+        c = dec.new_cache(2, n)
+        want = rolled_tables(*m.model.rotary.span(0, n), torch.float32)
+        assert c.cos.shape == (n, 1, CFG.dim // CFG.n_heads)
+        assert torch.equal(c.cos, want[0]) and torch.equal(c.sin, want[1])
+
+
+def test_the_compiled_static_step_traces_as_one_graph_with_the_eager_tokens():
+    """What bench/gpu.py runs under CUDA graphs, traced here by dynamo as one graph
+    (fullgraph; backend="eager", so no C++ compile): the tokens of the eager static loop, the
+    cache reused across calls, and the cache's tensors marked as fixed addresses."""
+    from llmtrain.generate import compiled_static_step
+
+    torch._dynamo.reset()
+    m = model()
+    dec = Decoder(m, torch.float32)
+    want = greedy_static(dec, PROMPTS, 10)
+    L = max(len(p) for p in PROMPTS)
+    step, cache = compiled_static_step(dec, len(PROMPTS), L + 10, backend="eager")
+    assert greedy_static(dec, PROMPTS, 10, step=step, cache=cache) == want
+    assert greedy_static(dec, PROMPTS, 10, step=step, cache=cache) == want  # old contents masked out
+    assert all(getattr(t, "_dynamo_static_input_type", None) is not None for t in cache.tensors())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_under_compile_gives_the_same_bits(monkeypatch, dtype):
+    """The form `rotary_into` takes while torch.compile traces (a cat of the swapped halves
+    instead of roll) writes the same bits."""
+    from llmtrain.model.decoder import rotary_into
+    from llmtrain.model.transformer import rolled_tables
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, 8, 16, generator=g) * 5).to(dtype)
+    ang = torch.rand(3, 2, 8, generator=g) * 100
+    cos, sin = rolled_tables(torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1), dtype)
+    got = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        y = x.clone()
+        rotary_into(y, cos, sin)
+        got.append(y)
+    assert torch.equal(got[0], got[1]) and not torch.equal(got[0], x)
