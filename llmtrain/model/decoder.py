@@ -28,6 +28,8 @@ more slowly.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,10 @@ from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 
 _generation = 0  # bumped by weights_changed(): part of every decoder's key
+# model -> (key, its decoder), beside the model rather than in it: a decoder's packed weights
+# are opaque tensors that neither copy.deepcopy nor torch.save can read, and a model must stay
+# copyable and saveable after it has generated.
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def weights_changed() -> None:
@@ -141,11 +147,11 @@ class Decoder:
         dtype = dtype or params[0].dtype
         adapters = tuple(m.enabled for m in model.modules() if isinstance(m, LoRALinear))
         key = (_generation, dtype, adapters, tuple((id(p), p._version) for p in params))
-        cached = model.__dict__.get("_decoder")
+        cached = _decoders.get(model)
         if cached is not None and cached[0] == key:
             return cached[1]
         dec = Decoder(model, dtype)
-        model.__dict__["_decoder"] = (key, dec)
+        _decoders[model] = (key, dec)
         return dec
 
     # ---------------------------------------------------------------- the cache

@@ -261,3 +261,19 @@ def test_rotary_in_place_under_compile_gives_the_same_bits(monkeypatch, dtype):
         rotary_into(y, cos, sin)
         got.append(y)
     assert torch.equal(got[0], got[1]) and not torch.equal(got[0], x)
+
+
+def test_a_model_that_has_generated_still_deepcopies_and_saves(tmp_path):
+    """The decoder a model caches (packed weights: opaque tensors on a CPU) lives beside the
+    model, not in it: copy.deepcopy and torch.save of the whole model work after generating,
+    and the copy generates the same tokens."""
+    import copy
+
+    m = model()
+    s = SamplingConfig(max_new_tokens=6, temperature=0)
+    want = generate(m, PROMPTS, s)
+    twin = copy.deepcopy(m)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert generate(twin, PROMPTS, s) == want == generate(loaded, PROMPTS, s)
+    assert Decoder.of(m) is Decoder.of(m) and Decoder.of(twin) is not Decoder.of(m)
