@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from llmtrain.model.adapters import LoRALinear
 from llmtrain.model.attention import sdpa
-from llmtrain.model.transformer import Transformer, rolled_tables
+from llmtrain.model.transformer import Transformer, rolled_tables, swapped_halves
 from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 
@@ -189,14 +189,8 @@ class Decoder:
 
 def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """`rotary_rolled(x, cos, sin)` written over x (a view into the step's q/k/v), the same
-    bits: the keys come out where the values already are, next to them. Under torch.compile
-    the halves are swapped by a cat, as `rotary_rolled` does (inductor lowers roll to a gather)."""
-    half = x.shape[-1] // 2
-    if torch.compiler.is_compiling():
-        rolled = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    else:
-        rolled = x.roll(half, dims=-1)
-    rolled.mul_(sin)
+    bits: the keys come out where the values already are, next to them."""
+    rolled = swapped_halves(x).mul_(sin)
     x.mul_(cos).add_(rolled)
 
 
@@ -215,7 +209,6 @@ class Cache:
     def __init__(self, dec: Decoder, batch: int, max_len: int, static: bool):
         shape = (batch, 2 * dec.K, max_len, dec.Dh)
         self.kv = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
-        self.K = dec.K
         self.cos, self.sin = rolled_tables(*dec.rotary.span(0, max_len), dec.dtype)
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)
@@ -250,7 +243,8 @@ class Cache:
               at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """kv (B, 2K, T, Dh), this step's keys and values -> the layer's keys and values so
         far, (B, K, S, Dh) each."""
-        K, cache = self.K, self.kv[layer]
+        cache = self.kv[layer]
+        K = cache.shape[1] // 2
         if self.static:
             cache.index_copy_(2, at, kv)
         else:

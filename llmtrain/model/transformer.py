@@ -262,10 +262,16 @@ def rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     inductor fuses a cat of two slices into one vectorised loop, but lowers roll (and its
     backward) to a gather by modular index, 5.6 against 2.0 ms forward + backward at nanoGPT's
     shape (8 x 256 x 12 heads x 64, bf16), 22 ms of a 330 ms training step."""
+    return x * cos + swapped_halves(x) * sin
+
+
+def swapped_halves(x: torch.Tensor) -> torch.Tensor:
+    """x with the two halves of its last dim swapped (a new tensor): one roll eagerly, a cat
+    of the two halves under torch.compile (see `rotary_rolled`); the same values either way."""
     if _compiling():
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((x2, x1), dim=-1) * sin
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+        return torch.cat((x2, x1), dim=-1)
+    return x.roll(x.shape[-1] // 2, dims=-1)
 
 
 def _compiling() -> bool:
