@@ -102,22 +102,50 @@ class Layer:
     def __init__(self, layer, dtype: torch.dtype, kind: str, hint: int):
         a, m = layer.self_attn, layer.mlp
         cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-        self.norm1 = cast(layer.input_layernorm.weight)
-        self.norm2 = cast(layer.post_attention_layernorm.weight)
         self.eps = layer.input_layernorm.eps
-        self.qkv = Linear(cast(torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])),
-                          cast(_cat_bias(a.q_proj, a.k_proj, a.v_proj)), kind, hint)
+        qkv = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])
+        gate_up = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
+        self.norm1, qkv = fold_norm(layer.input_layernorm.weight, qkv, dtype)
+        self.norm2, gate_up = fold_norm(layer.post_attention_layernorm.weight, gate_up, dtype)
+        self.qkv = Linear(cast(qkv), cast(_cat_bias(a.q_proj, a.k_proj, a.v_proj)), kind, hint)
         self.o = Linear(cast(_weight(a.o_proj)), cast(a.o_proj.bias), kind, hint)
-        self.gate_up = Linear(cast(torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])), None, kind, hint)
+        self.gate_up = Linear(cast(gate_up), None, kind, hint)
         self.down = Linear(cast(_weight(m.down_proj)), None, kind, hint)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`transformer.rms_norm`; in fp32 as one op (`F.rms_norm` with the weight: the same bits,
-    fewer calls per decode step; training keeps the formula, whose backward is faster on a CPU)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    return transformer_rms_norm(x, weight, eps)
+def fold_norm(norm_weight: torch.Tensor, weight: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A norm's weight and the matrix that reads the norm's output -> (the norm weight the
+    decoder multiplies by, the matrix). In fp32 the weight goes into the matrix's columns,
+    W @ (w * h) == (W * w) @ h, one multiplication per norm fewer (None); in 16 bits both stay
+    as they are, so the rounding to bf16 happens where the model's does."""
+    if dtype != torch.float32:
+        return norm_weight.detach().to(dtype), weight
+    return None, weight.detach().float() * norm_weight.detach().float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`transformer.rms_norm`. In fp32 (weight None: folded into the next matrix, `fold_norm`)
+    in four small ops instead of F.rms_norm's twenty, the sum of squares one `vector_norm`
+    reduction: the scale differs from the model's by fp32 rounding (its sum runs in another
+    order), and the step takes a fifth less time at batch 1 (bench/README.md). In bf16 the
+    model's own formula, bit for bit: there a rounding of the fp32 scale moves the bf16 output
+    by a whole bf16 step now and then, enough to change a greedy token."""
+    if weight is not None:
+        return transformer_rms_norm(x, weight, eps)
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(_eps(eps, x.device), n, n, value=1 / x.shape[-1]).rsqrt_()
+
+
+_eps_tensors: dict = {}
+
+
+def _eps(eps: float, device: torch.device) -> torch.Tensor:
+    """eps as an fp32 0-d tensor (addcmul's `input`), one per value and device."""
+    key = (eps, device)
+    if key not in _eps_tensors:
+        _eps_tensors[key] = torch.tensor(eps, dtype=torch.float32, device=device)
+    return _eps_tensors[key]
 
 
 class Decoder:
@@ -133,10 +161,11 @@ class Decoder:
             bb = model.model
             self.embed = bb.embed_tokens.weight.detach().to(dtype)
             self.layers = [Layer(layer, dtype, kind, batch_hint) for layer in bb.layers]
-            self.norm = bb.norm.weight.detach().to(dtype)
+            self.norm, head = fold_norm(bb.norm.weight, _weight(model.lm_head), dtype)
             self.norm_eps = bb.norm.eps
-            self.lm_head = Linear(_weight(model.lm_head).detach().to(dtype), None, kind, batch_hint)
+            self.lm_head = Linear(head.detach().to(dtype), None, kind, batch_hint)
         self.kind = kind
+        self.fold_gqa = self.device.type == "cpu" and dtype == torch.float32
         self.rotary = bb.rotary  # the model's fp32 tables; each cache takes the span it needs
 
     @staticmethod
@@ -178,8 +207,13 @@ class Decoder:
             rotary_into(qk, cos, sin)
             # keys and values lie side by side in qkv: one copy writes both into the cache
             k, v = cache.write(i, qkv[:, :, H:].transpose(1, 2), at)
-            y = sdpa(qkv[:, :, :H].transpose(1, 2), k, v, mask)
-            x += L.o(y.transpose(1, 2).reshape(B, T, H * Dh))  # x is this step's own: add in place
+            if T == 1 and self.fold_gqa:
+                # One query per head: the H/K query heads that share a key/value head are that
+                # head's H/K queries, so SDPA reads each key and value once, not H/K times.
+                y = F.scaled_dot_product_attention(qkv[:, 0, :H].view(B, K, H // K, Dh), k, v, attn_mask=mask)
+            else:
+                y = sdpa(qkv[:, :, :H].transpose(1, 2), k, v, mask).transpose(1, 2)
+            x += L.o(y.reshape(B, T, H * Dh))  # x is this step's own: add in place
             g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
             x += L.down(F.silu(g).mul_(u))
         if not cache.static:
