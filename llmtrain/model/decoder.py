@@ -12,7 +12,12 @@ precision of the rollout. A `Decoder` is a frozen copy of a model's weights in t
   * on a CPU, each matrix packed once for oneDNN/MKL (`torch.ops.mkldnn._reorder_linear_weight`,
     `torch.ops.mkl._mkl_reorder_linear_weight`), the layout inductor's weight freezing uses,
     without compiling anything; on other devices plain `F.linear`;
-  * the word head only at the last position (the next token is all a decode step needs).
+  * the word head only at the last position (the next token is all a decode step needs);
+  * in fp32, each RMSNorm's weight folded into the matrix that reads the norm (`fold_norm`),
+    the norm a handful of ops instead of F.rms_norm's twenty, and at one query per head the
+    query heads of a key/value head attending as that head's queries: the same logits to
+    fp32 rounding, not bit for bit. In bf16 a norm keeps the model's bits, as one fp32
+    rounding of its scale can move a bf16 output by a whole step and change a greedy token.
 
 `Decoder.of(model, dtype)` builds one, or returns the one built before while no weight of the
 model has changed since, so an evaluation packs the model once however many batches it
@@ -101,56 +106,63 @@ class Layer:
     def __init__(self, layer, dtype: torch.dtype, kind: str, hint: int):
         a, m = layer.self_attn, layer.mlp
         cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-        self.eps = layer.input_layernorm.eps
         qkv = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])
         gate_up = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
-        self.norm1, qkv = fold_norm(layer.input_layernorm.weight, qkv, dtype)
-        self.norm2, gate_up = fold_norm(layer.post_attention_layernorm.weight, gate_up, dtype)
+        self.norm1, qkv = fold_norm(layer.input_layernorm, qkv, dtype)
+        self.norm2, gate_up = fold_norm(layer.post_attention_layernorm, gate_up, dtype)
         self.qkv = Linear(cast(qkv), cast(_cat_bias(a.q_proj, a.k_proj, a.v_proj)), kind, hint)
         self.o = Linear(cast(_weight(a.o_proj)), cast(a.o_proj.bias), kind, hint)
         self.gate_up = Linear(cast(gate_up), None, kind, hint)
         self.down = Linear(cast(_weight(m.down_proj)), None, kind, hint)
 
 
-def fold_norm(norm_weight: torch.Tensor, weight: torch.Tensor,
-              dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """A norm's weight and the matrix that reads the norm's output -> (the norm weight the
-    decoder multiplies by, the matrix). In fp32 the weight goes into the matrix's columns,
-    W @ (w * h) == (W * w) @ h, one multiplication per norm fewer (None); in 16 bits both stay
-    as they are, so the rounding to bf16 happens where the model's does."""
+class Norm:
+    """An RMSNorm as the decoder applies it (`rms_norm`): its weight, or None where
+    `fold_norm` put it into the next matrix, and eps (also as a 0-d fp32 tensor on the
+    device, made once here rather than per step)."""
+
+    def __init__(self, weight: torch.Tensor | None, eps: float, device: torch.device):
+        self.weight, self.eps = weight, eps
+        self.eps_tensor = torch.tensor(eps, dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.eps_tensor)
+
+
+def fold_norm(norm: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Norm, torch.Tensor]:
+    """An RMSNorm and the matrix that reads its output -> (the `Norm` the decoder applies, the
+    matrix). In fp32 the norm's weight goes into the matrix's columns, W @ (w * h) ==
+    (W * w) @ h, one multiplication per norm fewer (the matrix is then the decoder's own copy:
+    for the word head, V x D fp32 values more than an alias of the model's); in 16 bits both
+    stay as they are, so the rounding to bf16 happens where the model's does."""
+    w = norm.weight.detach()
     if dtype != torch.float32:
-        return norm_weight.detach().to(dtype), weight
-    return None, weight.detach().float() * norm_weight.detach().float()
+        return Norm(w.to(dtype), norm.eps, w.device), weight
+    return Norm(None, norm.eps, w.device), weight.detach().float() * w.float()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`transformer.rms_norm` in fewer ops. Each op right after a GEMM (which has just streamed
-    megabytes of weights through the caches) costs several times what it costs warm, and
-    F.rms_norm on a CPU is about twenty of them.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             eps_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's `transformer.rms_norm` in fewer ops. Each op right after a GEMM (which has
+    just streamed megabytes of weights through the caches) costs several times what it costs
+    warm, and F.rms_norm on a CPU is about twenty of them.
 
-    fp32 (weight None: folded into the next matrix, `fold_norm`): four ops, the sum of squares
-    one `vector_norm` reduction. The scale differs from the model's by fp32 rounding (the sum
-    runs in another order); decode steps 1.16x faster at batch 1, 1.12x at 16 (bench/README.md).
-    16 bits: the model's formula bit for bit, in place where it can be. There a scale one fp32
-    rounding off moves a bf16 output by a whole bf16 step now and then, which changed greedy
-    tokens (3 rows of 16 against transformers in bench/generate.py)."""
+    weight None (fp32, the weight folded into the next matrix by `fold_norm`): x times the
+    scale, in four ops, the sum of squares one `vector_norm` reduction; the scale differs from
+    the model's by fp32 rounding (its sum runs in another order). Decode steps 1.16x faster at
+    batch 1, 1.12x at 16 (bench/README.md).
+    With a weight (16 bits): the model's formula, bit for bit on any device (the same `mean`),
+    in place where it can be. There a scale one fp32 rounding off moves a bf16 output by a
+    whole bf16 step now and then, which changed greedy tokens (3 rows of 16 against
+    transformers in bench/generate.py)."""
     if weight is not None:
         h = x.to(torch.float32, copy=True)
-        r = torch.sum(h * h, -1, keepdim=True).div_(x.shape[-1]).add_(eps).rsqrt_()
+        r = torch.mean(h * h, -1, keepdim=True).add_(eps).rsqrt_()
         return torch.mul(h.mul_(r).to(x.dtype), weight)
+    if eps_tensor is None:
+        eps_tensor = torch.tensor(eps, dtype=torch.float32, device=x.device)
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.addcmul(_eps(eps, x.device), n, n, value=1 / x.shape[-1]).rsqrt_()
-
-
-_eps_tensors: dict = {}
-
-
-def _eps(eps: float, device: torch.device) -> torch.Tensor:
-    """eps as an fp32 0-d tensor (addcmul's `input`), one per value and device."""
-    key = (eps, device)
-    if key not in _eps_tensors:
-        _eps_tensors[key] = torch.tensor(eps, dtype=torch.float32, device=device)
-    return _eps_tensors[key]
+    return x * torch.addcmul(eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
 
 
 class Decoder:
@@ -166,8 +178,7 @@ class Decoder:
             bb = model.model
             self.embed = bb.embed_tokens.weight.detach().to(dtype)
             self.layers = [Layer(layer, dtype, kind, batch_hint) for layer in bb.layers]
-            self.norm, head = fold_norm(bb.norm.weight, _weight(model.lm_head), dtype)
-            self.norm_eps = bb.norm.eps
+            self.norm, head = fold_norm(bb.norm, _weight(model.lm_head), dtype)
             self.lm_head = Linear(head.detach().to(dtype), None, kind, batch_hint)
         self.kind = kind
         self.fold_gqa = self.device.type == "cpu" and dtype == torch.float32
@@ -207,7 +218,7 @@ class Decoder:
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(rms_norm(x, L.norm1, L.eps)).view(B, T, H + 2 * K, Dh)
+            qkv = L.qkv(L.norm1(x)).view(B, T, H + 2 * K, Dh)
             qk = qkv[:, :, :H + K]
             rotary_into(qk, cos, sin)
             # keys and values lie side by side in qkv: one copy writes both into the cache
@@ -219,11 +230,11 @@ class Decoder:
             else:
                 y = sdpa(qkv[:, :, :H].transpose(1, 2), k, v, mask).transpose(1, 2)
             x += L.o(y.reshape(B, T, H * Dh))  # x is this step's own: add in place
-            g, u = L.gate_up(rms_norm(x, L.norm2, L.eps)).chunk(2, dim=-1)
+            g, u = L.gate_up(L.norm2(x)).chunk(2, dim=-1)
             x += L.down(F.silu(g).mul_(u))
         if not cache.static:
             cache.advance(T)
-        return self.lm_head(rms_norm(x[:, -1], self.norm, self.norm_eps))
+        return self.lm_head(self.norm(x[:, -1]))
 
 
 def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
