@@ -149,8 +149,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
 
     weight None (fp32, the weight folded into the next matrix by `fold_norm`): x times the
     scale, in four ops, the sum of squares one `vector_norm` reduction; the scale differs from
-    the model's by fp32 rounding (its sum runs in another order). Decode steps 1.16x faster at
-    batch 1, 1.12x at 16 (bench/README.md).
+    the model's by fp32 rounding (its sum runs in another order). With the one-query attention of
+    `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and 1.06-1.12x at 16 (two A/B runs,
+    bench/README.md).
     With a weight (16 bits): the model's formula, bit for bit on any device (the same `mean`),
     in place where it can be. There a scale one fp32 rounding off moves a bf16 output by a
     whole bf16 step now and then, which changed greedy tokens (3 rows of 16 against
