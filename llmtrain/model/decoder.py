@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from llmtrain.model.adapters import LoRALinear
 from llmtrain.model.attention import sdpa
 from llmtrain.model.transformer import Transformer, rolled_tables, swapped_halves
+from llmtrain.model.transformer import rms_norm as transformer_rms_norm
 
 
 _generation = 0  # bumped by weights_changed(): part of every decoder's key
@@ -117,16 +118,28 @@ class Layer:
 
 
 class Norm:
-    """An RMSNorm as the decoder applies it (`rms_norm`): its weight, or None where
-    `fold_norm` put it into the next matrix, and eps (also as a 0-d fp32 tensor on the
-    device, made once here rather than per step)."""
+    """An RMSNorm as the decoder applies it, from `fold_norm`. Each op right after a GEMM
+    (which has just streamed megabytes of weights through the caches) costs several times
+    what it costs warm, and F.rms_norm on a CPU is about twenty of them.
+
+    weight None (fp32, the weight folded into the next matrix): x times the scale, in four
+    ops, the sum of squares one `vector_norm` reduction and eps a 0-d tensor made here once;
+    the scale differs from the model's by fp32 rounding (its sum runs in another order). With
+    the one-query attention of `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and
+    1.06-1.12x at 16 (two A/B runs, bench/README.md).
+    With a weight (16 bits): the model's own `rms_norm`, bit for bit. There a scale one fp32
+    rounding off moves a bf16 output by a whole bf16 step now and then, which changed greedy
+    tokens (3 rows of 16 against transformers in bench/generate.py)."""
 
     def __init__(self, weight: torch.Tensor | None, eps: float, device: torch.device):
         self.weight, self.eps = weight, eps
         self.eps_tensor = torch.tensor(eps, dtype=torch.float32, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.eps_tensor)
+        if self.weight is not None:
+            return transformer_rms_norm(x, self.weight, self.eps)
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(self.eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
 
 
 def fold_norm(norm: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Norm, torch.Tensor]:
@@ -139,31 +152,6 @@ def fold_norm(norm: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -
     if dtype != torch.float32:
         return Norm(w.to(dtype), norm.eps, w.device), weight
     return Norm(None, norm.eps, w.device), weight.detach().float() * w.float()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             eps_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's `transformer.rms_norm` in fewer ops. Each op right after a GEMM (which has
-    just streamed megabytes of weights through the caches) costs several times what it costs
-    warm, and F.rms_norm on a CPU is about twenty of them.
-
-    weight None (fp32, the weight folded into the next matrix by `fold_norm`): x times the
-    scale, in four ops, the sum of squares one `vector_norm` reduction; the scale differs from
-    the model's by fp32 rounding (its sum runs in another order). With the one-query attention of
-    `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and 1.06-1.12x at 16 (two A/B runs,
-    bench/README.md).
-    With a weight (16 bits): the model's formula, bit for bit on any device (the same `mean`),
-    in place where it can be. There a scale one fp32 rounding off moves a bf16 output by a
-    whole bf16 step now and then, which changed greedy tokens (3 rows of 16 against
-    transformers in bench/generate.py)."""
-    if weight is not None:
-        h = x.to(torch.float32, copy=True)
-        r = torch.mean(h * h, -1, keepdim=True).add_(eps).rsqrt_()
-        return torch.mul(h.mul_(r).to(x.dtype), weight)
-    if eps_tensor is None:
-        eps_tensor = torch.tensor(eps, dtype=torch.float32, device=x.device)
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.addcmul(eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
 
 
 class Decoder:
