@@ -94,12 +94,13 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # (the ops' `.default` overloads: a decode step makes 25 of these calls)
         if self.kind == "mkl":
             if x.numel() != self.hint * x.shape[-1]:  # MKL's packed GEMM is for `hint` rows only
                 return F.linear(x, self.weight, self.bias)  # (what _mkl_linear falls back to)
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.hint)
+            return torch.ops.mkl._mkl_linear.default(x, self.packed, self.weight, self.bias, self.hint)
         if self.kind == "mkldnn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -127,19 +128,31 @@ class Norm:
     the scale differs from the model's by fp32 rounding (its sum runs in another order). With
     the one-query attention of `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and
     1.06-1.12x at 16 (two A/B runs, bench/README.md).
-    With a weight (16 bits): the model's own `rms_norm`, bit for bit. There a scale one fp32
+    With a weight (16 bits): the model's `rms_norm` bit for bit. There a scale one fp32
     rounding off moves a bf16 output by a whole bf16 step now and then, which changed greedy
-    tokens (3 rows of 16 against transformers in bench/generate.py)."""
+    tokens (3 rows of 16 against transformers in bench/generate.py). On a CPU it is the same
+    arithmetic in 7 ops instead of 9 (the 13 norms were a sixth of a bf16 decode step at
+    batch 16); on other devices the model's function itself, as CUDA's `mean` multiplies by
+    a rounded 1/D where the CPU's divides."""
 
-    def __init__(self, weight: torch.Tensor | None, eps: float, device: torch.device):
+    def __init__(self, weight: torch.Tensor | None, eps: float, device: torch.device, dim: int):
         self.weight, self.eps = weight, eps
         self.eps_tensor = torch.tensor(eps, dtype=torch.float32, device=device)
+        self.dim_tensor = torch.tensor(float(dim), dtype=torch.float32, device=device)
+        self.cpu = device.type == "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.weight is None:
+            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return x * torch.addcmul(self.eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
+        if not self.cpu:
             return transformer_rms_norm(x, self.weight, self.eps)
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        return x * torch.addcmul(self.eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
+        # The model's arithmetic in 7 ops (its own takes 9 and allocates 5 fp32 tensors): on a
+        # CPU its mean is a sum and a division by D (addcdiv's s / D, then + eps, the same
+        # roundings); h * r goes straight into a tensor of x's dtype, rounded as `.to` rounds.
+        h = x.float()
+        r = torch.addcdiv(self.eps_tensor, (h * h).sum(-1, keepdim=True), self.dim_tensor).rsqrt_()
+        return torch.mul(h, r, out=torch.empty_like(x)).mul_(self.weight)
 
 
 def fold_norm(norm: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Norm, torch.Tensor]:
@@ -150,8 +163,8 @@ def fold_norm(norm: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -
     stay as they are, so the rounding to bf16 happens where the model's does."""
     w = norm.weight.detach()
     if dtype != torch.float32:
-        return Norm(w.to(dtype), norm.eps, w.device), weight
-    return Norm(None, norm.eps, w.device), weight.detach().float() * w.float()
+        return Norm(w.to(dtype), norm.eps, w.device, w.shape[0]), weight
+    return Norm(None, norm.eps, w.device, w.shape[0]), weight.detach().float() * w.float()
 
 
 class Decoder:
@@ -208,16 +221,15 @@ class Decoder:
         x = F.embedding(ids, self.embed)
         for i, L in enumerate(self.layers):
             qkv = L.qkv(L.norm1(x)).view(B, T, H + 2 * K, Dh)
-            qk = qkv[:, :, :H + K]
-            rotary_into(qk, cos, sin)
+            rotary_into(qkv.narrow(2, 0, H + K), cos, sin)
             # keys and values lie side by side in qkv: one copy writes both into the cache
-            k, v = cache.write(i, qkv[:, :, H:].transpose(1, 2), at)
+            k, v = cache.write(i, qkv.narrow(2, H, 2 * K).transpose(1, 2), at)
             if T == 1 and self.fold_gqa:
                 # One query per head: the H/K query heads that share a key/value head are that
                 # head's H/K queries, so SDPA reads each key and value once, not H/K times.
-                y = F.scaled_dot_product_attention(qkv[:, 0, :H].view(B, K, H // K, Dh), k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(qkv.narrow(2, 0, H).view(B, K, H // K, Dh), k, v, attn_mask=mask)
             else:
-                y = sdpa(qkv[:, :, :H].transpose(1, 2), k, v, mask).transpose(1, 2)
+                y = sdpa(qkv.narrow(2, 0, H).transpose(1, 2), k, v, mask).transpose(1, 2)
             x += L.o(y.reshape(B, T, H * Dh))  # x is this step's own: add in place
             g, u = L.gate_up(L.norm2(x)).chunk(2, dim=-1)
             x += L.down(F.silu(g).mul_(u))
@@ -247,7 +259,11 @@ class Cache:
 
     def __init__(self, dec: Decoder, batch: int, max_len: int, static: bool):
         shape = (batch, 2 * dec.K, max_len, dec.Dh)
-        self.kv = [torch.zeros(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
+        # A dynamic step reads only the slots written so far: no need to clear 2 x layers x B x K x
+        # max_len x Dh values first. A static step attends to every slot under a mask, and a
+        # masked slot must hold a number (its weight 0 times NaN would still be NaN).
+        new = torch.zeros if static else torch.empty
+        self.kv = [new(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
         self.cos, self.sin = rolled_tables(*dec.rotary.span(0, max_len), dec.dtype)
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)
@@ -283,14 +299,13 @@ class Cache:
         """kv (B, 2K, T, Dh), this step's keys and values -> the layer's keys and values so
         far, (B, K, S, Dh) each."""
         cache = self.kv[layer]
-        K = cache.shape[1] // 2
         if self.static:
             cache.index_copy_(2, at, kv)
         else:
-            end = self.length + kv.shape[2]
-            cache[:, :, self.length:end] = kv
-            cache = cache[:, :, :end]
-        return cache[:, :K], cache[:, K:]
+            T = kv.shape[2]
+            cache.narrow(2, self.length, T).copy_(kv)
+            cache = cache.narrow(2, 0, self.length + T)
+        return cache.chunk(2, dim=1)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a step reads or writes in place: what CUDA graphs should keep at fixed

@@ -114,6 +114,31 @@ def test_static_cache_gives_the_same_tokens():
     assert len(calls) == 9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dynamic_cache_reads_only_the_slots_it_has_written(dtype):
+    """A dynamic cache is not cleared when made (torch.empty): with NaN in every slot at the
+    start, a padded batch, prefilled in one step and then stepped a token at a time, gives the
+    logits it gives from a zeroed cache, bit for bit, and no NaN."""
+    dec = Decoder(model().to(dtype), dtype)
+    ids = torch.randint(1, 97, (2, 5))
+    keys = torch.ones(2, 9, dtype=torch.bool)
+    keys[1, :2] = False  # row 1's prompt is 3 tokens, padded on the left
+    pos = (keys[:, :5].long().cumsum(-1) - 1).clamp(min=0)
+
+    def run(fill: float) -> torch.Tensor:
+        cache = dec.new_cache(2, 9)
+        for t in cache.kv:
+            t.fill_(fill)
+        out = [dec.step(ids, pos, cache, keys[:, :5])]
+        for n in range(4):
+            out.append(dec.step(out[-1].argmax(-1, keepdim=True), pos[:, -1:] + 1 + n, cache, keys[:, :6 + n]))
+        return torch.stack(out)
+
+    with_nan = run(float("nan"))
+    assert not with_nan.isnan().any()
+    assert torch.equal(with_nan, run(0.0))
+
+
 def test_decoder_is_rebuilt_when_a_weight_changes_and_only_then():
     m = model()
     d1 = Decoder.of(m)
@@ -188,7 +213,7 @@ def test_the_decoders_bf16_norm_gives_the_models_bits():
         for scale in (1e-3, 1.0, 1e3):
             x = (torch.randn(4096, D, generator=g) * scale).bfloat16()
             w = torch.randn(D, generator=g).bfloat16()
-            assert torch.equal(Norm(w, 1e-6, x.device)(x), model_norm(x, w, 1e-6)), (D, scale)
+            assert torch.equal(Norm(w, 1e-6, x.device, D)(x), model_norm(x, w, 1e-6)), (D, scale)
 
 
 def test_the_decoders_fp32_norm_folds_its_weight_into_the_next_matrix():
