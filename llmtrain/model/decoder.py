@@ -219,18 +219,26 @@ class Decoder:
         cos, sin = cache.cos[pos], cache.sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
         mask = cache.static_mask(keys, at) if cache.static else cache.mask(keys, T)
         x = F.embedding(ids, self.embed)
+        last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
             qkv = L.qkv(L.norm1(x)).view(B, T, H + 2 * K, Dh)
             rotary_into(qkv.narrow(2, 0, H + K), cos, sin)
             # keys and values lie side by side in qkv: one copy writes both into the cache
             k, v = cache.write(i, qkv.narrow(2, H, 2 * K).transpose(1, 2), at)
-            if T == 1 and self.fold_gqa:
+            if i == last and T > 1:
+                # All the last layer's keys and values are written; its output is read at the
+                # last position only (by the head), so attention, o and MLP run there alone:
+                # a prefill of T tokens does (1 - 1/T) of one layer's o and MLP less.
+                qkv, x = qkv[:, -1:], x[:, -1:]
+                mask = None if mask is None else mask[:, :, -1:]
+            Tq = qkv.shape[1]
+            if Tq == 1 and self.fold_gqa:
                 # One query per head: the H/K query heads that share a key/value head are that
                 # head's H/K queries, so SDPA reads each key and value once, not H/K times.
                 y = F.scaled_dot_product_attention(qkv.narrow(2, 0, H).view(B, K, H // K, Dh), k, v, attn_mask=mask)
             else:
                 y = sdpa(qkv.narrow(2, 0, H).transpose(1, 2), k, v, mask).transpose(1, 2)
-            x += L.o(y.reshape(B, T, H * Dh))  # x is this step's own: add in place
+            x += L.o(y.reshape(B, Tq, H * Dh))  # x is this step's own: add in place
             g, u = L.gate_up(L.norm2(x)).chunk(2, dim=-1)
             x += L.down(F.silu(g).mul_(u))
         if not cache.static:

@@ -49,6 +49,21 @@ def test_fused_layers_give_the_unfused_logits(bias):
     # a whole prompt in one step: the head at its last position only
     torch.testing.assert_close(dec.step(ids, torch.arange(12).expand(3, 12), dec.new_cache(3, 16), None), want[:, -1],
                                rtol=1e-5, atol=1e-5)
+    # ... and with rows padded on the left (the last layer then attends from the last position
+    # only, under the last row of the mask), and the next step on that cache
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = dec.new_cache(3, 16)
+    with torch.no_grad():
+        want = m(ids, attention_mask=mask, position_ids=pos)[:, -1]
+        nxt = want.argmax(-1, keepdim=True)
+        want_next = m(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                      position_ids=torch.cat([pos, pos[:, -1:] + 1], 1))[:, -1]
+    torch.testing.assert_close(dec.step(ids, pos, cache, mask), want, rtol=1e-5, atol=1e-5)
+    keys = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    torch.testing.assert_close(dec.step(nxt, pos[:, -1:] + 1, cache, keys), want_next, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_decoder_is_as_accurate_as_the_bf16_model():
