@@ -12,7 +12,9 @@ precision of the rollout. A `Decoder` is a frozen copy of a model's weights in t
   * on a CPU, each matrix packed once for oneDNN/MKL (`torch.ops.mkldnn._reorder_linear_weight`,
     `torch.ops.mkl._mkl_reorder_linear_weight`), the layout inductor's weight freezing uses,
     without compiling anything; on other devices plain `F.linear`;
-  * the word head only at the last position (the next token is all a decode step needs);
+  * the word head only at the last position (the next token is all a decode step needs), and
+    in a prefill the last layer's attention, o and MLP there too (its keys and values are
+    written for every position);
   * in fp32, each RMSNorm's weight folded into the matrix that reads the norm (`fold_norm`),
     the norm a handful of ops instead of F.rms_norm's twenty, and at one query per head the
     query heads of a key/value head attending as that head's queries: the same logits to
@@ -94,7 +96,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # (the ops' `.default` overloads: a decode step makes 25 of these calls)
+        # (the ops' `.default` overloads: a decode step makes 4 of these calls per layer, and the head)
         if self.kind == "mkl":
             if x.numel() != self.hint * x.shape[-1]:  # MKL's packed GEMM is for `hint` rows only
                 return F.linear(x, self.weight, self.bias)  # (what _mkl_linear falls back to)
@@ -128,7 +130,7 @@ class Norm:
     the scale differs from the model's by fp32 rounding (its sum runs in another order). With
     the one-query attention of `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and
     1.06-1.12x at 16 (two A/B runs, bench/README.md).
-    With a weight (16 bits): the model's `rms_norm` bit for bit. There a scale one fp32
+    With a weight (any dtype but fp32): the model's `rms_norm` bit for bit. There a scale one fp32
     rounding off moves a bf16 output by a whole bf16 step now and then, which changed greedy
     tokens (3 rows of 16 against transformers in bench/generate.py). On a CPU it is the same
     arithmetic in 7 ops instead of 9 (the 13 norms were a sixth of a bf16 decode step at
@@ -147,9 +149,10 @@ class Norm:
             return x * torch.addcmul(self.eps_tensor, n, n, value=1 / x.shape[-1]).rsqrt_()
         if not self.cpu:
             return transformer_rms_norm(x, self.weight, self.eps)
-        # The model's arithmetic in 7 ops (its own takes 9 and allocates 5 fp32 tensors): on a
-        # CPU its mean is a sum and a division by D (addcdiv's s / D, then + eps, the same
-        # roundings); h * r goes straight into a tensor of x's dtype, rounded as `.to` rounds.
+        # The model's arithmetic in 7 ops (its own takes 9, counting mean's sum and division,
+        # and makes 6 fp32 tensors): on a CPU its mean is a sum and a division by D (addcdiv's
+        # s / D, then + eps, the same roundings); h * r goes straight into a tensor of x's
+        # dtype, rounded as `.to` rounds.
         h = x.float()
         r = torch.addcdiv(self.eps_tensor, (h * h).sum(-1, keepdim=True), self.dim_tensor).rsqrt_()
         return torch.mul(h, r, out=torch.empty_like(x)).mul_(self.weight)
@@ -261,7 +264,7 @@ class Cache:
     model they would be 67 MB, cast again whenever the weights change (every RL iteration).
 
     Dynamic (default): a step attends to the positions written so far, [0, length + T), and
-    advances `length`.
+    advances `length`; the slots from `length` on hold whatever memory held (torch.empty).
     Static: a step attends to all max_len slots, those after the written ones masked out, and
     writes with `index_copy_` at the slots `at` (a tensor), so no shape depends on the step."""
 

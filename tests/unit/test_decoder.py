@@ -64,6 +64,10 @@ def test_fused_layers_give_the_unfused_logits(bias):
     torch.testing.assert_close(dec.step(ids, pos, cache, mask), want, rtol=1e-5, atol=1e-5)
     keys = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
     torch.testing.assert_close(dec.step(nxt, pos[:, -1:] + 1, cache, keys), want_next, rtol=1e-5, atol=1e-5)
+    # the same prompts in two chunks, the second (T > 1) after cached positions
+    cache = dec.new_cache(3, 16)
+    dec.step(ids[:, :7], pos[:, :7], cache, mask[:, :7])
+    torch.testing.assert_close(dec.step(ids[:, 7:], pos[:, 7:], cache, mask), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_decoder_is_as_accurate_as_the_bf16_model():
@@ -214,21 +218,25 @@ def test_a_fused_optimizer_step_retires_the_decoder():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_the_decoders_bf16_norm_gives_the_models_bits():
-    """In bf16, the decoder's `Norm` is the model's formula bit for bit, over magnitudes from 1e-3
-    to 1e3 and several widths. A scale one fp32 rounding off moves a bf16 output by a whole bf16
-    step only now and then (and that changed 3 of 16 greedy rows against transformers in
-    bench/generate.py), so this takes thousands of rows: a scale from `vector_norm`, or the
-    mean as a sum times a rounded 1/D (CUDA's `mean`), differs in a few of them."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_decoders_bf16_norm_gives_the_models_bits(dtype):
+    """In bf16 (and fp16), the decoder's `Norm` is the model's formula bit for bit, over
+    magnitudes from 1e-3 to 1e3 (1e2 in fp16) and several widths, on rows read with a stride as
+    the final norm reads a prefill's last position. A scale one fp32 rounding off moves a bf16
+    output by a whole bf16 step only now and then (and that changed 3 of 16 greedy rows against
+    transformers in bench/generate.py), so this takes thousands of rows: a scale from
+    `vector_norm`, or the mean as a sum times a rounded 1/D (CUDA's `mean`), differs in a few
+    of them."""
     from llmtrain.model.decoder import Norm
     from llmtrain.model.transformer import rms_norm as model_norm
 
     g = torch.Generator().manual_seed(0)
-    for i, D in enumerate((48, 384, 896)):
-        for scale in (1e-3, 1.0, 1e3):
-            x = (torch.randn(4096, D, generator=g) * scale).bfloat16()
-            w = torch.randn(D, generator=g).bfloat16()
-            assert torch.equal(Norm(w, 1e-6, x.device, D)(x), model_norm(x, w, 1e-6)), (D, scale)
+    for D in (48, 384, 896):
+        for scale in (1e-3, 1.0, 1e3 if dtype == torch.bfloat16 else 1e2):
+            x = (torch.randn(4096, 2, D, generator=g) * scale).to(dtype)
+            w = torch.randn(D, generator=g).to(dtype)
+            for rows in (x, x[:, -1]):  # contiguous, and every other row of x
+                assert torch.equal(Norm(w, 1e-6, x.device, D)(rows), model_norm(rows, w, 1e-6)), (D, scale)
 
 
 def test_the_decoders_fp32_norm_folds_its_weight_into_the_next_matrix():
