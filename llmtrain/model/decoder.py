@@ -35,7 +35,9 @@ more slowly.
 """
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,30 @@ class Linear:
             self.hint = batch_hint
         elif kind == "mkldnn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+
+    def for_rows(self, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What this matrix runs on an input of n rows, as one function with no branch to take
+        per call (`Decoder._next` binds these once per batch size): the same op as __call__."""
+        w, b = self.weight, self.bias
+        if self.kind == "mkl" and n == self.hint:
+            mkl, packed, hint = torch.ops.mkl._mkl_linear.default, self.packed, self.hint
+            return lambda x: mkl(x, packed, w, b, hint)
+        if self.kind == "mkldnn":
+            dnn, packed = torch.ops.mkldnn._linear_pointwise.default, self.packed
+            return lambda x: dnn(x, packed, b, "none", [], "")
+        return functools.partial(F.linear, weight=w, bias=b)
+
+    def writer_for_rows(self, n: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`for_rows(n)` as f(x, out) that writes into `out` (B, N): the plain GEMM writes there
+        itself (`torch.mm(..., out=)`, F.linear's own op), a packed one's result is copied."""
+        w, b = self.weight, self.bias
+        if (self.kind == "mkl" and n == self.hint) or self.kind == "mkldnn":
+            of = self.for_rows(n)
+            return lambda x, out: out.copy_(of(x))
+        wt = w.t()
+        if b is None:
+            return lambda x, out: torch.mm(x, wt, out=out)
+        return lambda x, out: torch.addmm(b, x, wt, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # (the ops' `.default` overloads: a decode step makes 4 of these calls per layer, and the head)
@@ -188,6 +214,7 @@ class Decoder:
         self.kind = kind
         self.fold_gqa = self.device.type == "cpu" and dtype == torch.float32
         self.rotary = bb.rotary  # the model's fp32 tables; each cache takes the span it needs
+        self._plans: dict[int, tuple] = {}  # batch size -> each layer's norms and bound GEMMs (_next)
 
     @staticmethod
     def of(model: Transformer, dtype: torch.dtype | None = None) -> "Decoder":
@@ -217,6 +244,15 @@ class Decoder:
         A static cache takes instead `at` (T,), the cache slots written, and keys (B, max_len);
         it reads no Python number that changes from step to step (`cache.length` is the
         caller's), so a compiled step is traced once."""
+        B, T = ids.shape
+        if T == 1 and not cache.static:
+            return self._next(ids, pos, cache, keys)
+        return self._step(ids, pos, cache, keys, at)
+
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, cache: "Cache", keys: torch.Tensor | None,
+              at: torch.Tensor | None = None) -> torch.Tensor:
+        """`step` for any number of new tokens and either cache: prefills, static caches (what
+        torch.compile traces), and the reference `_next` is tested against."""
         B, T = ids.shape
         H, K, Dh = self.H, self.K, self.Dh
         cos, sin = cache.cos[pos], cache.sin[pos]  # (B, T, 1, Dh): a gather, no host read, no sync
@@ -248,6 +284,61 @@ class Decoder:
             cache.advance(T)
         return self.lm_head(self.norm(x[:, -1]))
 
+    def _next(self, ids: torch.Tensor, pos: torch.Tensor, cache: "Cache", keys: torch.Tensor | None) -> torch.Tensor:
+        """`_step` for one new token per row on a dynamic cache, bit for bit (tested): the same
+        ops on the same values, without `_step`'s branches and Python calls per layer. Each
+        GEMM is bound once per batch size (`Linear.for_rows`); q/k/v and gate/up land in two
+        buffers of this generation's (`_scratch`), so every view of them that a layer reads is
+        made once, not per layer and step; activations are (B, D); the rotary is inline; each
+        layer's key and value halves are views made with the cache. Outside the GEMMs (which,
+        back to back, are 0.94 of a 1.45 ms fp32 step at batch 1 at TRL's sizes) Python and
+        the dispatcher were most of a step's remaining time (bench/README.md)."""
+        B = ids.shape[0]
+        H, Dh = self.H, self.Dh
+        layers, head = self._plans.get(B) or self._plan(B)
+        qkv, qk, new_kv, q, gate_up, g, u = cache.scratch or self._scratch(cache, B)
+        mask = cache.mask(keys, 1)  # (B, 1, 1, S) or None; raises when the cache is full
+        at = pos.reshape(B)
+        cos, sin = cache.cos[at], cache.sin[at]  # (B, 1, Dh)
+        x = F.embedding(ids.reshape(B), self.embed)
+        start, end, half = cache.length, cache.length + 1, Dh // 2
+        for (norm1, qkv_into, o_of, norm2, gate_up_into, down_of), (kv, keys_all, values_all) in zip(layers, cache.halves):
+            qkv_into(norm1(x), qkv)
+            rolled = qk.roll(half, -1).mul_(sin)  # `rotary_into`, not traced by torch.compile here
+            qk.mul_(cos).add_(rolled)
+            kv.narrow(2, start, 1).copy_(new_kv)
+            k, v = keys_all.narrow(2, 0, end), values_all.narrow(2, 0, end)
+            if self.fold_gqa:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                y = sdpa(q, k, v, mask)
+            x += o_of(y.reshape(B, H * Dh))
+            gate_up_into(norm2(x), gate_up)
+            x += down_of(F.silu(g).mul_(u))
+        cache.advance(1)
+        return head(self.norm(x))
+
+    def _scratch(self, cache: "Cache", B: int) -> tuple:
+        """This generation's q/k/v and gate/up outputs (one buffer each, written by every layer
+        in turn) and the views `_next` reads them through, made once."""
+        H, K, Dh = self.H, self.K, self.Dh
+        qkv = torch.empty(B, (H + 2 * K) * Dh, dtype=self.dtype, device=self.device)
+        heads = qkv.view(B, H + 2 * K, Dh)
+        q = heads.narrow(1, 0, H)
+        q = q.view(B, K, H // K, Dh) if self.fold_gqa else q.unsqueeze(2)
+        gate_up = torch.empty(B, self.layers[0].gate_up.weight.shape[0], dtype=self.dtype, device=self.device)
+        cache.scratch = (qkv, heads.narrow(1, 0, H + K), heads.narrow(1, H, 2 * K).unsqueeze(2), q, gate_up,
+                         *gate_up.chunk(2, dim=-1))
+        return cache.scratch
+
+    def _plan(self, B: int) -> tuple[list, Callable]:
+        """Each layer's (norm1, qkv, o, norm2, gate_up, down) with its GEMMs bound for B rows,
+        and the head's."""
+        layers = [(L.norm1, L.qkv.writer_for_rows(B), L.o.for_rows(B), L.norm2, L.gate_up.writer_for_rows(B),
+                   L.down.for_rows(B)) for L in self.layers]
+        self._plans[B] = plan = (layers, self.lm_head.for_rows(B))
+        return plan
+
 
 def rotary_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """`rotary_rolled(x, cos, sin)` written over x (a view into the step's q/k/v), the same
@@ -275,6 +366,9 @@ class Cache:
         # masked slot must hold a number (its weight 0 times NaN would still be NaN).
         new = torch.zeros if static else torch.empty
         self.kv = [new(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
+        # each layer's (cache, its keys, its values), the halves as views made once
+        self.halves = [(kv, kv.narrow(1, 0, dec.K), kv.narrow(1, dec.K, dec.K)) for kv in self.kv]
+        self.scratch = None  # `Decoder._scratch`
         self.cos, self.sin = rolled_tables(*dec.rotary.span(0, max_len), dec.dtype)
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)

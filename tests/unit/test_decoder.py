@@ -134,6 +134,41 @@ def test_static_cache_gives_the_same_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [3, 16])  # 16: the packed GEMMs' batch; 3: the plain GEMM (F.linear's op)
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_one_token_step_gives_the_general_steps_bits(dtype, batch, padded):
+    """`Decoder._next`, which runs every decode step of `generate` (one new token per row, a
+    dynamic cache), gives the logits and the cache of the general `_step` bit for bit: with
+    biases on q/k/v and o, grouped-query attention, rows padded on the left or none."""
+    m = model(ModelConfig(**{**vars(CFG), "attention_bias": True}))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    dec = Decoder(m.to(dtype), dtype)
+    ids = torch.randint(1, 97, (batch, 6))
+    keys = torch.ones(batch, 10, dtype=torch.long)
+    if padded:
+        keys[1, :3] = 0
+    pos = (keys[:, :6].cumsum(-1) - 1).clamp(min=0)
+    general, one = dec.new_cache(batch, 10), dec.new_cache(batch, 10)
+    want = dec._step(ids, pos, general, keys[:, :6] if padded else None)
+    got = dec._step(ids, pos, one, keys[:, :6] if padded else None)
+    for n in range(4):
+        tok, p = want.argmax(-1, keepdim=True), pos[:, -1:] + 1 + n
+        k = keys[:, :7 + n] if padded else None
+        want, got = dec._step(tok, p, general, k), dec._next(tok, p, one, k)
+        assert torch.equal(got, want), n
+    assert one.length == general.length == 10
+    assert all(torch.equal(a, b) for a, b in zip(one.kv, general.kv))
+    seen = []  # step(), which generate calls, takes _next for one token on a dynamic cache
+    dec._next = lambda *a: seen.append(1) or Decoder._next(dec, *a)
+    dec.step(tok, torch.zeros_like(p), dec.new_cache(batch, 10), None)
+    dec.step(tok, torch.zeros_like(p), dec.new_cache(batch, 10, static=True), None, torch.zeros(1, dtype=torch.long))
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_dynamic_cache_reads_only_the_slots_it_has_written(dtype):
     """A dynamic cache is not cleared when made (torch.empty): with NaN in every slot at the
     start, a padded batch, prefilled in one step and then stepped a token at a time, gives the
