@@ -122,7 +122,7 @@ class Linear:
         return lambda x, out: torch.addmm(b, x, wt, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # (the ops' `.default` overloads: a decode step makes 4 of these calls per layer, and the head)
+        # (the ops' `.default` overloads; one-token decode steps bind them instead, `for_rows`)
         if self.kind == "mkl":
             if x.numel() != self.hint * x.shape[-1]:  # MKL's packed GEMM is for `hint` rows only
                 return F.linear(x, self.weight, self.bias)  # (what _mkl_linear falls back to)
@@ -154,7 +154,7 @@ class Norm:
     weight None (fp32, the weight folded into the next matrix): x times the scale, in four
     ops, the sum of squares one `vector_norm` reduction and eps a 0-d tensor made here once;
     the scale differs from the model's by fp32 rounding (its sum runs in another order). With
-    the one-query attention of `Decoder.step`, decode steps 1.10-1.16x faster at batch 1 and
+    the one-query attention of the decode step, decode steps 1.10-1.16x faster at batch 1 and
     1.06-1.12x at 16 (two A/B runs, bench/README.md).
     With a weight (any dtype but fp32): the model's `rms_norm` bit for bit. There a scale one fp32
     rounding off moves a bf16 output by a whole bf16 step now and then, which changed greedy
@@ -288,7 +288,7 @@ class Decoder:
         """`_step` for one new token per row on a dynamic cache, bit for bit (tested): the same
         ops on the same values, without `_step`'s branches and Python calls per layer. Each
         GEMM is bound once per batch size (`Linear.for_rows`); q/k/v and gate/up land in two
-        buffers of this generation's (`_scratch`), so every view of them that a layer reads is
+        buffers of this generation's (`Cache.scratch`), so every view of them that a layer reads is
         made once, not per layer and step; activations are (B, D); the rotary is inline; each
         layer's key and value halves are views made with the cache. Outside the GEMMs (which,
         back to back, are 0.94 of a 1.45 ms fp32 step at batch 1 at TRL's sizes) Python and
@@ -296,7 +296,7 @@ class Decoder:
         B = ids.shape[0]
         H, Dh = self.H, self.Dh
         layers, head = self._plans.get(B) or self._plan(B)
-        qkv, qk, new_kv, q, gate_up, g, u = cache.scratch or self._scratch(cache, B)
+        qkv, qk, new_kv, q, gate_up, g, u = cache.scratch
         mask = cache.mask(keys, 1)  # (B, 1, 1, S) or None; raises when the cache is full
         at = pos.reshape(B)
         cos, sin = cache.cos[at], cache.sin[at]  # (B, 1, Dh)
@@ -317,19 +317,6 @@ class Decoder:
             x += down_of(F.silu(g).mul_(u))
         cache.advance(1)
         return head(self.norm(x))
-
-    def _scratch(self, cache: "Cache", B: int) -> tuple:
-        """This generation's q/k/v and gate/up outputs (one buffer each, written by every layer
-        in turn) and the views `_next` reads them through, made once."""
-        H, K, Dh = self.H, self.K, self.Dh
-        qkv = torch.empty(B, (H + 2 * K) * Dh, dtype=self.dtype, device=self.device)
-        heads = qkv.view(B, H + 2 * K, Dh)
-        q = heads.narrow(1, 0, H)
-        q = q.view(B, K, H // K, Dh) if self.fold_gqa else q.unsqueeze(2)
-        gate_up = torch.empty(B, self.layers[0].gate_up.weight.shape[0], dtype=self.dtype, device=self.device)
-        cache.scratch = (qkv, heads.narrow(1, 0, H + K), heads.narrow(1, H, 2 * K).unsqueeze(2), q, gate_up,
-                         *gate_up.chunk(2, dim=-1))
-        return cache.scratch
 
     def _plan(self, B: int) -> tuple[list, Callable]:
         """Each layer's (norm1, qkv, o, norm2, gate_up, down) with its GEMMs bound for B rows,
@@ -368,10 +355,25 @@ class Cache:
         self.kv = [new(shape, dtype=dec.dtype, device=dec.device) for _ in dec.layers]
         # each layer's (cache, its keys, its values), the halves as views made once
         self.halves = [(kv, kv.narrow(1, 0, dec.K), kv.narrow(1, dec.K, dec.K)) for kv in self.kv]
-        self.scratch = None  # `Decoder._scratch`
+        # A dynamic cache's generation steps through `Decoder._next`: its q/k/v and gate/up
+        # outputs land in these two buffers (each layer in turn), read through views made here
+        # once; made with the cache, so in the same (inference) mode as its keys and values.
+        self.scratch = None if static else self._scratch(dec, batch)
         self.cos, self.sin = rolled_tables(*dec.rotary.span(0, max_len), dec.dtype)
         self.length, self.max_len, self.static, self.device = 0, max_len, static, dec.device
         self.slots = torch.arange(max_len, device=dec.device)
+
+    @staticmethod
+    def _scratch(dec: Decoder, B: int) -> tuple:
+        """(q/k/v buffer, its rotated heads, its new keys and values, its queries as attention
+        reads them, gate/up buffer, gate, up)."""
+        H, K, Dh = dec.H, dec.K, dec.Dh
+        qkv = torch.empty(B, (H + 2 * K) * Dh, dtype=dec.dtype, device=dec.device)
+        heads = qkv.view(B, H + 2 * K, Dh)
+        q = heads.narrow(1, 0, H)
+        q = q.view(B, K, H // K, Dh) if dec.fold_gqa else q.unsqueeze(2)
+        gate_up = torch.empty(B, dec.layers[0].gate_up.weight.shape[0], dtype=dec.dtype, device=dec.device)
+        return qkv, heads.narrow(1, 0, H + K), heads.narrow(1, H, 2 * K).unsqueeze(2), q, gate_up, *gate_up.chunk(2, -1)
 
     def mask(self, keys: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """The boolean (B, 1, T, S) attention mask of a dynamic step, or None where plain
@@ -413,7 +415,7 @@ class Cache:
         return cache.chunk(2, dim=1)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a step reads or writes in place: what CUDA graphs should keep at fixed
+        """Every tensor a static step reads or writes in place: what CUDA graphs should keep at fixed
         addresses (`generate.compiled_static_step`)."""
         return [*self.kv, self.cos, self.sin, self.slots]
 

@@ -134,13 +134,15 @@ def test_static_cache_gives_the_same_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [3, 16])  # 16: the packed GEMMs' batch; 3: the plain GEMM (F.linear's op)
-@pytest.mark.parametrize("padded", [False, True])
-def test_the_one_token_step_gives_the_general_steps_bits(dtype, batch, padded):
+@pytest.mark.parametrize("batch,padded", [(1, False), (3, False), (3, True), (16, False), (16, True)])
+@pytest.mark.parametrize("kv_heads", [2, 4, 1])  # grouped, one per query head, one for all
+def test_the_one_token_step_gives_the_general_steps_bits(dtype, batch, padded, kv_heads):
     """`Decoder._next`, which runs every decode step of `generate` (one new token per row, a
     dynamic cache), gives the logits and the cache of the general `_step` bit for bit: with
-    biases on q/k/v and o, grouped-query attention, rows padded on the left or none."""
-    m = model(ModelConfig(**{**vars(CFG), "attention_bias": True}))
+    biases on q/k/v and o, grouped-query attention or not, rows padded on the left or none
+    (fp32: 16 rows take MKL's packed GEMM, 1 and 3 F.linear's; bf16 is oneDNN's at any
+    batch); and a step's logits are its own (the next step leaves them as they were)."""
+    m = model(ModelConfig(**{**vars(CFG), "attention_bias": True, "n_kv_heads": kv_heads}))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias"):
@@ -154,11 +156,15 @@ def test_the_one_token_step_gives_the_general_steps_bits(dtype, batch, padded):
     general, one = dec.new_cache(batch, 10), dec.new_cache(batch, 10)
     want = dec._step(ids, pos, general, keys[:, :6] if padded else None)
     got = dec._step(ids, pos, one, keys[:, :6] if padded else None)
+    wants, gots = [], []
     for n in range(4):
         tok, p = want.argmax(-1, keepdim=True), pos[:, -1:] + 1 + n
         k = keys[:, :7 + n] if padded else None
         want, got = dec._step(tok, p, general, k), dec._next(tok, p, one, k)
         assert torch.equal(got, want), n
+        wants.append(want.clone())
+        gots.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(gots, wants))
     assert one.length == general.length == 10
     assert all(torch.equal(a, b) for a, b in zip(one.kv, general.kv))
     seen = []  # step(), which generate calls, takes _next for one token on a dynamic cache
@@ -166,6 +172,18 @@ def test_the_one_token_step_gives_the_general_steps_bits(dtype, batch, padded):
     dec.step(tok, torch.zeros_like(p), dec.new_cache(batch, 10), None)
     dec.step(tok, torch.zeros_like(p), dec.new_cache(batch, 10, static=True), None, torch.zeros(1, dtype=torch.long))
     assert seen == [1]
+
+
+def test_a_cache_steps_in_and_out_of_inference_mode():
+    """A cache made outside inference mode (as `generate` makes it) can be stepped inside it and
+    then outside: the one-token step's buffers are made with the cache, not by its first step."""
+    dec = Decoder(model(), torch.float32)
+    ids, pos = torch.randint(1, 97, (2, 3)), torch.arange(3).expand(2, 3)
+    cache = dec.new_cache(2, 8)
+    with torch.inference_mode():
+        dec.step(ids, pos, cache, None)
+        dec.step(ids[:, :1], pos[:, -1:] + 1, cache, None)
+    assert dec.step(ids[:, :1], pos[:, -1:] + 2, cache, None).shape == (2, 97)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
