@@ -99,7 +99,9 @@ class Linear:
 
     def for_rows(self, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """What this matrix runs on an input of n rows, as one function with no branch to take
-        per call (`Decoder._next` binds these once per batch size): the same op as __call__."""
+        per call (`Decoder._next` binds these once per batch size; __call__ picks it per call):
+        MKL's packed GEMM is for `hint` rows only, other row counts take F.linear (what
+        `_mkl_linear` falls back to)."""
         w, b = self.weight, self.bias
         if self.kind == "mkl" and n == self.hint:
             mkl, packed, hint = torch.ops.mkl._mkl_linear.default, self.packed, self.hint
@@ -122,14 +124,7 @@ class Linear:
         return lambda x, out: torch.addmm(b, x, wt, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # (the ops' `.default` overloads; one-token decode steps bind them instead, `for_rows`)
-        if self.kind == "mkl":
-            if x.numel() != self.hint * x.shape[-1]:  # MKL's packed GEMM is for `hint` rows only
-                return F.linear(x, self.weight, self.bias)  # (what _mkl_linear falls back to)
-            return torch.ops.mkl._mkl_linear.default(x, self.packed, self.weight, self.bias, self.hint)
-        if self.kind == "mkldnn":
-            return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.for_rows(x.numel() // x.shape[-1])(x)
 
 
 class Layer:
